@@ -1,0 +1,118 @@
+"""A client's round: local SGD (or FedProx) from the global model, then local validation."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedhpo_core import seeding
+from fedhpo_core.models import ModelSpec, flat_weights, workspace_model
+from fedhpo_core.settings import ClientConfig
+
+EVAL_BATCH = 4096
+
+
+@dataclass(frozen=True, eq=False)
+class ClientData:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """What the server sends a client for one round, apart from the weights."""
+
+    client: int
+    round: int
+    config: ClientConfig
+    seed: int
+
+    @property
+    def generator(self) -> torch.Generator:
+        return seeding.torch_generator(self.seed, seeding.CLIENT, self.round, self.client)
+
+
+@dataclass(frozen=True, eq=False)
+class ClientUpdate:
+    """What a client uploads: its model, sample count and the metrics it reports."""
+
+    client: int
+    weights: torch.Tensor
+    num_samples: int
+    train_loss: float  # mean data loss over the round's mini-batches (FedProx term excluded)
+    val_loss: float  # on the client's local validation split, after training; nan when it has none
+    val_acc: float
+    num_val: int
+
+    @property
+    def diverged(self) -> bool:
+        return not math.isfinite(self.train_loss)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` on (x, y); (nan, nan) on an empty split."""
+    if len(y) == 0:
+        return math.nan, math.nan
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), EVAL_BATCH):
+        logits = model(x[start : start + EVAL_BATCH])
+        target = y[start : start + EVAL_BATCH]
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += int((logits.argmax(1) == target).sum())
+    return loss_sum / len(y), correct / len(y)
+
+
+def train_locally(model: nn.Module, data: ClientData, config: ClientConfig, generator: torch.Generator) -> float:
+    """`local_epochs` passes of mini-batch SGD over the client's shuffled training data.
+
+    FedProx (Li et al. 2020, eq. 2) adds mu/2 ||w - w_global||^2 to the local objective; its
+    gradient mu (w - w_global) is added to each parameter's gradient directly. Training stops at
+    the first non-finite loss; the returned mean loss is then non-finite too.
+    """
+    params = list(model.parameters())
+    anchor = [p.detach().clone() for p in params] if config.mu > 0 else None
+    optimizer = torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    model.train()
+    n = len(data.y_train)
+    loss_sum = torch.zeros(())
+    steps = 0
+    for _ in range(config.local_epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, config.batch_size):
+            batch = order[start : start + config.batch_size]
+            loss = F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if anchor is not None:
+                for p, p0 in zip(params, anchor, strict=True):
+                    p.grad.add_(p.detach() - p0, alpha=config.mu)
+            optimizer.step()
+            loss_sum += loss.detach()
+            steps += 1
+        if not torch.isfinite(loss_sum):
+            break
+    return float(loss_sum) / steps
+
+
+def local_update(spec: ModelSpec, global_weights: torch.Tensor, data: ClientData, job: ClientJob) -> ClientUpdate:
+    """One client's round: train from the global weights, then validate locally."""
+    model = workspace_model(spec, global_weights)
+    train_loss = train_locally(model, data, job.config, job.generator)
+    val_loss, val_acc = evaluate(model, data.x_val, data.y_val) if math.isfinite(train_loss) else (math.nan, math.nan)
+    return ClientUpdate(
+        client=job.client,
+        weights=flat_weights(model),
+        num_samples=len(data.y_train),
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_acc=val_acc,
+        num_val=len(data.y_val),
+    )

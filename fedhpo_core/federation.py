@@ -1,0 +1,197 @@
+"""The federated round loop: the one place where rounds run.
+
+Each round follows the template configure -> train -> aggregate -> evaluate -> observe. The loop
+owns that order; a `Tuner` supplies each client's configuration and `RoundSteps` says how each
+step executes (in this process here; one Prefect task per client in `tasks.training`).
+"""
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fedhpo_core import seeding
+from fedhpo_core.aggregators import ServerSettings, State, aggregate
+from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, evaluate, local_update
+from fedhpo_core.data import Dataset
+from fedhpo_core.models import ModelSpec, workspace_model
+from fedhpo_core.partition import Partition
+from fedhpo_core.settings import ClientConfig
+from fedhpo_core.tuners.base import Tuner
+
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class FederatedData:
+    """Each client's data, the server's validation split and the test set (for reporting only)."""
+
+    clients: tuple[ClientData, ...]
+    server_val: Split
+    test: Split
+    spec: ModelSpec
+
+    @classmethod
+    def build(cls, dataset: Dataset, partition: Partition, model: str) -> "FederatedData":
+        x, y = dataset.x_train, dataset.y_train
+
+        def take(indices) -> Split:
+            index = torch.from_numpy(indices)
+            return x[index], y[index]
+
+        clients = tuple(
+            ClientData(*take(train), *take(val))
+            for train, val in zip(partition.client_train, partition.client_val, strict=True)
+        )
+        spec = ModelSpec(model, dataset.input_shape, dataset.num_classes)
+        return cls(clients, take(partition.server_val), (dataset.x_test, dataset.y_test), spec)
+
+
+@dataclass(frozen=True, eq=False)
+class FederationState:
+    """Where a run stands: enough to continue it (successive halving resumes from this)."""
+
+    round: int  # rounds completed
+    weights: torch.Tensor
+    server_state: State = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    val_loss: float
+    val_acc: float
+    test_loss: float
+    test_acc: float
+
+
+def _weighted(values: Sequence[float], weights: Sequence[int]) -> float:
+    pairs = [(v, w) for v, w in zip(values, weights, strict=True) if w > 0]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else math.nan
+
+
+@dataclass(frozen=True, eq=False)
+class RoundReport:
+    """What the server knows after round `round`; the whole of what a tuner sees."""
+
+    round: int
+    configs: Mapping[int, ClientConfig]
+    updates: tuple[ClientUpdate, ...]
+    val_loss: float  # global model on the server's validation split
+    val_acc: float
+    weights_before: torch.Tensor
+    weights_after: torch.Tensor
+
+    @property
+    def clients(self) -> list[int]:
+        return [u.client for u in self.updates]
+
+    @property
+    def train_loss(self) -> float:
+        """Sample-weighted mean of the clients' reported training losses."""
+        return _weighted([u.train_loss for u in self.updates], [u.num_samples for u in self.updates])
+
+    @property
+    def client_val_loss(self) -> float:
+        """Sample-weighted mean of the clients' local validation losses."""
+        return _weighted([u.val_loss for u in self.updates], [u.num_val for u in self.updates])
+
+    @property
+    def client_val_acc(self) -> float:
+        return _weighted([u.val_acc for u in self.updates], [u.num_val for u in self.updates])
+
+    @property
+    def diverged(self) -> bool:
+        return any(u.diverged for u in self.updates) or not bool(torch.isfinite(self.weights_after).all())
+
+
+class RoundSteps:
+    """How each step of a round executes: here, directly in this process. Subclasses change the
+    execution (Prefect tasks, a Dask cluster), never the arithmetic."""
+
+    def train_clients(
+        self, spec: ModelSpec, weights: torch.Tensor, jobs: Sequence[ClientJob], data: Sequence[ClientData]
+    ) -> list[ClientUpdate]:
+        return [local_update(spec, weights, d, job) for job, d in zip(jobs, data, strict=True)]
+
+    def aggregate(
+        self, server: ServerSettings, weights: torch.Tensor, updates: Sequence[ClientUpdate], state: State
+    ) -> tuple[torch.Tensor, State]:
+        return aggregate(server, weights, [(u.weights, u.num_samples) for u in updates], state)
+
+    def evaluate(self, spec: ModelSpec, weights: torch.Tensor, splits: Mapping[str, Split]) -> dict[str, tuple]:
+        model = workspace_model(spec, weights)
+        return {name: evaluate(model, x, y) for name, (x, y) in splits.items()}
+
+
+RoundObserver = Callable[[RoundReport, Evaluation], None]
+
+
+@dataclass
+class FederationResult:
+    state: FederationState
+    evaluations: list[Evaluation]
+    diverged_round: int | None
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_round is not None
+
+
+@dataclass(frozen=True, eq=False)
+class Federation:
+    """A federated population and its server: everything about a run but the hyperparameters."""
+
+    data: FederatedData
+    server: ServerSettings
+    participation: float
+    seed: int
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.data.clients)
+
+    def initial_state(self) -> FederationState:
+        return FederationState(0, self.data.spec.initial_weights(self.seed))
+
+    def sample_clients(self, t: int) -> list[int]:
+        """max(1, round(participation * N)) distinct clients for round t, drawn from the run's seed."""
+        count = max(1, round(self.participation * self.num_clients))
+        rng = seeding.numpy_rng(self.seed, seeding.SAMPLING, t)
+        return sorted(int(c) for c in rng.choice(self.num_clients, size=count, replace=False))
+
+    def run(
+        self,
+        tuner: Tuner,
+        rounds: int,
+        steps: RoundSteps | None = None,
+        start: FederationState | None = None,
+        observe: RoundObserver | None = None,
+    ) -> FederationResult:
+        """Run `rounds` rounds from `start` (default: round 0, fresh weights). A round whose loss or
+        weights turn non-finite ends the run: divergence is a result, not an error."""
+        steps = steps or RoundSteps()
+        state = start or self.initial_state()
+        spec = self.data.spec
+        splits = {"val": self.data.server_val, "test": self.data.test}
+        evaluations: list[Evaluation] = []
+        for t in range(state.round + 1, state.round + rounds + 1):
+            clients = self.sample_clients(t)
+            configs = tuner.configure(t, clients)
+            jobs = [ClientJob(c, t, configs[c], self.seed) for c in clients]
+            updates = steps.train_clients(spec, state.weights, jobs, [self.data.clients[c] for c in clients])
+            weights, server_state = steps.aggregate(self.server, state.weights, updates, state.server_state)
+            metrics = steps.evaluate(spec, weights, splits)
+            evaluation = Evaluation(*metrics["val"], *metrics["test"])
+            report = RoundReport(
+                t, configs, tuple(updates), evaluation.val_loss, evaluation.val_acc, state.weights, weights
+            )
+            state = FederationState(t, weights, server_state)
+            evaluations.append(evaluation)
+            tuner.observe(report)
+            if observe:
+                observe(report, evaluation)
+            if report.diverged:
+                return FederationResult(state, evaluations, t)
+        return FederationResult(state, evaluations, None)

@@ -1,0 +1,149 @@
+"""Settings as frozen dataclasses, validated once where they enter (CLI, flow parameters).
+
+`TrainSettings` is the flat list a user types; its fields carry their `--help` text, so the
+command line and the flow are generated from, or checked against, this one declaration.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from fedhpo_core.aggregators import AGGREGATORS, DEFAULT_SERVER_LR, ServerSettings
+from fedhpo_core.data import DATASETS, split_sizes
+from fedhpo_core.models import MODELS
+from fedhpo_core.partition import PARTITIONERS
+
+
+class SettingsError(ValueError):
+    """A setting a run cannot start with; its message is one line meant for the user."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise SettingsError(message)
+
+
+def _one_of(name: str, value: str, choices) -> None:
+    _check(value in choices, f"unknown {name} {value!r}; choose from {', '.join(sorted(choices))}")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """One client's local-training hyperparameters for one round."""
+
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    local_epochs: int = 1
+    mu: float = 0.0  # FedProx proximal weight (Li et al. 2020, eq. 2); 0 is FedAvg's local SGD
+
+    def __post_init__(self):
+        _check(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.local_epochs >= 1, f"local_epochs must be >= 1, got {self.local_epochs}")
+        _check(self.mu >= 0, f"mu must be >= 0, got {self.mu}")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What decides the clients' data: the partition task's cache key."""
+
+    dataset: str
+    data_root: str
+    clients: int
+    partition: str
+    alpha: float
+    shards_per_client: int
+    val_fraction: float
+    client_val_fraction: float
+    seed: int
+
+
+def setting(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Every setting of one federated training run."""
+
+    dataset: str = setting("digits", "dataset: " + ", ".join(DATASETS))
+    data_root: str = setting("data", "folder holding datasets in torchvision's layout")
+    model: str = setting("mlp", "model: " + ", ".join(MODELS))
+    clients: int = setting(10, "number of simulated clients")
+    partition: str = setting("iid", "partitioner: " + ", ".join(PARTITIONERS))
+    alpha: float = setting(0.5, "Dirichlet concentration for --partition dirichlet (smaller: more skew)")
+    shards_per_client: int = setting(2, "classes per client for --partition shards")
+    val_fraction: float = setting(0.1, "fraction of the training set held by the server for validation")
+    client_val_fraction: float = setting(0.1, "fraction of each client's data kept for local validation")
+    rounds: int = setting(20, "communication rounds")
+    participation: float = setting(1.0, "fraction of clients sampled each round, in (0, 1]")
+    local_epochs: int = setting(1, "local epochs per round")
+    batch_size: int = setting(32, "local mini-batch size")
+    lr: float = setting(0.05, "client learning rate")
+    momentum: float = setting(0.0, "client SGD momentum")
+    weight_decay: float = setting(0.0, "client weight decay")
+    mu: float = setting(0.0, "FedProx proximal weight (0: plain FedAvg local SGD)")
+    aggregator: str = setting("fedavg", "server aggregator: " + ", ".join(AGGREGATORS))
+    server_lr: float | None = setting(
+        None, "server learning rate (default: 1.0 for fedavg/fedavgm, 0.01 for the adaptive ones)"
+    )
+    beta1: float = setting(0.9, "server momentum (fedavgm) or first-moment decay (fedadam, fedyogi, fedadagrad)")
+    beta2: float = setting(0.99, "second-moment decay (fedadam, fedyogi)")
+    tau: float = setting(1e-3, "adaptivity floor of FedOpt (Reddi et al. 2021)")
+    seed: int = setting(0, "seed of every random choice in the run")
+    experiment: str = setting("fedhpo", "MLflow experiment name")
+
+    def __post_init__(self):
+        _one_of("dataset", self.dataset, DATASETS)
+        _one_of("model", self.model, MODELS)
+        _one_of("partition", self.partition, PARTITIONERS)
+        _one_of("aggregator", self.aggregator, AGGREGATORS)
+        _check(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        _check(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        _check(0 < self.participation <= 1, f"participation must be in (0, 1], got {self.participation}")
+        _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        _check(
+            0 <= self.client_val_fraction < 1,
+            f"client_val_fraction must be in [0, 1), got {self.client_val_fraction}",
+        )
+        _check(self.clients >= 1, f"clients must be >= 1, got {self.clients}")
+        pool = split_sizes(DATASETS[self.dataset].num_train, self.val_fraction)[1]
+        _check(
+            self.clients <= pool,
+            f"clients ({self.clients}) exceeds the {pool} training samples {self.dataset} leaves to clients",
+        )
+        if self.partition == "shards":
+            classes, k = DATASETS[self.dataset].num_classes, self.shards_per_client
+            _check(
+                1 <= k <= classes and self.clients * k >= classes,
+                f"shards_per_client must be in [1, {classes}] with clients * shards_per_client >= {classes}",
+            )
+        _check(self.server_lr is None or self.server_lr > 0, f"server_lr must be > 0, got {self.server_lr}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        _check(self.tau > 0, f"tau must be > 0, got {self.tau}")
+        _check(bool(self.experiment.strip()), "experiment must be a non-empty name")
+        self.client_config  # validates lr, momentum, weight decay, batch size, epochs, mu
+
+    @property
+    def client_config(self) -> ClientConfig:
+        return ClientConfig(
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            local_epochs=self.local_epochs,
+            mu=self.mu,
+        )
+
+    @property
+    def data(self) -> DataSettings:
+        names = {f.name for f in fields(DataSettings)}
+        return DataSettings(**{k: v for k, v in asdict(self).items() if k in names})
+
+    @property
+    def server(self) -> ServerSettings:
+        lr = DEFAULT_SERVER_LR[self.aggregator] if self.server_lr is None else self.server_lr
+        return ServerSettings(self.aggregator, lr, self.beta1, self.beta2, self.tau)
