@@ -77,9 +77,7 @@ def train_locally(model: nn.Module, data: ClientData, config: ClientConfig, gene
     """
     params = list(model.parameters())
     anchor = [p.detach().clone() for p in params] if config.mu > 0 else None
-    optimizer = torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     model.train()
     n = len(data.y_train)
     loss_sum = torch.zeros(())

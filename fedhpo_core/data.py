@@ -128,4 +128,3 @@ DATASETS: dict[str, DatasetSpec] = {
 def load_dataset(name: str, root: str) -> Dataset:
     """The named dataset, loaded once per process (every client and trial shares the tensors)."""
     return DATASETS[name].load(root)
-

@@ -106,6 +106,18 @@ class RoundReport:
         return any(u.diverged for u in self.updates) or not bool(torch.isfinite(self.weights_after).all())
 
 
+def aggregate_updates(
+    server: ServerSettings, weights: torch.Tensor, updates: Sequence[ClientUpdate], state: State
+) -> tuple[torch.Tensor, State]:
+    return aggregate(server, weights, [(u.weights, u.num_samples) for u in updates], state)
+
+
+def evaluate_splits(spec: ModelSpec, weights: torch.Tensor, splits: Mapping[str, Split]) -> dict[str, tuple]:
+    """(loss, accuracy) of the global model on each named split."""
+    model = workspace_model(spec, weights)
+    return {name: evaluate(model, x, y) for name, (x, y) in splits.items()}
+
+
 class RoundSteps:
     """How each step of a round executes: here, directly in this process. Subclasses change the
     execution (Prefect tasks, a Dask cluster), never the arithmetic."""
@@ -115,14 +127,11 @@ class RoundSteps:
     ) -> list[ClientUpdate]:
         return [local_update(spec, weights, d, job) for job, d in zip(jobs, data, strict=True)]
 
-    def aggregate(
-        self, server: ServerSettings, weights: torch.Tensor, updates: Sequence[ClientUpdate], state: State
-    ) -> tuple[torch.Tensor, State]:
-        return aggregate(server, weights, [(u.weights, u.num_samples) for u in updates], state)
+    def aggregate(self, server, weights, updates, state) -> tuple[torch.Tensor, State]:
+        return aggregate_updates(server, weights, updates, state)
 
-    def evaluate(self, spec: ModelSpec, weights: torch.Tensor, splits: Mapping[str, Split]) -> dict[str, tuple]:
-        model = workspace_model(spec, weights)
-        return {name: evaluate(model, x, y) for name, (x, y) in splits.items()}
+    def evaluate(self, spec, weights, splits) -> dict[str, tuple]:
+        return evaluate_splits(spec, weights, splits)
 
 
 RoundObserver = Callable[[RoundReport, Evaluation], None]

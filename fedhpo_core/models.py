@@ -54,6 +54,11 @@ class ModelSpec:
     def build(self) -> nn.Module:
         return MODELS[self.name](self.input_shape, self.num_classes)
 
+    @property
+    def size(self) -> int:
+        """Number of parameters: the length of the flat weight vector."""
+        return sum(p.numel() for p in self.build().parameters())
+
     def initial_weights(self, seed: int) -> torch.Tensor:
         """The run's initial global model, as a flat vector, from the run's seed."""
         with torch.random.fork_rng(devices=[]):

@@ -36,9 +36,7 @@ def split_iid(labels: np.ndarray, clients: int, rng: np.random.Generator, **_) -
     return np.array_split(rng.permutation(len(labels)), clients)
 
 
-def split_dirichlet(
-    labels: np.ndarray, clients: int, rng: np.random.Generator, alpha: float, **_
-) -> list[np.ndarray]:
+def split_dirichlet(labels: np.ndarray, clients: int, rng: np.random.Generator, alpha: float, **_) -> list[np.ndarray]:
     """Label skew (Hsu et al. 2019): each class is divided between clients in proportions drawn
     from Dir(alpha * 1). Small alpha gives each client few classes; large alpha tends to IID."""
     parts: list[list[np.ndarray]] = [[] for _ in range(clients)]
@@ -108,9 +106,7 @@ def partition_dataset(
     server_val, pool = order[:n_val], order[n_val:]
     if clients > len(pool):
         raise ValueError(f"{clients} clients but only {len(pool)} samples to share")
-    split = PARTITIONERS[partition](
-        labels[pool], clients, rng, alpha=alpha, shards_per_client=shards_per_client
-    )
+    split = PARTITIONERS[partition](labels[pool], clients, rng, alpha=alpha, shards_per_client=shards_per_client)
     train, val = [], []
     for part in _fill_empty(split):
         members = pool[rng.permutation(part)]

@@ -125,7 +125,7 @@ class TrainSettings:
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         _check(self.tau > 0, f"tau must be > 0, got {self.tau}")
         _check(bool(self.experiment.strip()), "experiment must be a non-empty name")
-        self.client_config  # validates lr, momentum, weight decay, batch size, epochs, mu
+        _ = self.client_config  # ClientConfig checks lr, momentum, weight decay, batch size, epochs, mu
 
     @property
     def client_config(self) -> ClientConfig:

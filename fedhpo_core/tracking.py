@@ -1,0 +1,85 @@
+"""Experiment tracking: the one module that talks to MLflow.
+
+A `Tracker` is one MLflow run. Metrics are sent in batches without waiting (MLflow's asynchronous
+logging), so tracking stays off the round loop's critical path; `finish` waits for them all.
+`MLFLOW_TRACKING_URI` chooses the store; MLflow's default is `sqlite:///mlflow.db` here.
+"""
+
+import time
+from collections.abc import Mapping
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
+MAX_METRICS_PER_BATCH = 1000
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+class Tracker:
+    """An MLflow run, written through the client API (no global active run, so safe in threads)."""
+
+    def __init__(self, experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None):
+        self.client = MlflowClient()
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {})).info.run_id
+        self.experiment_id = experiment_id
+        self._pending = []
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.finish("FAILED" if error else "FINISHED")
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Queue metrics for the store and return at once."""
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for start in range(0, len(items), MAX_METRICS_PER_BATCH):
+            chunk = items[start : start + MAX_METRICS_PER_BATCH]
+            self._pending.append(self.client.log_batch(self.run_id, metrics=chunk, synchronous=False))
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_table(self, table: pd.DataFrame, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, table.to_csv(index=False), artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_model(self, model, input_example, name: str = "model") -> None:
+        """The model through `mlflow.pytorch.log_model` in its default 'pt2' format.
+
+        pt2 needs `input_example` (without it the logged model ends FAILED) and fixes any example
+        dimension of size 1, so the example needs a batch of several. Naming the requirement
+        skips MLflow's inference of it, which re-imports the model in a subprocess (~7 s here).
+        """
+        if len(input_example) < 2:
+            raise ValueError("input_example needs a batch of at least 2 so the batch size stays dynamic")
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(
+                model,
+                name=name,
+                input_example=input_example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
+
+    def finish(self, status: str = "FINISHED") -> None:
+        for operation in self._pending:
+            operation.wait()
+        self._pending.clear()
+        self.client.set_terminated(self.run_id, status)
