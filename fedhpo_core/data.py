@@ -70,8 +70,9 @@ def _torchvision_pair(cls, name: str, root: str):
     try:
         return cls(root, train=True, download=True), cls(root, train=False, download=True)
     except Exception as error:  # torchvision raises URLError, RuntimeError or OSError offline
+        reason = " ".join(str(error).split())  # torchvision's messages span lines; ours is one
         raise FileNotFoundError(
-            f"{name} is not in torchvision's layout under {root!r} and could not be downloaded ({error})"
+            f"{name} is not in torchvision's layout under {root!r} and could not be downloaded: {reason}"
         ) from error
 
 

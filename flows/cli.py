@@ -20,13 +20,18 @@ def _add_settings(parser: argparse.ArgumentParser, settings_class) -> None:
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default, help=f.metadata["help"])
 
 
+def _fail(command: str, message: str):
+    """A one-line error and exit status 2 (as argparse does), before any work starts."""
+    print(f"fedhpo {command}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _settings(command: str, settings_class, args: argparse.Namespace):
-    """Validated settings, or a one-line error and exit status 2 before any work starts."""
     values = {f.name: getattr(args, f.name) for f in fields(settings_class)}
     try:
         return settings_class(**values)
     except SettingsError as error:
-        sys.exit(f"fedhpo {command}: error: {error}")
+        _fail(command, str(error))
 
 
 def _check_data(command: str, settings: TrainSettings) -> None:
@@ -36,7 +41,7 @@ def _check_data(command: str, settings: TrainSettings) -> None:
     try:
         load_dataset(settings.dataset, settings.data_root)
     except FileNotFoundError as error:
-        sys.exit(f"fedhpo {command}: error: {error}")
+        _fail(command, str(error))
 
 
 def _quiet_task_logs() -> None:

@@ -1,0 +1,68 @@
+"""Bad input: a one-line error and exit status 2, before any work (no flow run, no MLflow store)."""
+
+import inspect
+import subprocess
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import pytest
+
+from fedhpo_core.settings import TrainSettings
+from flows.cli import main
+from flows.training import federated_training
+
+BAD_INPUTS = {
+    "unknown dataset": (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    "unknown model": (["--model", "resnet"], "unknown model 'resnet'"),
+    "unknown partitioner": (["--partition", "zipf"], "unknown partition 'zipf'"),
+    "unknown aggregator": (["--aggregator", "fedsgd"], "unknown aggregator 'fedsgd'"),
+    "alpha zero": (["--alpha", "0"], "alpha must be > 0"),
+    "alpha negative": (["--alpha", "-1"], "alpha must be > 0"),
+    "no clients": (["--clients", "0"], "clients must be >= 1"),
+    "more clients than samples": (["--clients", "5000"], "clients (5000) exceeds"),
+    "no rounds": (["--rounds", "0"], "rounds must be >= 1"),
+    "lr zero": (["--lr", "0"], "lr must be > 0"),
+    "lr negative": (["--lr", "-0.1"], "lr must be > 0"),
+    "participation zero": (["--participation", "0"], "participation must be in (0, 1]"),
+    "participation above one": (["--participation", "1.5"], "participation must be in (0, 1]"),
+    "missing dataset files": (["--dataset", "fashion_mnist", "--data-root", "/nonexistent"], "fashion_mnist is not"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_fails_fast_with_one_line(case, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    flags, message = BAD_INPUTS[case]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *flags])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("fedhpo train: error: ") and message in error
+    assert list(tmp_path.iterdir()) == []  # nothing was started or written
+
+
+def test_the_installed_command_exits_non_zero_on_bad_input():
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("fedhpo")), "train", "--alpha", "0"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "fedhpo train: error: alpha must be > 0, got 0.0"
+
+
+def test_help_describes_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for f in fields(TrainSettings):
+        assert "--" + f.name.replace("_", "-") in text
+
+
+def test_flow_parameters_are_the_settings_with_the_same_defaults():
+    parameters = inspect.signature(federated_training.fn).parameters
+    assert list(parameters) == [f.name for f in fields(TrainSettings)]
+    for f in fields(TrainSettings):
+        assert f.default is not MISSING and parameters[f.name].default == f.default, f.name
+    described = federated_training.parameters.properties
+    assert all(described[f.name].get("description") for f in fields(TrainSettings))

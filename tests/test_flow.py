@@ -1,0 +1,124 @@
+"""The federated-training flow end to end: a real temporary Prefect server, a real MLflow store."""
+
+import math
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from prefect import flow
+
+from fedhpo_core.data import load_dataset
+from fedhpo_core.federation import FederatedData, Federation
+from fedhpo_core.partition import partition_dataset
+from fedhpo_core.settings import TrainSettings
+from fedhpo_core.tuners import FixedConfig
+from flows.training import federated_training
+from tasks.training import partition_data
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+SMALL = {"clients": 4, "rounds": 3, "participation": 0.5, "partition": "dirichlet", "alpha": 0.3}
+
+
+def run_of(client, summary):
+    return client.get_run(summary["run_id"])
+
+
+def logged_models(summary):
+    return mlflow.search_logged_models(
+        experiment_ids=[summary["experiment_id"]],
+        filter_string=f"source_run_id = '{summary['run_id']}'",
+        output_format="list",
+    )
+
+
+def test_flow_leaves_the_expected_mlflow_run(mlflow_client):
+    state = federated_training(**SMALL, experiment="flow-e2e", return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    run = run_of(mlflow_client, summary)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["fedhpo.role"] == "train" and run.data.tags["fedhpo.diverged"] == "false"
+    assert run.data.tags["prefect.flow_run_id"]
+
+    settings = TrainSettings(**SMALL, experiment="flow-e2e")
+    for name, value in vars(settings).items():
+        expected = settings.server.lr if name == "server_lr" else value
+        assert run.data.params[name] == str(expected), name
+
+    for metric in ("val_acc", "val_loss", "test_acc", "test_loss", "train_loss"):
+        history = mlflow_client.get_metric_history(run.info.run_id, metric)
+        assert sorted(m.step for m in history) == [1, 2, 3], metric
+    test_acc = {m.step: m.value for m in mlflow_client.get_metric_history(run.info.run_id, "test_acc")}
+    assert run.data.metrics["final_test_acc"] == test_acc[3]
+
+    # Two of four clients per round: each round logs the configuration of exactly the sampled ones.
+    lr_steps = []
+    for client in range(4):
+        history = mlflow_client.get_metric_history(run.info.run_id, f"hp/lr/client_{client}")
+        assert all(m.value == 0.05 for m in history)
+        lr_steps += [m.step for m in history]
+    assert sorted(lr_steps) == [1, 1, 2, 2, 3, 3]
+
+    artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "partition")}
+    assert artifacts == {"partition/partition.csv", "partition/partition.png"}
+    table = pd.read_csv(mlflow_client.download_artifacts(run.info.run_id, "partition/partition.csv"))
+    assert len(table) == 4
+    class_columns = [c for c in table.columns if c.startswith("class_")]
+    assert (table[class_columns].sum(axis=1) == table.train_samples + table.val_samples).all()
+
+    (model,) = logged_models(summary)
+    assert model.status.name == "READY"
+    loaded = mlflow.pytorch.load_model(f"models:/{model.model_id}")
+    assert loaded(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
+
+
+def test_flow_is_deterministic_and_matches_the_plain_round_loop(mlflow_client):
+    first = federated_training(**SMALL, seed=5, experiment="flow-determinism")
+    second = federated_training(**SMALL, seed=5, experiment="flow-determinism")
+    for metric in ("test_acc", "val_loss", "train_loss"):
+        a = [(m.step, m.value) for m in mlflow_client.get_metric_history(first["run_id"], metric)]
+        b = [(m.step, m.value) for m in mlflow_client.get_metric_history(second["run_id"], metric)]
+        assert sorted(a) == sorted(b), metric
+
+    # Same weights as the round loop run in-process: Prefect's concurrent task runs change nothing.
+    settings = TrainSettings(**SMALL, seed=5)
+    dataset = load_dataset("digits", settings.data_root)
+    d = settings.data
+    partition = partition_dataset(
+        dataset.y_train.numpy(), d.clients, d.partition, d.seed, d.val_fraction, d.client_val_fraction, d.alpha
+    )
+    federation = Federation(FederatedData.build(dataset, partition, "mlp"), settings.server, 0.5, 5)
+    expected = federation.run(FixedConfig(settings.client_config), settings.rounds).state.weights
+    for summary in (first, second):
+        (model,) = logged_models(summary)
+        loaded = mlflow.pytorch.load_model(f"models:/{model.model_id}")
+        weights = torch.cat([t.reshape(-1) for t in loaded.state_dict().values()])
+        assert torch.equal(weights, expected)
+
+
+def test_partition_task_is_cached_on_its_settings():
+    settings = TrainSettings(clients=3, seed=11)
+
+    @flow
+    def partition_twice(data):
+        return partition_data(data, return_state=True), partition_data(data, return_state=True)
+
+    first, again = partition_twice(settings.data)
+    assert again.is_completed() and again.name == "Cached"
+    assert all((a == b).all() for a, b in zip(first.result().client_train, again.result().client_train, strict=True))
+    (other,) = partition_twice(TrainSettings(clients=3, seed=12).data)[:1]
+    assert other.name != "Cached"
+
+
+def test_a_diverging_run_completes_and_records_the_divergence(mlflow_client):
+    state = federated_training(clients=3, rounds=5, lr=1e12, experiment="flow-divergence", return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    assert summary["diverged_round"] == 1 and summary["rounds_completed"] == 1
+    run = run_of(mlflow_client, summary)
+    assert run.data.tags["fedhpo.diverged"] == "true" and run.data.tags["fedhpo.diverged_round"] == "1"
+    assert run.data.metrics["diverged"] == 1.0
+    assert math.isnan(run.data.metrics["train_loss"])
+    assert logged_models(summary) == []
