@@ -12,9 +12,16 @@ SCRATCH = Path(tempfile.mkdtemp(prefix="fedhpo-tests-"))
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(SCRATCH / "prefect-results")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{SCRATCH / 'mlflow.db'}"
-os.chdir(SCRATCH)  # MLflow's artifact folder and anything else relative land here
-
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_working_directory():
+    """MLflow's artifact folder and anything else relative land in the scratch folder."""
+    previous = Path.cwd()
+    os.chdir(SCRATCH)
+    yield
+    os.chdir(previous)
 
 
 @pytest.fixture(scope="session")
