@@ -1,8 +1,10 @@
 """Experiment tracking: the one module that talks to MLflow.
 
-A `Tracker` is one MLflow run. Metrics are sent in batches without waiting (MLflow's asynchronous
-logging), so tracking stays off the round loop's critical path; `finish` waits for them all.
-`MLFLOW_TRACKING_URI` chooses the store; MLflow's default is `sqlite:///mlflow.db` here.
+A `Tracker` is one MLflow run. Each call writes one batch: a round's ~70 metrics cost ~22 ms
+in SQLite here, about the same per row whether batched per round or per run, and MLflow's
+asynchronous logging left a backlog that competed with training for the cores and took longer
+to drain at the end than writing as we go. `MLFLOW_TRACKING_URI` chooses the store; MLflow's
+default is `sqlite:///mlflow.db` in the working directory.
 """
 
 import time
@@ -31,7 +33,6 @@ class Tracker:
         experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {})).info.run_id
         self.experiment_id = experiment_id
-        self._pending = []
 
     def __enter__(self) -> "Tracker":
         return self
@@ -45,12 +46,10 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        """Queue metrics for the store and return at once."""
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for start in range(0, len(items), MAX_METRICS_PER_BATCH):
-            chunk = items[start : start + MAX_METRICS_PER_BATCH]
-            self._pending.append(self.client.log_batch(self.run_id, metrics=chunk, synchronous=False))
+            self.client.log_batch(self.run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -70,16 +69,13 @@ class Tracker:
         """
         if len(input_example) < 2:
             raise ValueError("input_example needs a batch of at least 2 so the batch size stays dynamic")
-        with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(
-                model,
-                name=name,
-                input_example=input_example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            )
+        mlflow.pytorch.log_model(
+            model,
+            name=name,
+            input_example=input_example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            run_id=self.run_id,  # not a fluent start_run: ending one would flush and close the run early
+        )
 
     def finish(self, status: str = "FINISHED") -> None:
-        for operation in self._pending:
-            operation.wait()
-        self._pending.clear()
         self.client.set_terminated(self.run_id, status)

@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 import types
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, fields
 
 from fedhpo_core.settings import SettingsError, TrainSettings
@@ -49,13 +50,6 @@ def _quiet_task_logs() -> None:
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
 
 
-def _drain_events() -> None:
-    """Deliver the run's last task-run events before Prefect's temporary server stops at exit."""
-    from prefect.events.worker import EventsWorker
-
-    EventsWorker.drain_all()
-
-
 def train_command(args: argparse.Namespace) -> int:
     settings = _settings("train", TrainSettings, args)
     _check_data("train", settings)
@@ -64,8 +58,8 @@ def train_command(args: argparse.Namespace) -> int:
 
     _quiet_task_logs()
 
-    summary = federated_training(**asdict(settings))
-    _drain_events()
+    with local_prefect():
+        summary = federated_training(**asdict(settings))
     if summary["diverged_round"] is not None:
         print(f"Diverged at round {summary['diverged_round']}: the loss turned non-finite (try a smaller --lr).")
         print("Recorded in MLflow as tag fedhpo.diverged=true and metric diverged=1.")
@@ -94,7 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+@contextmanager
+def local_prefect():
+    """Prefect set up for a run on this machine; without PREFECT_API_URL, on a temporary server."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from an offline run
+    # The server records task-run events one transaction each by default; on 2 cores that server
+    # work, beside the training, made each round a quarter slower (bench/README.md).
+    os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE", "50")
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    updates = {}
+    if get_current_settings().api.url is None:
+        # Heartbeats let a server mark crashed runs; a temporary server ends with this process,
+        # and joining the heartbeat thread added up to a second to every flow run.
+        updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
+    with temporary_settings(updates=updates):
+        yield
+    EventsWorker.drain_all()  # deliver the last task-run events before the temporary server stops
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.handler(args)

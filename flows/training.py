@@ -17,6 +17,11 @@ from fedhpo_core.tuners import FixedConfig
 from tasks.training import PrefectSteps, load_data, partition_data
 
 
+def partition_title(settings: TrainSettings) -> str:
+    detail = {"dirichlet": f" alpha={settings.alpha}", "shards": f" k={settings.shards_per_client}"}
+    return f"{settings.dataset}, {settings.clients} clients, {settings.partition}{detail.get(settings.partition, '')}"
+
+
 def train(settings: TrainSettings) -> dict:
     """One tracked federated run with a fixed configuration; returns its summary."""
     logger = get_run_logger()
@@ -32,9 +37,7 @@ def train(settings: TrainSettings) -> dict:
         tracker.log_params({**asdict(settings), "server_lr": settings.server.lr, "model_parameters": data.spec.size})
         tracker.log_metrics({"partition_label_skew": label_skew(histogram)})
         tracker.log_table(partition_table(partition, histogram), "partition/partition.csv")
-        tracker.log_figure(
-            partition_figure(histogram, f"{settings.dataset}, {settings.partition}"), "partition/partition.png"
-        )
+        tracker.log_figure(partition_figure(histogram, partition_title(settings)), "partition/partition.png")
 
         def observe(report: RoundReport, evaluation: Evaluation) -> None:
             tracker.log_metrics(round_metrics(report, evaluation), step=report.round)
