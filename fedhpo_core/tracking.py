@@ -69,13 +69,13 @@ class Tracker:
         """
         if len(input_example) < 2:
             raise ValueError("input_example needs a batch of at least 2 so the batch size stays dynamic")
-        mlflow.pytorch.log_model(
-            model,
-            name=name,
-            input_example=input_example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            run_id=self.run_id,  # not a fluent start_run: ending one would flush and close the run early
-        )
+        with mlflow.start_run(run_id=self.run_id):  # so the model is filed under the run's experiment
+            mlflow.pytorch.log_model(
+                model,
+                name=name,
+                input_example=input_example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
