@@ -91,10 +91,9 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///bench/results/mlflow.db")
     os.makedirs("bench/results", exist_ok=True)
 
-    from flows.cli import _quiet_task_logs, local_prefect
+    from flows.cli import local_prefect
     from flows.training import federated_training
 
-    _quiet_task_logs()
     settings = TrainSettings(**SETTINGS, data_root=args.data_root, rounds=args.rounds, experiment="bench")
     flow_parameters = {**vars(settings)}
 

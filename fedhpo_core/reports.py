@@ -3,12 +3,8 @@
 from dataclasses import asdict
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only: runs are headless
-
 import numpy as np
 import pandas as pd
-from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 
 from fedhpo_core.federation import Evaluation, RoundReport
@@ -29,11 +25,13 @@ def partition_table(partition: Partition, histogram: np.ndarray) -> pd.DataFrame
 
 
 def partition_figure(histogram: np.ndarray, title: str) -> Figure:
-    """Stacked bars: each client's samples, coloured by class."""
+    """Stacked bars: each client's samples, coloured by class. A bare `Figure`, not pyplot's, so
+    nothing accumulates in pyplot's registry over many runs in one process."""
     clients, classes = histogram.shape
-    figure, axis = plt.subplots(figsize=(max(6, 0.35 * clients), 4))
+    figure = Figure(figsize=(max(6, 0.35 * clients), 4))
+    axis = figure.subplots()
     bottom = np.zeros(clients)
-    colours = plt.get_cmap("tab10" if classes <= 10 else "tab20")
+    colours = matplotlib.colormaps["tab10" if classes <= 10 else "tab20"]
     for c in range(classes):
         axis.bar(range(clients), histogram[:, c], bottom=bottom, color=colours(c % colours.N), label=str(c))
         bottom += histogram[:, c]

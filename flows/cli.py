@@ -45,18 +45,11 @@ def _check_data(command: str, settings: TrainSettings) -> None:
         _fail(command, str(error))
 
 
-def _quiet_task_logs() -> None:
-    """One line per round from the flow, not one per task run (after Prefect set up its logging)."""
-    logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
-
-
 def train_command(args: argparse.Namespace) -> int:
     settings = _settings("train", TrainSettings, args)
     _check_data("train", settings)
     from fedhpo_core.tracking import tracking_uri
     from flows.training import federated_training
-
-    _quiet_task_logs()
 
     with local_prefect():
         summary = federated_training(**asdict(settings))
@@ -93,11 +86,12 @@ def local_prefect():
     """Prefect set up for a run on this machine; without PREFECT_API_URL, on a temporary server."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from an offline run
     # The server records task-run events one transaction each by default; on 2 cores that server
-    # work, beside the training, made each round a quarter slower (bench/README.md).
+    # work, beside the training, made each round a quarter slower (README, Benchmark).
     os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE", "50")
     from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
+    logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)  # one line per round, not per task
     updates = {}
     if get_current_settings().api.url is None:
         # Heartbeats let a server mark crashed runs; a temporary server ends with this process,
