@@ -1,9 +1,11 @@
 """Tables and figures a run leaves behind (pandas and matplotlib; no tracking here)."""
 
+import math
 from dataclasses import asdict
 
 import matplotlib
 import numpy as np
+import optuna
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -57,3 +59,44 @@ def round_metrics(report: RoundReport, evaluation: Evaluation) -> dict[str, floa
         for name, value in asdict(config).items():
             metrics[f"hp/{name}/client_{client}"] = value
     return metrics
+
+
+def study_table(study: optuna.Study, objectives: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A row per finished trial in order of completion: its score (for a pruned trial, its last
+    reported one), rounds spent, system objectives and configuration as `params_<name>`."""
+    rows = []
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    for trial in sorted((t for t in study.trials if t.state in finished), key=lambda t: t.datetime_complete):
+        reported = trial.intermediate_values
+        score = trial.values[0] if trial.values else (reported[max(reported)] if reported else math.nan)
+        row = {"number": trial.number, "state": trial.state.name, "value": score}
+        row["rounds_used"] = trial.user_attrs.get("rounds_used", 0)
+        row |= dict(zip(objectives, (trial.values or [])[1:], strict=False))
+        rows.append(row | {f"params_{k}": v for k, v in trial.params.items()})
+    table = pd.DataFrame(rows)
+    return table.set_index("number", drop=False) if rows else table
+
+
+def study_figures(table: pd.DataFrame, parameters: dict, most: int = 6) -> dict[str, Figure]:
+    """Best-so-far validation score against rounds spent, and score against each setting."""
+    progress = Figure(figsize=(6, 4))
+    axis = progress.subplots()
+    axis.step(table.rounds_used.cumsum(), table.value.cummax(), where="post", marker="o")
+    axis.set_xlabel("communication rounds spent")
+    axis.set_ylabel("best validation score so far")
+    progress.tight_layout()
+
+    names = [n for n in parameters if f"params_{n}" in table][:most]
+    configs = Figure(figsize=(4 * max(1, len(names)), 3.5))
+    for axis, name in zip(configs.subplots(1, max(1, len(names)), squeeze=False)[0], names, strict=False):
+        axis.scatter(table[f"params_{name}"], table.value)
+        if (
+            getattr(parameters[name], "log", False)
+            or name in ("lr", "weight_decay")
+            and (table[f"params_{name}"] > 0).all()
+        ):
+            axis.set_xscale("log")
+        axis.set_xlabel(name)
+        axis.set_ylabel("validation score")
+    configs.tight_layout()
+    return {"best_so_far.png": progress, "configs_vs_score.png": configs}

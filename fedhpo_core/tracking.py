@@ -7,8 +7,10 @@ to drain at the end than writing as we go. `MLFLOW_TRACKING_URI` chooses the sto
 default is `sqlite:///mlflow.db` in the working directory.
 """
 
+import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -27,12 +29,24 @@ def tracking_uri() -> str:
 class Tracker:
     """An MLflow run, written through the client API (no global active run, so safe in threads)."""
 
-    def __init__(self, experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        experiment: str,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        parent: "Tracker | None" = None,
+        run_id: str | None = None,
+    ):
+        """A new run (nested under `parent` if given), or with `run_id` that run reopened."""
         self.client = MlflowClient()
+        if run_id:
+            self.run_id, self.experiment_id = run_id, self.client.get_run(run_id).info.experiment_id
+            self.client.update_run(run_id, status="RUNNING")
+            return
         found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {})).info.run_id
-        self.experiment_id = experiment_id
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        tags = dict(tags or {}) | ({"mlflow.parentRunId": parent.run_id} if parent else {})
+        self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
     def __enter__(self) -> "Tracker":
         return self
@@ -59,6 +73,13 @@ class Tracker:
 
     def log_figure(self, figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_weights(self, weights: torch.Tensor, artifact_file: str) -> None:
+        """A flat weight vector as a torch file (read back with torch.load(..., weights_only=True))."""
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / Path(artifact_file).name
+            torch.save(weights, path)
+            self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent))
 
     def log_model(self, model, input_example, name: str = "model") -> None:
         """The model through `mlflow.pytorch.log_model` in its default 'pt2' format.

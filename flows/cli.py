@@ -8,6 +8,7 @@ import types
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, fields
 
+from fedhpo_core.search.study import TuneSettings
 from fedhpo_core.settings import SettingsError, TrainSettings
 
 
@@ -18,7 +19,11 @@ def _add_settings(parser: argparse.ArgumentParser, settings_class) -> None:
         if isinstance(kind, types.UnionType):  # `float | None`: parse as float, None stays the default
             kind = next(t for t in kind.__args__ if t is not type(None))
         default = None if f.default is MISSING else f.default
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default, help=f.metadata["help"])
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"])
 
 
 def _fail(command: str, message: str):
@@ -68,6 +73,43 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def tune_command(args: argparse.Namespace) -> int:
+    from fedhpo_core.search.study import METHODS, default_storage, study_exists
+    from fedhpo_core.tracking import tracking_uri
+
+    fixed = _settings("tune", TrainSettings, args)
+    tune = _settings("tune", TuneSettings, args)
+    try:
+        space = tune.space()
+        METHODS[tune.method]().sampler(space.parameters(tune.scope, fixed.clients), 0)  # grid needs categoricals
+    except SettingsError as error:
+        _fail("tune", str(error))
+    storage = tune.storage or default_storage(tracking_uri())
+    if tune.resume and not _study_present(storage, tune.name_for(fixed), study_exists):
+        _fail("tune", f"--resume: no study named {tune.name_for(fixed)!r} in {storage}")
+    _check_data("tune", fixed)
+    from flows.study import hpo_study
+
+    with local_prefect():
+        summary = hpo_study(**{k: v for k, v in asdict(tune).items()}, train=asdict(fixed))
+    print(
+        f"Study {summary['study_name']}: best trial {summary['best_trial']} "
+        f"(validation {summary['best_val_score']:.4f}), {summary['rounds_used']} of {tune.budget} rounds used"
+    )
+    if "final_test_acc" in summary:
+        print(f"Best configuration retrained for {tune.final_rounds} rounds: test_acc {summary['final_test_acc']:.4f}")
+    print(f"Optuna study in {summary['storage']}; MLflow run {summary['run_id']} in {tracking_uri()}")
+    print(f"Browse it: mlflow ui --backend-store-uri {tracking_uri()}")
+    return 0
+
+
+def _study_present(storage: str, name: str, study_exists) -> bool:
+    """Whether the study exists, without creating an SQLite file that is not there."""
+    if storage.startswith("sqlite:///") and not os.path.exists(storage.removeprefix("sqlite:///")):
+        return False
+    return study_exists(storage, name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedhpo", description="Federated hyperparameter optimization.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_settings(train, TrainSettings)
     train.set_defaults(handler=train_command)
+    tune = commands.add_parser(
+        "tune",
+        help="search hyperparameters under a round budget (Prefect flow hpo-study)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_settings(tune, TuneSettings)
+    _add_settings(tune.add_argument_group("fixed settings of every trial"), TrainSettings)
+    tune.set_defaults(handler=tune_command)
     return parser
 
 

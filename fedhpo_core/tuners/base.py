@@ -46,3 +46,13 @@ class FixedConfig(Tuner):
 
     def configure(self, round: int, clients: Sequence[int]) -> Mapping[int, ClientConfig]:
         return dict.fromkeys(clients, self.config)
+
+
+class PerClientConfig(Tuner):
+    """A fixed configuration per client, the same in every round: a personalized trial."""
+
+    def __init__(self, configs: Sequence[ClientConfig]):
+        self.configs = list(configs)
+
+    def configure(self, round: int, clients: Sequence[int]) -> Mapping[int, ClientConfig]:
+        return {c: self.configs[c] for c in clients}

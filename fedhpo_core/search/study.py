@@ -1,0 +1,122 @@
+"""Studies: settings, the method registry, and opening, running and reading an Optuna study."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from fedhpo_core import seeding
+from fedhpo_core.search.base import (
+    RoundBudget,
+    SearchContext,
+    SearchMethod,
+    fail_interrupted_trials,
+    rounds_spent,
+)
+from fedhpo_core.search.fixed_budget import GPSearch, GridSearch, MultiObjectiveSearch, RandomSearch, TPESearch
+from fedhpo_core.search.halving import BOHB, Hyperband, SuccessiveHalving
+from fedhpo_core.search.space import SCOPES, SearchSpace
+from fedhpo_core.settings import SettingsError, TrainSettings, setting
+
+METHODS: dict[str, type[SearchMethod]] = {
+    "random": RandomSearch,
+    "grid": GridSearch,
+    "tpe": TPESearch,
+    "gp": GPSearch,
+    "sha": SuccessiveHalving,
+    "hyperband": Hyperband,
+    "bohb": BOHB,
+    "multiobjective": MultiObjectiveSearch,
+}
+OBJECTIVES = ("server", "clients")
+SEARCH = 6  # seeding key of the samplers' stream
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from us, not Optuna's
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """How a study searches; every `TrainSettings` field is a fixed setting of it besides."""
+
+    method: str = setting("tpe", "search method: " + ", ".join(METHODS))
+    budget: int = setting(30, "communication rounds the search may spend, every round of every trial")
+    n_configs: int = setting(30, "configurations to try (random, grid, tpe, gp, multiobjective; sha's first rung)")
+    final_rounds: int = setting(20, "rounds to retrain the best configuration from scratch (the paper uses 400)")
+    scope: str = setting("global", "global: one configuration for all clients; personalized: one per client")
+    search_space: str | None = setting(None, "YAML search space (default: the FedTune paper's lr x weight decay)")
+    objective: str = setting("server", "what trials are scored on: the server's validation split or clients' reports")
+    storage: str | None = setting(None, "Optuna storage URL (default: optuna.db beside the MLflow store)")
+    study_name: str | None = setting(None, "Optuna study name (default: derived from the settings)")
+    resume: bool = setting(False, "continue the interrupted study of that name")
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise SettingsError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.scope not in SCOPES:
+            raise SettingsError(f"unknown scope {self.scope!r}; choose from {', '.join(SCOPES)}")
+        if self.objective not in OBJECTIVES:
+            raise SettingsError(f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
+        if self.n_configs < 1:
+            raise SettingsError(f"n_configs must be >= 1, got {self.n_configs}")
+        if self.final_rounds < 0:
+            raise SettingsError(f"final_rounds must be >= 0, got {self.final_rounds}")
+        METHODS[self.method]().check_budget(self.budget, self.n_configs)
+
+    def space(self) -> SearchSpace:
+        return SearchSpace.load(self.search_space)
+
+    def name_for(self, fixed: TrainSettings) -> str:
+        return self.study_name or (
+            f"{self.method}-{self.scope}-{fixed.dataset}-{fixed.partition}-{fixed.clients}c-b{self.budget}-s{fixed.seed}"
+        )
+
+
+def default_storage(tracking_uri: str) -> str:
+    """An SQLite file beside MLflow's SQLite store, else optuna.db in the working directory."""
+    if tracking_uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).with_name('optuna.db')}"
+    return "sqlite:///optuna.db"
+
+
+def study_exists(storage: str, name: str) -> bool:
+    return name in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
+
+
+def open_study(method: SearchMethod, storage: str, name: str, resume: bool) -> optuna.Study:
+    """A new study, or with `resume` the existing one; refuses to silently do the other."""
+    exists = study_exists(storage, name)
+    if resume and not exists:
+        raise SettingsError(f"--resume: no study named {name!r} in {storage}")
+    if exists and not resume:
+        raise SettingsError(f"a study named {name!r} exists in {storage}; pass --resume or another --study-name")
+    if resume:
+        return optuna.load_study(study_name=name, storage=storage)
+    return optuna.create_study(storage=storage, study_name=name, directions=list(method.directions))
+
+
+def run_search(
+    method: SearchMethod,
+    study: optuna.Study,
+    space: SearchSpace,
+    scope: str,
+    clients: int,
+    evaluate,
+    budget: int,
+    n_configs: int,
+    seed: int,
+) -> RoundBudget:
+    """Fail what a killed run left RUNNING, charge finished trials to the budget, then search. The
+    sampler is seeded from the seed and the study's length, so a resumed study draws new points."""
+    fail_interrupted_trials(study)
+    parameters = space.parameters(scope, clients)
+    study.sampler = method.sampler(parameters, int(seeding.numpy_rng(seed, SEARCH, len(study.trials)).integers(2**31)))
+    spent = RoundBudget(budget, rounds_spent(study))
+    method.search(SearchContext(study, parameters, evaluate, spent, n_configs, seed))
+    return spent
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The best complete trial; with several objectives, the most accurate on the Pareto front."""
+    if len(study.directions) == 1:
+        return study.best_trial
+    return max(study.best_trials, key=lambda t: t.values[0])

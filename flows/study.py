@@ -1,0 +1,204 @@
+"""The `hpo-study` flow: search hyperparameters under a round budget, retrain the best, report."""
+
+import math
+import time
+from dataclasses import asdict
+
+import numpy as np
+import optuna
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from fedhpo_core.federation import FederatedData, Federation, FederationResult, RoundReport
+from fedhpo_core.models import load_flat_weights
+from fedhpo_core.reports import round_metrics, study_figures, study_table
+from fedhpo_core.search.base import TrialResult
+from fedhpo_core.search.space import Configuration
+from fedhpo_core.search.study import METHODS, TuneSettings, best_trial, default_storage, open_study, run_search
+from fedhpo_core.settings import TrainSettings
+from fedhpo_core.tracking import Tracker, tracking_uri
+from fedhpo_core.tuners import PerClientConfig
+from tasks.training import PrefectSteps, load_data, partition_data
+
+FLOAT_BYTES = 4
+
+
+def system_objectives(reports: list[RoundReport], model_size: int) -> dict[str, float]:
+    """What a run cost the system: bytes sent (the model down and up for every sampled client and
+    round), client compute (training samples processed), and unfairness (spread of the clients'
+    last reported validation accuracies)."""
+    uploads = [u for r in reports for u in r.updates]
+    last = [u.val_acc for u in reports[-1].updates if math.isfinite(u.val_acc)] if reports else []
+    return {
+        "bytes_sent": float(2 * len(uploads) * model_size * FLOAT_BYTES),
+        "client_compute_samples": float(
+            sum(u.num_samples * r.configs[u.client].local_epochs for r in reports for u in r.updates)
+        ),
+        "unfairness": float(np.std(last)) if len(last) > 1 else 0.0,
+    }
+
+
+def train_configuration(
+    data: FederatedData, fixed: TrainSettings, configuration: Configuration, rounds: int, tracker: Tracker, start=None
+) -> tuple[FederationResult, list[RoundReport]]:
+    """`rounds` rounds of the configuration (from `start` if given), each round's metrics tracked."""
+    settings = configuration.settings(fixed)
+    federation = Federation(data, settings.server, settings.participation, settings.seed)
+    reports: list[RoundReport] = []
+
+    def observe(report, evaluation):
+        reports.append(report)
+        tracker.log_metrics(round_metrics(report, evaluation), report.round)
+
+    tuner = PerClientConfig(configuration.client_configs(fixed))
+    return federation.run(tuner, rounds, PrefectSteps(), start=start, observe=observe), reports
+
+
+class TrialTrainer:
+    """Trains configurations for a search method: each trial an MLflow run nested under the study's,
+    its clients Prefect task runs; a continued trial (successive halving) reopens its own run."""
+
+    def __init__(self, data: FederatedData, fixed: TrainSettings, tune: TuneSettings, study_run: Tracker, name: str):
+        self.data, self.fixed, self.tune, self.study_run, self.name = data, fixed, tune, study_run, name
+        self.runs: dict[int, str] = {}
+        self.logger = get_run_logger()
+
+    def __call__(self, number: int, configuration: Configuration, rounds: int, start) -> TrialResult:
+        if number in self.runs:
+            tracker = Tracker(self.fixed.experiment, run_id=self.runs[number])
+        else:
+            tags = {"fedhpo.role": "trial", "fedhpo.trial": str(number), "fedhpo.study": self.name}
+            tracker = Tracker(self.fixed.experiment, f"trial-{number}", tags, parent=self.study_run)
+            tracker.log_params({"trial": number, **configuration.values})
+            self.runs[number] = tracker.run_id
+        with tracker:
+            result, reports = train_configuration(self.data, self.fixed, configuration, rounds, tracker, start)
+            last = reports[-1]
+            score = last.val_acc if self.tune.objective == "server" else last.client_val_acc
+            tracker.log_weights(result.state.weights, "checkpoint/weights.pt")
+            tracker.log_metrics({"score": score, "rounds_used": result.state.round, "diverged": float(result.diverged)})
+        self.logger.info(
+            "trial %d: %d rounds -> val score %.4f %s", number, result.state.round, score, configuration.values
+        )
+        return TrialResult(
+            score=score,
+            rounds=len(result.evaluations),
+            state=result.state,
+            diverged=result.diverged,
+            objectives=system_objectives(reports, self.data.spec.size),
+        )
+
+
+def close_interrupted_runs(tracker: Tracker, study: optuna.Study, name: str) -> None:
+    """Trial runs a killed process left RUNNING end KILLED, as their trials (RUNNING until the search
+    marks them FAIL) do."""
+    interrupted = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL)
+    failed = {str(t.number) for t in study.trials if t.state in interrupted}
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.`fedhpo.study` = '{name}' and attributes.status = 'RUNNING'"
+    )
+    for run in runs:
+        if run.data.tags.get("fedhpo.trial") in failed:
+            tracker.client.set_terminated(run.info.run_id, "KILLED")
+
+
+def retrain(data: FederatedData, fixed: TrainSettings, configuration: Configuration, rounds: int, parent: Tracker):
+    """The best configuration from scratch for `rounds` rounds, scored on the test set."""
+    with Tracker(fixed.experiment, "final", {"fedhpo.role": "final"}, parent=parent) as tracker:
+        tracker.log_params(configuration.values)
+        result, _ = train_configuration(data, fixed, configuration, rounds, tracker)
+        if not result.diverged:
+            model = load_flat_weights(data.spec.build(), result.state.weights)
+            tracker.log_model(model, input_example=data.test[0][:8].numpy().astype(np.float32))
+    return result
+
+
+def run_study(tune: TuneSettings, fixed: TrainSettings) -> dict:
+    logger = get_run_logger()
+    started = time.perf_counter()
+    method = METHODS[tune.method]()
+    space = tune.space()
+    storage = tune.storage or default_storage(tracking_uri())
+    name = tune.name_for(fixed)
+    study = open_study(method, storage, name, tune.resume)
+    data = FederatedData.build(load_data(fixed.dataset, fixed.data_root), partition_data(fixed.data), fixed.model)
+
+    tags = {"fedhpo.role": "study", "fedhpo.study": name, "prefect.flow_run_id": str(flow_run.id)}
+    parent_id = study.user_attrs.get("mlflow_run_id")
+    with Tracker(fixed.experiment, name, tags, run_id=parent_id) as tracker:
+        if parent_id is None:
+            study.set_user_attr("mlflow_run_id", tracker.run_id)
+            tracker.log_params(
+                {**asdict(tune), **{f"fixed.{k}": v for k, v in asdict(fixed).items()}, "storage": storage}
+                | {"study_name": name, "seed": fixed.seed}
+            )
+        close_interrupted_runs(tracker, study, name)
+        trainer = TrialTrainer(data, fixed, tune, tracker, name)
+        budget = run_search(
+            method, study, space, tune.scope, fixed.clients, trainer, tune.budget, tune.n_configs, fixed.seed
+        )
+
+        table = study_table(study, method.objectives if len(study.directions) > 1 else ())
+        tracker.log_table(table, "study/trials.csv")
+        for number, row in table.iterrows():
+            values = {f"config/{k.removeprefix('params_')}": v for k, v in row.items() if k.startswith("params_")}
+            tracker.log_metrics({**values, "trial_score": row["value"]}, step=int(number))
+        for artifact, figure in study_figures(table, space.parameters(tune.scope, fixed.clients)).items():
+            tracker.log_figure(figure, f"study/{artifact}")
+        if len(study.directions) > 1:
+            pareto = table[table.number.isin([t.number for t in study.best_trials])]
+            tracker.log_table(pareto, "study/pareto_front.csv")
+
+        best = best_trial(study)
+        configuration = Configuration(best.params)
+        tracker.log_params({f"best.{k}": v for k, v in best.params.items()} | {"best.trial": best.number})
+        summary = {"study_name": name, "best_trial": best.number, "best_val_score": best.values[0], **best.params}
+        if tune.final_rounds:
+            final = retrain(data, fixed, configuration, tune.final_rounds, tracker)
+            summary["final_test_acc"] = final.evaluations[-1].test_acc
+        summary |= {"rounds_used": budget.spent, "wall_time_s": time.perf_counter() - started}
+        tracker.log_metrics({k: summary[k] for k in ("final_test_acc", "rounds_used", "wall_time_s") if k in summary})
+        logger.info(
+            "study %s: best trial %d %s; %d of %d rounds used",
+            name,
+            best.number,
+            best.params,
+            budget.spent,
+            tune.budget,
+        )
+    return summary | {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "storage": storage}
+
+
+@flow(name="hpo-study")
+def hpo_study(
+    method: str = "tpe",
+    budget: int = 30,
+    n_configs: int = 30,
+    final_rounds: int = 20,
+    scope: str = "global",
+    search_space: str | None = None,
+    objective: str = "server",
+    storage: str | None = None,
+    study_name: str | None = None,
+    resume: bool = False,
+    train: dict | None = None,
+) -> dict:
+    """Search a federated run's hyperparameters under a budget of communication rounds.
+
+    Args:
+        method: random, grid, tpe, gp, sha, hyperband, bohb or multiobjective.
+        budget: Communication rounds the search may spend, every round of every trial.
+        n_configs: Configurations to try (successive halving: its first rung).
+        final_rounds: Rounds to retrain the best configuration from scratch and test it.
+        scope: global (one configuration for all clients) or personalized (one per client).
+        search_space: Path of a YAML search space; default: the FedTune paper's.
+        objective: Score trials on the server's validation split (server) or clients' reports (clients).
+        storage: Optuna storage URL; default: optuna.db beside the MLflow store.
+        study_name: Optuna study name; default: derived from the settings.
+        resume: Continue the interrupted study of that name.
+        train: Fixed training settings (any parameter of federated-training).
+    """
+    tune = TuneSettings(
+        method, budget, n_configs, final_rounds, scope, search_space, objective, storage, study_name, resume
+    )
+    return run_study(tune, TrainSettings(**(train or {})))

@@ -1,0 +1,180 @@
+"""Search methods against a fake trainer whose score is a known function of the configuration."""
+
+import math
+
+import optuna
+import pytest
+import torch
+
+from fedhpo_core.federation import FederationState
+from fedhpo_core.search.base import ROUNDS_ATTR, TrialResult, rounds_spent
+from fedhpo_core.search.halving import Hyperband, plan_cost, plan_rungs
+from fedhpo_core.search.space import Configuration, SearchSpace
+from fedhpo_core.search.study import METHODS, TuneSettings, best_trial, open_study, run_search
+from fedhpo_core.settings import SettingsError, TrainSettings
+
+SPACE = SearchSpace.load(None)  # the FedTune paper's lr x weight decay grid
+
+
+class FakeTrainer:
+    """Scores a configuration by how close lr is to 0.05; records every call."""
+
+    def __init__(self, interrupt_at: int | None = None):
+        self.calls: list[tuple[int, int, int]] = []  # (trial, rounds asked, round started from)
+        self.interrupt_at = interrupt_at
+
+    def __call__(self, number, configuration, rounds, start):
+        if number == self.interrupt_at:
+            raise KeyboardInterrupt  # what SIGKILL leaves behind: a trial RUNNING in storage
+        begun = start.round if start else 0
+        self.calls.append((number, rounds, begun))
+        lr = configuration.values["lr"]
+        score = 1 - abs(math.log10(lr) - math.log10(0.05)) / 3 + 0.001 * (begun + rounds)
+        objectives = {"bytes_sent": 1e3 * lr, "client_compute_samples": 1.0 / lr, "unfairness": lr}
+        return TrialResult(score, rounds, FederationState(begun + rounds, torch.zeros(1)), objectives=objectives)
+
+
+def search(method, budget=30, n_configs=30, trainer=None, storage=None, name="s", resume=False):
+    trainer = trainer or FakeTrainer()
+    study = open_study(METHODS[method](), storage or optuna.storages.InMemoryStorage(), name, resume)
+    spent = run_search(METHODS[method](), study, SPACE, "global", 4, trainer, budget, n_configs, seed=0)
+    return study, spent, trainer
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("budget", [30, 60, 100])
+def test_rounds_used_never_exceed_the_budget_and_are_all_counted(method, budget):
+    study, spent, trainer = search(method, budget)
+    used = sum(rounds for _, rounds, _ in trainer.calls)
+    assert spent.spent == used == rounds_spent(study) <= budget
+    assert used >= budget * 0.8  # the budget is put to use, not left idle
+
+
+@pytest.mark.parametrize("method", ["random", "grid", "tpe", "gp", "multiobjective"])
+def test_fixed_budget_methods_give_each_configuration_budget_over_n_rounds(method):
+    _, _, trainer = search(method, budget=60, n_configs=20)
+    assert [rounds for _, rounds, _ in trainer.calls] == [3] * 20
+
+
+def test_grid_visits_distinct_grid_points():
+    study, _, _ = search("grid", budget=30, n_configs=30)
+    points = {tuple(sorted(t.params.items())) for t in study.trials}
+    assert len(points) == 30
+
+
+def test_successive_halving_continues_promoted_configurations_from_their_checkpoints():
+    rungs = plan_rungs(27, 300)
+    assert [r.configs for r in rungs] == [27, 9, 3, 1] and plan_cost(rungs) <= 300
+    study, _, trainer = search("sha", budget=300, n_configs=27)
+    by_trial: dict[int, list[tuple[int, int]]] = {}
+    for number, rounds, begun in trainer.calls:
+        by_trial.setdefault(number, []).append((begun, rounds))
+    winner = best_trial(study).number
+    # Each continuation starts where the trial stopped: no configuration starts over.
+    for calls in by_trial.values():
+        assert [begun for begun, _ in calls] == [0] + [sum(r for _, r in calls[:i]) for i in range(1, len(calls))]
+    assert sum(r for _, r in by_trial[winner]) == rungs[-1].rounds
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 1
+    assert states.count(optuna.trial.TrialState.PRUNED) == 26
+    # Promotion keeps the best: every trial of rung 2 scored above every trial stopped in rung 1.
+    promoted = [n for n, calls in by_trial.items() if len(calls) >= 2]
+    stopped = [n for n, calls in by_trial.items() if len(calls) == 1]
+    first = {t.number: t.intermediate_values[rungs[0].rounds] for t in study.trials}
+    assert min(first[n] for n in promoted) >= max(first[n] for n in stopped)
+
+
+def test_hyperband_brackets_fit_small_budgets():
+    brackets = Hyperband().brackets(30, 30)
+    assert brackets and sum(plan_cost(plan_rungs(n, share)) for n, share in brackets) <= 30
+    assert len(Hyperband().brackets(30, 300)) == 4  # s_max = floor(log3 30) = 3 when it fits
+
+
+def test_multiobjective_pareto_front_is_the_non_dominated_set():
+    study, _, _ = search("multiobjective", budget=30, n_configs=30)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    signs = [-1, 1, 1, 1]  # maximize accuracy, minimize the rest
+
+    def dominates(a, b):
+        a, b = (
+            [s * v for s, v in zip(signs, a.values, strict=True)],
+            [s * v for s, v in zip(signs, b.values, strict=True)],
+        )
+        return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
+
+    by_hand = {t.number for t in complete if not any(dominates(o, t) for o in complete)}
+    assert {t.number for t in study.best_trials} == by_hand
+    assert len(study.directions) == 4
+
+
+@pytest.mark.parametrize("method", ["random", "tpe", "grid", "sha"])
+def test_an_interrupted_study_resumes_without_losing_or_repeating_a_trial(method, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    interrupted = FakeTrainer(interrupt_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        search(method, budget=30, n_configs=10, trainer=interrupted, storage=storage)
+    before = optuna.load_study(study_name="s", storage=storage)
+    finished_before = {t.number: (t.params, t.state) for t in before.trials if t.state.is_finished()}
+
+    study, spent, resumed = search(method, budget=30, n_configs=10, storage=storage, resume=True)
+    states = {t.number: t.state for t in study.trials}
+    assert states[4] == optuna.trial.TrialState.FAIL
+    for number, (params, state) in finished_before.items():  # nothing finished was lost or rerun
+        assert study.trials[number].params == params and study.trials[number].state == state
+        assert number not in {n for n, _, _ in resumed.calls}
+    finished = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
+    assert spent.spent == sum(t.user_attrs[ROUNDS_ATTR] for t in finished) <= 30
+    if method != "sha":
+        assert len([t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]) == 10
+
+
+def test_resume_without_a_study_and_a_second_study_of_the_same_name_are_refused(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with pytest.raises(SettingsError, match="no study named"):
+        open_study(METHODS["tpe"](), storage, "missing", resume=True)
+    open_study(METHODS["tpe"](), storage, "taken", resume=False)
+    with pytest.raises(SettingsError, match="exists"):
+        open_study(METHODS["tpe"](), storage, "taken", resume=False)
+
+
+def test_search_space_from_yaml_reads_numbers_and_personalizes(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("lr: {type: categorical, choices: [1e-1, 1e-2]}\nlocal_epochs: {type: int, low: 1, high: 3}\n")
+    space = SearchSpace.load(str(path))
+    assert space.distributions["lr"].choices == (0.1, 0.01)  # YAML reads 1e-1 as a string
+    names = space.parameters("personalized", 3)
+    assert set(names) == {f"{p}/client_{c}" for p in ("lr", "local_epochs") for c in range(3)}
+    values = {f"lr/client_{c}": 0.1 / (c + 1) for c in range(3)} | {f"local_epochs/client_{c}": 2 for c in range(3)}
+    configs = Configuration(values).client_configs(TrainSettings(clients=3))
+    assert [c.lr for c in configs] == pytest.approx([0.1, 0.05, 0.1 / 3]) and {c.local_epochs for c in configs} == {2}
+
+
+@pytest.mark.parametrize(
+    "declared, message",
+    [
+        ({}, "empty"),
+        ({"lr": {"type": "float", "low": 1.0, "high": 0.1}}, "low <= high"),
+        ({"lr": {"type": "normal"}}, "unknown type"),
+        ({"depth": {"type": "int", "low": 1, "high": 3}}, "unknown settings"),
+        ({"lr": {"type": "categorical", "choices": []}}, "no choices"),
+        ({"lr": [0.1, 0.01]}, "needs a mapping"),
+    ],
+)
+def test_malformed_search_spaces_are_refused(declared, message):
+    with pytest.raises(SettingsError, match=message):
+        SearchSpace.from_dict(declared)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"method": "annealing"}, "unknown method"),
+        ({"budget": 10, "n_configs": 30}, "smaller than one round per configuration"),
+        ({"method": "hyperband", "budget": 1}, "smaller than one round"),
+        ({"final_rounds": -1}, "final_rounds must be >= 0"),
+        ({"scope": "federated"}, "unknown scope"),
+    ],
+)
+def test_bad_tune_settings_are_refused(settings, message):
+    with pytest.raises(SettingsError, match=message):
+        TuneSettings(**settings)

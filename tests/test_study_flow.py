@@ -1,0 +1,165 @@
+"""The hpo-study flow end to end, the `fedhpo tune` command's errors, and resume after SIGKILL."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from flows.cli import main
+from flows.study import hpo_study
+
+FIXED = {"clients": 3, "experiment": "study-flow"}
+
+
+def runs_of(client, experiment_id, study_name):
+    return client.search_runs([experiment_id], f"tags.`fedhpo.study` = '{study_name}'")
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_study_leaves_a_parent_run_a_child_per_trial_and_a_final_run(mlflow_client, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    summary = hpo_study(method="random", budget=6, n_configs=3, final_rounds=2, storage=storage, train=FIXED)
+    assert summary["rounds_used"] == 6 and 0 <= summary["final_test_acc"] <= 1
+    parent = mlflow_client.get_run(summary["run_id"])
+    assert parent.data.tags["fedhpo.role"] == "study"
+    assert parent.data.params["method"] == "random" and parent.data.params["budget"] == "6"
+    assert {"final_test_acc", "rounds_used", "wall_time_s"} <= set(parent.data.metrics)
+    assert "best.lr" in parent.data.params
+
+    children = mlflow_client.search_runs(
+        [summary["experiment_id"]], f"tags.`mlflow.parentRunId` = '{summary['run_id']}'"
+    )
+    roles = sorted(r.data.tags["fedhpo.role"] for r in children)
+    assert roles == ["final", "trial", "trial", "trial"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        if child.data.tags["fedhpo.role"] == "trial":
+            history = mlflow_client.get_metric_history(child.info.run_id, "val_acc")
+            assert [m.step for m in history] == [1, 2]
+            assert {a.path for a in mlflow_client.list_artifacts(child.info.run_id, "checkpoint")} == {
+                "checkpoint/weights.pt"
+            }
+
+    trajectory = mlflow_client.get_metric_history(summary["run_id"], "config/lr")
+    assert sorted(m.step for m in trajectory) == [0, 1, 2]
+    artifacts = {a.path for a in mlflow_client.list_artifacts(summary["run_id"], "study")}
+    assert artifacts == {"study/trials.csv", "study/best_so_far.png", "study/configs_vs_score.png"}
+    table = pd.read_csv(mlflow_client.download_artifacts(summary["run_id"], "study/trials.csv"))
+    assert table.rounds_used.sum() == 6 and len(table) == 3
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_promoted_trial_continues_in_its_own_run(mlflow_client, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    summary = hpo_study(method="sha", budget=9, n_configs=3, final_rounds=0, storage=storage, train=FIXED)
+    study = optuna.load_study(study_name=summary["study_name"], storage=storage)
+    winner = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(winner) == 1 and winner[0].user_attrs["rounds_used"] == 3
+    (run,) = [
+        r
+        for r in runs_of(mlflow_client, summary["experiment_id"], summary["study_name"])
+        if r.data.tags.get("fedhpo.trial") == str(winner[0].number)
+    ]
+    assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3]
+    assert run.info.status == "FINISHED"
+
+
+BAD_TUNE = {
+    "unknown method": (["--method", "annealing"], "unknown method 'annealing'"),
+    "budget below one round each": (
+        ["--budget", "10", "--n-configs", "30"],
+        "smaller than one round per configuration",
+    ),
+    "negative final rounds": (["--final-rounds", "-1"], "final_rounds must be >= 0"),
+    "empty search space": (["--search-space", "{empty}"], "search space is empty"),
+    "malformed search space": (["--search-space", "{malformed}"], "malformed"),
+    "grid over a float range": (["--method", "grid", "--search-space", "{floats}"], "grid search needs categorical"),
+    "resume without a study": (["--resume", "--study-name", "nope"], "no study named 'nope'"),
+    "bad fixed setting": (["--alpha", "0"], "alpha must be > 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TUNE))
+def test_bad_tune_input_fails_fast_with_one_line(case, capsys, tmp_path, monkeypatch):
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    (spaces / "empty.yaml").write_text("")
+    (spaces / "malformed.yaml").write_text("lr: {type: float, low: 0.1}\n")
+    (spaces / "floats.yaml").write_text("lr: {type: float, low: 0.001, high: 0.1, log: true}\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    flags, message = BAD_TUNE[case]
+    flags = [f.format(**{n: spaces / f"{n}.yaml" for n in ("empty", "malformed", "floats")}) for f in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", *flags])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("fedhpo tune: error: ") and message in error, error
+    assert list(work.iterdir()) == []
+
+
+def trial_states(path: Path) -> list[str]:
+    """Trial states read straight from the file: opening it with Optuna while the other process
+    creates its schema races that creation."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            return [state for (state,) in db.execute("select state from trials order by number")]
+    except sqlite3.Error:
+        return []
+
+
+def test_a_study_killed_mid_trial_resumes_without_losing_or_repeating_a_trial(tmp_path):
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = [str(Path(sys.executable).with_name("fedhpo")), "tune", "--method", "random", "--budget", "30"]
+    command += ["--n-configs", "10", "--final-rounds", "0", "--study-name", "killed", "--storage", storage]
+    command += ["--clients", "3", "--experiment", "killed"]
+
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # kill once some trials finished and one is running
+            time.sleep(0.2)
+            if (
+                trial_states(tmp_path / "optuna.db")[-1:] == ["RUNNING"]
+                and trial_states(tmp_path / "optuna.db").count("COMPLETE") >= 3
+            ):
+                break
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    before = optuna.load_study(study_name="killed", storage=storage).trials
+    finished_before = {t.number: t.params for t in before if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(finished_before) >= 3 and before[-1].state == optuna.trial.TrialState.RUNNING
+
+    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = optuna.load_study(study_name="killed", storage=storage).trials
+    complete = {t.number: t.params for t in after if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(complete) == 10
+    assert all(complete[n] == params for n, params in finished_before.items())
+    assert after[before[-1].number].state == optuna.trial.TrialState.FAIL
+    assert sum(t.user_attrs["rounds_used"] for t in after if t.number in complete) == 30
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("killed").experiment_id
+    trial_runs = client.search_runs([experiment], "tags.`fedhpo.role` = 'trial'")
+    finished = sorted(int(r.data.tags["fedhpo.trial"]) for r in trial_runs if r.info.status == "FINISHED")
+    killed = [int(r.data.tags["fedhpo.trial"]) for r in trial_runs if r.info.status == "KILLED"]
+    assert finished == sorted(complete)  # one finished run per complete trial, none twice
+    assert killed == [before[-1].number]
+    parents = client.search_runs([experiment], "tags.`fedhpo.role` = 'study'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
