@@ -100,3 +100,35 @@ def study_figures(table: pd.DataFrame, parameters: dict, most: int = 6) -> dict[
         axis.set_ylabel("validation score")
     configs.tight_layout()
     return {"best_so_far.png": progress, "configs_vs_score.png": configs}
+
+
+def comparison_table(results: pd.DataFrame) -> pd.DataFrame:
+    """From one row per (method, budget, seed) with `final_test_acc`: a row per method, a column per
+    budget, "mean ± std" over seeds (the FedTune paper's Table 1 layout)."""
+    stats = results.groupby(["method", "budget"]).final_test_acc.agg(["mean", "std"]).fillna(0.0)
+    cells = stats.apply(lambda r: f"{r['mean']:.4f} ± {r['std']:.4f}", axis=1).unstack("budget")
+    order = list(dict.fromkeys(results.method))
+    return cells.loc[order].rename(columns=lambda b: f"budget {b}")
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    header = [table.index.name or "", *map(str, table.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [
+        "| " + " | ".join([str(i), *map(str, row)]) + " |" for i, row in zip(table.index, table.values, strict=True)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_figure(results: pd.DataFrame) -> Figure:
+    """Test accuracy after final retraining against the search budget, mean and std over seeds."""
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
+    for method, rows in results.groupby("method", sort=False):
+        stats = rows.groupby("budget").final_test_acc.agg(["mean", "std"]).fillna(0.0)
+        axis.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=method)
+    axis.set_xlabel("search budget (communication rounds)")
+    axis.set_ylabel("final test accuracy")
+    axis.legend()
+    figure.tight_layout()
+    return figure

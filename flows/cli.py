@@ -12,9 +12,11 @@ from fedhpo_core.search.study import TuneSettings
 from fedhpo_core.settings import SettingsError, TrainSettings
 
 
-def _add_settings(parser: argparse.ArgumentParser, settings_class) -> None:
+def _add_settings(parser, settings_class, skip: tuple[str, ...] = ()) -> None:
     """One --flag per settings field, with its type, default and help from the dataclass."""
     for f in fields(settings_class):
+        if f.name in skip:
+            continue
         kind = f.type
         if isinstance(kind, types.UnionType):  # `float | None`: parse as float, None stays the default
             kind = next(t for t in kind.__args__ if t is not type(None))
@@ -33,7 +35,7 @@ def _fail(command: str, message: str):
 
 
 def _settings(command: str, settings_class, args: argparse.Namespace):
-    values = {f.name: getattr(args, f.name) for f in fields(settings_class)}
+    values = {f.name: getattr(args, f.name) for f in fields(settings_class) if hasattr(args, f.name)}
     try:
         return settings_class(**values)
     except SettingsError as error:
@@ -103,6 +105,43 @@ def tune_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s: {error}") from error
+
+    return parse
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from flows.comparison import check_comparison
+
+    fixed = _settings("compare", TrainSettings, args)
+    tune = _settings("compare", TuneSettings, args)
+    try:
+        check_comparison(args.methods, args.seeds, args.budgets, tune)
+        tune.space()
+    except SettingsError as error:
+        _fail("compare", str(error))
+    _check_data("compare", fixed)
+    from fedhpo_core.tracking import tracking_uri
+    from flows.comparison import method_comparison
+
+    tune_values = {k: v for k, v in asdict(tune).items() if k not in ("method", "budget", "study_name", "resume")}
+    with local_prefect():
+        summary = method_comparison(
+            methods=args.methods, seeds=args.seeds, budgets=args.budgets, train=asdict(fixed), **tune_values
+        )
+    print("final_test_acc, mean ± std over seeds:")
+    print(summary["table"])
+    print(
+        f"MLflow run {summary['run_id']} in {tracking_uri()}; browse it: mlflow ui --backend-store-uri {tracking_uri()}"
+    )
+    return 0
+
+
 def _study_present(storage: str, name: str, study_exists) -> bool:
     """Whether the study exists, without creating an SQLite file that is not there."""
     if storage.startswith("sqlite:///") and not os.path.exists(storage.removeprefix("sqlite:///")):
@@ -128,6 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(tune, TuneSettings)
     _add_settings(tune.add_argument_group("fixed settings of every trial"), TrainSettings)
     tune.set_defaults(handler=tune_command)
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare search methods over seeds and budgets (Prefect flow method-comparison)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    compare.add_argument(
+        "--methods", type=_csv(str), default=["random", "hyperband", "tpe"], help="methods, comma-separated"
+    )
+    compare.add_argument(
+        "--seeds", type=_csv(int), default=[0, 1, 2], help="seeds, comma-separated (paired across methods)"
+    )
+    compare.add_argument("--budgets", type=_csv(int), default=[30, 60], help="budgets in rounds, comma-separated")
+    _add_settings(compare, TuneSettings, skip=("method", "budget", "study_name", "resume"))
+    _add_settings(compare.add_argument_group("fixed settings of every trial"), TrainSettings)
+    compare.set_defaults(handler=compare_command)
     return parser
 
 

@@ -113,7 +113,7 @@ def retrain(data: FederatedData, fixed: TrainSettings, configuration: Configurat
     return result
 
 
-def run_study(tune: TuneSettings, fixed: TrainSettings) -> dict:
+def run_study(tune: TuneSettings, fixed: TrainSettings, parent_run_id: str | None = None) -> dict:
     logger = get_run_logger()
     started = time.perf_counter()
     method = METHODS[tune.method]()
@@ -125,6 +125,8 @@ def run_study(tune: TuneSettings, fixed: TrainSettings) -> dict:
 
     tags = {"fedhpo.role": "study", "fedhpo.study": name, "prefect.flow_run_id": str(flow_run.id)}
     parent_id = study.user_attrs.get("mlflow_run_id")
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     with Tracker(fixed.experiment, name, tags, run_id=parent_id) as tracker:
         if parent_id is None:
             study.set_user_attr("mlflow_run_id", tracker.run_id)
@@ -182,6 +184,7 @@ def hpo_study(
     study_name: str | None = None,
     resume: bool = False,
     train: dict | None = None,
+    parent_run_id: str | None = None,
 ) -> dict:
     """Search a federated run's hyperparameters under a budget of communication rounds.
 
@@ -197,8 +200,9 @@ def hpo_study(
         study_name: Optuna study name; default: derived from the settings.
         resume: Continue the interrupted study of that name.
         train: Fixed training settings (any parameter of federated-training).
+        parent_run_id: MLflow run to nest the study's run under (a comparison's).
     """
     tune = TuneSettings(
         method, budget, n_configs, final_rounds, scope, search_space, objective, storage, study_name, resume
     )
-    return run_study(tune, TrainSettings(**(train or {})))
+    return run_study(tune, TrainSettings(**(train or {})), parent_run_id)

@@ -11,7 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_each_deployment_entrypoint_is_a_flow_taking_its_parameters():
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    names = {"training.py:federated_training": "federated-training"}
+    names = {
+        "training.py:federated_training": "federated-training",
+        "study.py:hpo_study": "hpo-study",
+        "comparison.py:method_comparison": "method-comparison",
+    }
     assert config["deployments"]
     for deployment in config["deployments"]:
         path, function = deployment["entrypoint"].split(":")

@@ -163,3 +163,49 @@ def test_a_study_killed_mid_trial_resumes_without_losing_or_repeating_a_trial(tm
     assert killed == [before[-1].number]
     parents = client.search_runs([experiment], "tags.`fedhpo.role` = 'study'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_comparison_pairs_methods_on_seeds_and_tabulates_them(mlflow_client, tmp_path):
+    from flows.comparison import method_comparison
+
+    summary = method_comparison(
+        methods=["random", "sha"],
+        seeds=[0, 1],
+        budgets=[4, 6],
+        n_configs=2,
+        final_rounds=1,
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+        train=FIXED | {"experiment": "comparison"},
+    )
+    results = pd.DataFrame(summary["results"])
+    assert len(results) == 8 and (results.rounds_used <= results.budget).all()
+    assert sorted(results.groupby("method").seed.apply(sorted).tolist()) == [[0, 0, 1, 1], [0, 0, 1, 1]]
+    run = mlflow_client.get_run(summary["run_id"])
+    assert run.data.tags["fedhpo.role"] == "comparison"
+    paths = {a.path for a in mlflow_client.list_artifacts(summary["run_id"], "comparison")}
+    assert paths == {f"comparison/{n}" for n in ("results.csv", "table.csv", "table.md", "accuracy_vs_budget.png")}
+    table = pd.read_csv(mlflow_client.download_artifacts(summary["run_id"], "comparison/table.csv"))
+    assert list(table.columns) == ["method", "budget 4", "budget 6"] and list(table.method) == ["random", "sha"]
+    assert all("±" in cell for cell in table[["budget 4", "budget 6"]].values.ravel())
+    studies = mlflow_client.search_runs(
+        [summary["experiment_id"]], f"tags.`mlflow.parentRunId` = '{summary['run_id']}'"
+    )
+    assert len(studies) == 8 and {r.data.tags["fedhpo.role"] for r in studies} == {"study"}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--methods", "random,annealing"], "unknown method 'annealing'"),
+        (["--budgets", "30,5"], "smaller than one round per configuration"),
+        (["--seeds", ""], "at least one value"),
+    ],
+)
+def test_bad_compare_input_fails_fast_with_one_line(flags, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", *flags])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1 and message in error, error
+    assert list(tmp_path.iterdir()) == []
