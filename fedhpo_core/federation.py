@@ -188,13 +188,14 @@ class Federation:
         for t in range(state.round + 1, state.round + rounds + 1):
             clients = self.sample_clients(t)
             configs = tuner.configure(t, clients)
+            start_weights = tuner.global_weights(configs, state.weights)
             jobs = [ClientJob(c, t, configs[c], self.seed) for c in clients]
-            updates = steps.train_clients(spec, state.weights, jobs, [self.data.clients[c] for c in clients])
-            weights, server_state = steps.aggregate(self.server, state.weights, updates, state.server_state)
+            updates = steps.train_clients(spec, start_weights, jobs, [self.data.clients[c] for c in clients])
+            weights, server_state = steps.aggregate(self.server, start_weights, updates, state.server_state)
             metrics = steps.evaluate(spec, weights, splits)
             evaluation = Evaluation(*metrics["val"], *metrics["test"])
             report = RoundReport(
-                t, configs, tuple(updates), evaluation.val_loss, evaluation.val_acc, state.weights, weights
+                t, configs, tuple(updates), evaluation.val_loss, evaluation.val_acc, start_weights, weights
             )
             state = FederationState(t, weights, server_state)
             evaluations.append(evaluation)

@@ -132,3 +132,19 @@ def comparison_figure(results: pd.DataFrame) -> Figure:
     axis.legend()
     figure.tight_layout()
     return figure
+
+
+def trajectory_figure(trajectory: pd.DataFrame, title: str, most: int = 12) -> Figure:
+    """A round-level method's state over rounds (long format: round, name, value): the series
+    that end highest, at most `most` of them (FedTune has one per client and candidate)."""
+    wide = trajectory.pivot_table(index="round", columns="name", values="value")
+    wide = wide[wide.iloc[-1].sort_values(ascending=False).index[:most]]
+    figure = Figure(figsize=(7, 4))
+    axis = figure.subplots()
+    for name in wide.columns:
+        axis.plot(wide.index, wide[name], label=name)
+    axis.set_xlabel("round")
+    axis.set_title(title)
+    axis.legend(fontsize="x-small", ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+    figure.tight_layout()
+    return figure

@@ -6,18 +6,19 @@ from dataclasses import asdict
 
 import numpy as np
 import optuna
+import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from fedhpo_core.federation import FederatedData, Federation, FederationResult, RoundReport
 from fedhpo_core.models import load_flat_weights
-from fedhpo_core.reports import round_metrics, study_figures, study_table
+from fedhpo_core.reports import round_metrics, study_figures, study_table, trajectory_figure
 from fedhpo_core.search.base import TrialResult
 from fedhpo_core.search.space import Configuration
 from fedhpo_core.search.study import METHODS, TuneSettings, best_trial, default_storage, open_study, run_search
 from fedhpo_core.settings import TrainSettings
 from fedhpo_core.tracking import Tracker, tracking_uri
-from fedhpo_core.tuners import PerClientConfig
+from fedhpo_core.tuners import PerClientConfig, Tuner
 from tasks.training import PrefectSteps, load_data, partition_data
 
 FLOAT_BYTES = 4
@@ -39,19 +40,30 @@ def system_objectives(reports: list[RoundReport], model_size: int) -> dict[str, 
 
 
 def train_configuration(
-    data: FederatedData, fixed: TrainSettings, configuration: Configuration, rounds: int, tracker: Tracker, start=None
-) -> tuple[FederationResult, list[RoundReport]]:
-    """`rounds` rounds of the configuration (from `start` if given), each round's metrics tracked."""
+    data: FederatedData,
+    fixed: TrainSettings,
+    configuration: Configuration,
+    rounds: int,
+    tracker: Tracker,
+    start=None,
+    tuner: Tuner | None = None,
+) -> tuple[FederationResult, list[RoundReport], list[dict]]:
+    """`rounds` rounds of the configuration (from `start` if given), or of `tuner`'s choices with
+    the configuration's other settings; each round's metrics and tuner state tracked."""
     settings = configuration.settings(fixed)
     federation = Federation(data, settings.server, settings.participation, settings.seed)
+    tuner = tuner or PerClientConfig(configuration.client_configs(fixed))
     reports: list[RoundReport] = []
+    trajectory: list[dict] = []
 
     def observe(report, evaluation):
         reports.append(report)
-        tracker.log_metrics(round_metrics(report, evaluation), report.round)
+        state = tuner.state()
+        trajectory.extend({"round": report.round, "name": k, "value": v} for k, v in state.items())
+        tracker.log_metrics(round_metrics(report, evaluation) | state, report.round)
 
-    tuner = PerClientConfig(configuration.client_configs(fixed))
-    return federation.run(tuner, rounds, PrefectSteps(), start=start, observe=observe), reports
+    result = federation.run(tuner, rounds, PrefectSteps(), start=start, observe=observe)
+    return result, reports, trajectory
 
 
 class TrialTrainer:
@@ -63,7 +75,7 @@ class TrialTrainer:
         self.runs: dict[int, str] = {}
         self.logger = get_run_logger()
 
-    def __call__(self, number: int, configuration: Configuration, rounds: int, start) -> TrialResult:
+    def __call__(self, number: int, configuration: Configuration, rounds: int, start, tuner=None) -> TrialResult:
         if number in self.runs:
             tracker = Tracker(self.fixed.experiment, run_id=self.runs[number])
         else:
@@ -72,7 +84,13 @@ class TrialTrainer:
             tracker.log_params({"trial": number, **configuration.values})
             self.runs[number] = tracker.run_id
         with tracker:
-            result, reports = train_configuration(self.data, self.fixed, configuration, rounds, tracker, start)
+            result, reports, trajectory = train_configuration(
+                self.data, self.fixed, configuration, rounds, tracker, start, tuner
+            )
+            if trajectory:
+                table = pd.DataFrame(trajectory)
+                tracker.log_table(table, "trajectory/tuner_state.csv")
+                tracker.log_figure(trajectory_figure(table, type(tuner).__name__), "trajectory/tuner_state.png")
             last = reports[-1]
             score = last.val_acc if self.tune.objective == "server" else last.client_val_acc
             tracker.log_weights(result.state.weights, "checkpoint/weights.pt")
@@ -106,7 +124,7 @@ def retrain(data: FederatedData, fixed: TrainSettings, configuration: Configurat
     """The best configuration from scratch for `rounds` rounds, scored on the test set."""
     with Tracker(fixed.experiment, "final", {"fedhpo.role": "final"}, parent=parent) as tracker:
         tracker.log_params(configuration.values)
-        result, _ = train_configuration(data, fixed, configuration, rounds, tracker)
+        result, _, _ = train_configuration(data, fixed, configuration, rounds, tracker)
         if not result.diverged:
             model = load_flat_weights(data.spec.build(), result.state.weights)
             tracker.log_model(model, input_example=data.test[0][:8].numpy().astype(np.float32))
@@ -137,7 +155,17 @@ def run_study(tune: TuneSettings, fixed: TrainSettings, parent_run_id: str | Non
         close_interrupted_runs(tracker, study, name)
         trainer = TrialTrainer(data, fixed, tune, tracker, name)
         budget = run_search(
-            method, study, space, tune.scope, fixed.clients, trainer, tune.budget, tune.n_configs, fixed.seed
+            method,
+            study,
+            space,
+            tune.scope,
+            fixed.clients,
+            trainer,
+            tune.budget,
+            tune.n_configs,
+            fixed.seed,
+            fixed,
+            data,
         )
 
         table = study_table(study, method.objectives if len(study.directions) > 1 else ())
@@ -189,7 +217,7 @@ def hpo_study(
     """Search a federated run's hyperparameters under a budget of communication rounds.
 
     Args:
-        method: random, grid, tpe, gp, sha, hyperband, bohb or multiobjective.
+        method: random, grid, tpe, gp, sha, hyperband, bohb, multiobjective, fedtune or fedex.
         budget: Communication rounds the search may spend, every round of every trial.
         n_configs: Configurations to try (successive halving: its first rung).
         final_rounds: Rounds to retrain the best configuration from scratch and test it.

@@ -9,11 +9,13 @@ import torch
 from fedhpo_core.federation import FederationState
 from fedhpo_core.search.base import ROUNDS_ATTR, TrialResult, rounds_spent
 from fedhpo_core.search.halving import Hyperband, plan_cost, plan_rungs
+from fedhpo_core.search.online import OnlineSearch, candidate_values
 from fedhpo_core.search.space import Configuration, SearchSpace
 from fedhpo_core.search.study import METHODS, TuneSettings, best_trial, open_study, run_search
 from fedhpo_core.settings import SettingsError, TrainSettings
 
 SPACE = SearchSpace.load(None)  # the FedTune paper's lr x weight decay grid
+TRIAL_METHODS = sorted(m for m, kind in METHODS.items() if not issubclass(kind, OnlineSearch))
 
 
 class FakeTrainer:
@@ -41,7 +43,7 @@ def search(method, budget=30, n_configs=30, trainer=None, storage=None, name="s"
     return study, spent, trainer
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", TRIAL_METHODS)
 @pytest.mark.parametrize("budget", [30, 60, 100])
 def test_rounds_used_never_exceed_the_budget_and_are_all_counted(method, budget):
     study, spent, trainer = search(method, budget)
@@ -178,3 +180,23 @@ def test_malformed_search_spaces_are_refused(declared, message):
 def test_bad_tune_settings_are_refused(settings, message):
     with pytest.raises(SettingsError, match=message):
         TuneSettings(**settings)
+
+
+def test_online_candidates_are_the_grid_or_draws_within_the_space():
+    grid = candidate_values(SPACE.parameters("global", 1), 5, seed=0)
+    assert len(grid) == 30 and len({tuple(v.items()) for v in grid}) == 30
+    space = SearchSpace.from_dict(
+        {
+            "lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+            "local_epochs": {"type": "int", "low": 1, "high": 3},
+        }
+    )
+    drawn = candidate_values(space.parameters("global", 1), 20, seed=0)
+    assert len(drawn) == 20 and all(1e-3 <= v["lr"] <= 1e-1 and v["local_epochs"] in (1, 2, 3) for v in drawn)
+    assert drawn == candidate_values(space.parameters("global", 1), 20, seed=0)
+
+
+def test_online_methods_tune_client_settings_only():
+    space = SearchSpace.from_dict({"server_lr": {"type": "float", "low": 0.1, "high": 1.0}})
+    with pytest.raises(SettingsError, match="client settings only"):
+        METHODS["fedex"]().sampler(space.parameters("global", 2), 0)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -209,3 +210,37 @@ def test_bad_compare_input_fails_fast_with_one_line(flags, message, capsys, tmp_
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error.count("\n") == 1 and message in error, error
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.parametrize("method", ["fedtune", "fedex"])
+def test_round_level_methods_run_one_tracked_run_within_the_budget(method, mlflow_client, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    summary = hpo_study(method=method, budget=4, final_rounds=1, storage=storage, train=FIXED)
+    assert summary["rounds_used"] == 4
+    (trial,) = optuna.load_study(study_name=summary["study_name"], storage=storage).trials
+    names = (
+        {f"{p}/client_{c}" for p in ("lr", "weight_decay") for c in range(3)}
+        if method == "fedtune"
+        else {"lr", "weight_decay"}
+    )
+    assert set(trial.params) == names
+    (run,) = [
+        r
+        for r in runs_of(mlflow_client, summary["experiment_id"], summary["study_name"])
+        if r.data.tags.get("fedhpo.role") == "trial"
+    ]
+    paths = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "trajectory")}
+    assert paths == {"trajectory/tuner_state.csv", "trajectory/tuner_state.png"}
+    state = pd.read_csv(mlflow_client.download_artifacts(run.info.run_id, "trajectory/tuner_state.csv"))
+    assert sorted(state["round"].unique()) == [1, 2, 3, 4]
+    if method == "fedtune":  # each client's distribution sums to one in every round
+        pi = state[state.name.str.startswith("fedtune/pi/")].copy()
+        pi["client"] = pi.name.str.split("/").str[2]
+        assert np.allclose(pi.groupby(["round", "client"]).value.sum(), 1.0)
+        assert mlflow_client.get_metric_history(run.info.run_id, "fedtune/credit/client_0")
+    else:
+        theta = state[state.name.str.startswith("fedex/theta_")]
+        assert np.allclose(theta.groupby("round").value.sum(), 1.0)
+    # Every round's configuration of every client is in the trajectory too.
+    assert len(mlflow_client.get_metric_history(run.info.run_id, "hp/lr/client_0")) == 4

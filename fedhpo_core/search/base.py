@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 
 import optuna
 
-from fedhpo_core.federation import FederationState
-from fedhpo_core.search.space import Configuration
-from fedhpo_core.settings import SettingsError
+from fedhpo_core.federation import FederatedData, FederationState
+from fedhpo_core.settings import SettingsError, TrainSettings
 
 ROUNDS_ATTR = "rounds_used"  # Optuna user attribute: rounds a trial spent, for the budget on resume
 
@@ -46,8 +45,9 @@ class TrialResult:
     objectives: Mapping[str, float] = field(default_factory=dict)  # system metrics (multi-objective)
 
 
-# (trial number, configuration, rounds to train, state to continue from or None) -> result
-Evaluate = Callable[[int, Configuration, int, FederationState | None], TrialResult]
+# (trial number, configuration, rounds to train, state to continue from or None[, tuner]) -> result;
+# with a tuner, the tuner chooses client configurations and `configuration` only fixes the rest.
+Evaluate = Callable[..., TrialResult]
 
 
 @dataclass
@@ -58,6 +58,8 @@ class SearchContext:
     budget: RoundBudget
     n_configs: int
     seed: int
+    fixed: TrainSettings | None = None  # round-level methods build their tuners from these two
+    data: FederatedData | None = None
 
 
 class SearchMethod(ABC):

@@ -15,6 +15,7 @@ from fedhpo_core.search.base import (
 )
 from fedhpo_core.search.fixed_budget import GPSearch, GridSearch, MultiObjectiveSearch, RandomSearch, TPESearch
 from fedhpo_core.search.halving import BOHB, Hyperband, SuccessiveHalving
+from fedhpo_core.search.online import FedExSearch, FedTuneSearch
 from fedhpo_core.search.space import SCOPES, SearchSpace
 from fedhpo_core.settings import SettingsError, TrainSettings, setting
 
@@ -27,6 +28,8 @@ METHODS: dict[str, type[SearchMethod]] = {
     "hyperband": Hyperband,
     "bohb": BOHB,
     "multiobjective": MultiObjectiveSearch,
+    "fedtune": FedTuneSearch,
+    "fedex": FedExSearch,
 }
 OBJECTIVES = ("server", "clients")
 SEARCH = 6  # seeding key of the samplers' stream
@@ -104,6 +107,8 @@ def run_search(
     budget: int,
     n_configs: int,
     seed: int,
+    fixed: TrainSettings | None = None,
+    data=None,
 ) -> RoundBudget:
     """Fail what a killed run left RUNNING, charge finished trials to the budget, then search. The
     sampler is seeded from the seed and the study's length, so a resumed study draws new points."""
@@ -111,7 +116,7 @@ def run_search(
     parameters = space.parameters(scope, clients)
     study.sampler = method.sampler(parameters, int(seeding.numpy_rng(seed, SEARCH, len(study.trials)).integers(2**31)))
     spent = RoundBudget(budget, rounds_spent(study))
-    method.search(SearchContext(study, parameters, evaluate, spent, n_configs, seed))
+    method.search(SearchContext(study, parameters, evaluate, spent, n_configs, seed, fixed, data))
     return spent
 
 

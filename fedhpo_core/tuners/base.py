@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from fedhpo_core.settings import ClientConfig
 
 if TYPE_CHECKING:
+    import torch
+
     from fedhpo_core.federation import RoundReport
 
 
@@ -21,21 +23,35 @@ class Tuner(ABC):
 
     1. The loop samples the round's clients, then calls ``configure(t, clients)`` once; the
        tuner returns a `ClientConfig` for every sampled client (they may all differ).
-    2. The loop trains those clients, aggregates their uploads and evaluates the new global model
-       on the server's validation split.
+    2. The loop asks ``global_weights(configs, weights)`` which global model the round starts
+       from (default: the latest), trains the clients from it, aggregates their uploads and
+       evaluates the new global model on the server's validation split.
     3. The loop calls ``observe(report)`` once with the `RoundReport`: client-reported metrics,
        uploads, the global weights before and after, the server validation metrics. The test set
        is never in it.
 
-    Only ``configure`` is abstract; ``observe`` is a no-op hook, so a fixed schedule stays simple.
+    ``state()`` is read after ``observe`` for the run's trajectory (say, a method's distribution).
+    Only ``configure`` is abstract; the other hooks have defaults, so a fixed schedule stays simple.
     """
 
     @abstractmethod
     def configure(self, round: int, clients: Sequence[int]) -> Mapping[int, ClientConfig]:
         """The configuration of each sampled client for round `round`."""
 
+    def global_weights(self, configs: Mapping[int, ClientConfig], weights: "torch.Tensor") -> "torch.Tensor":
+        """The global model this round's clients start from. Default: the latest aggregate."""
+        return weights
+
     def observe(self, report: "RoundReport") -> None:
         """Learn from a finished round. Default: nothing to learn."""
+
+    def state(self) -> dict[str, float]:
+        """The method's own state as named numbers, for the trajectory. Default: none."""
+        return {}
+
+    def chosen(self) -> dict[str, object]:
+        """The configuration the method settles on, as search-space parameter values. Default: none."""
+        return {}
 
 
 class FixedConfig(Tuner):

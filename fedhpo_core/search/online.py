@@ -1,0 +1,83 @@
+"""Round-level methods as searches: the whole budget is one federated run of `budget` rounds whose
+client configurations a `Tuner` changes as it goes. One Optuna trial records the run; its
+parameters are the configuration the tuner settles on, retrained from scratch like any other."""
+
+from abc import abstractmethod
+from itertools import product
+
+import numpy as np
+import optuna
+
+from fedhpo_core.search.base import ROUNDS_ATTR, SearchContext, SearchMethod, finished_trials, score_of
+from fedhpo_core.search.space import CLIENT_SETTINGS, Configuration
+from fedhpo_core.settings import ClientConfig, SettingsError
+from fedhpo_core.tuners.base import Tuner
+from fedhpo_core.tuners.fedex import FedEx
+from fedhpo_core.tuners.fedtune import FedTune
+
+
+def draw(distribution: optuna.distributions.BaseDistribution, rng: np.random.Generator):
+    """One value from an Optuna distribution: uniform, or log-uniform where it is log-scaled."""
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return distribution.choices[rng.integers(len(distribution.choices))]
+    low, high = distribution.low, distribution.high
+    value = float(np.exp(rng.uniform(np.log(low), np.log(high)))) if distribution.log else rng.uniform(low, high)
+    if isinstance(distribution, optuna.distributions.IntDistribution):
+        return int(min(high, max(low, round(value))))
+    return float(value)
+
+
+def candidate_values(parameters, n: int, seed: int) -> list[dict]:
+    """The grid when every setting is categorical; else n points drawn from the distributions."""
+    names = list(parameters)
+    if all(isinstance(d, optuna.distributions.CategoricalDistribution) for d in parameters.values()):
+        return [dict(zip(names, point, strict=True)) for point in product(*(parameters[n].choices for n in names))]
+    rng = np.random.default_rng(seed)
+    return [{name: draw(parameters[name], rng) for name in names} for _ in range(n)]
+
+
+class OnlineSearch(SearchMethod):
+    def sampler(self, parameters, seed):
+        server = [n for n in parameters if n.split("/")[0] not in CLIENT_SETTINGS]
+        if server:
+            raise SettingsError(f"{type(self).__name__} tunes client settings only; drop {', '.join(server)}")
+        return optuna.samplers.RandomSampler(seed=seed)
+
+    def check_budget(self, budget, n_configs):
+        if budget < 1:
+            raise SettingsError(f"budget must be >= 1 round, got {budget}")
+
+    @abstractmethod
+    def tuner(self, context: SearchContext, configs: list[ClientConfig], values: list[dict]) -> Tuner:
+        """The round-level tuner over these candidate configurations."""
+
+    def search(self, context: SearchContext) -> None:
+        if finished_trials(context.study):
+            return  # the study's one run is done
+        global_parameters = {n.split("/")[0]: d for n, d in context.parameters.items()}
+        values = candidate_values(global_parameters, context.n_configs, context.seed)
+        configs = [Configuration(v).settings(context.fixed).client_config for v in values]
+        tuner = self.tuner(context, configs, values)
+        trial = context.study.ask()
+        result = context.evaluate(trial.number, Configuration({}), context.budget.remaining, None, tuner)
+        context.budget.spend(result.rounds)
+        for name, value in tuner.chosen().items():
+            trial.suggest_categorical(name, [value])
+        trial.set_user_attr(ROUNDS_ATTR, result.rounds)
+        trial.set_user_attr("diverged", result.diverged)
+        context.study.tell(trial, score_of(result))
+
+
+class FedTuneSearch(OnlineSearch):
+    """FedTune (`fedhpo_core.tuners.fedtune`): a configuration per client."""
+
+    def tuner(self, context, configs, values):
+        data = context.data
+        return FedTune(configs, values, len(data.clients), data.spec, data.server_val, context.seed)
+
+
+class FedExSearch(OnlineSearch):
+    """FedEx (`fedhpo_core.tuners.fedex`): one configuration for all clients."""
+
+    def tuner(self, context, configs, values):
+        return FedEx(configs, values, context.seed)

@@ -1,0 +1,109 @@
+"""The mathematical core of the round-level methods, on problems small enough to check by hand."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from fedhpo_core.models import ModelSpec, load_flat_weights
+from fedhpo_core.settings import ClientConfig
+from fedhpo_core.tuners.fedex import FedEx
+from fedhpo_core.tuners.fedtune import FedTune, mixture_credits
+
+CONFIGS = [ClientConfig(lr=lr) for lr in (0.1, 0.01, 0.001)]
+VALUES = [{"lr": c.lr} for c in CONFIGS]
+SPEC = ModelSpec("mlp", (1, 4, 4), 3)
+
+
+def test_fedex_step_matches_a_hand_computed_exponentiated_gradient_step():
+    fedex = FedEx(CONFIGS, VALUES, seed=0)
+    fedex.draws = {0: 0, 1: 0, 2: 2}  # two clients drew config 0, one drew config 2
+    theta = np.full(3, 1 / 3)
+    losses, sizes = {0: 0.5, 1: 1.0, 2: 2.0}, {0: 10, 1: 30, 2: 60}
+    # By hand, baseline 0 in the first round: g_0 = (0.1 * 0.5 + 0.3 * 1.0) / (1/3), g_2 = 0.6 * 2.0 / (1/3)
+    expected_grad = np.array([(0.05 + 0.3) * 3, 0.0, 1.2 * 3])
+    assert fedex.gradient(losses, sizes, baseline=0.0) == pytest.approx(expected_grad)
+    eta = math.sqrt(2 * math.log(3))  # eta_1 = sqrt(2 log k) / sqrt(1)
+    expected = theta * np.exp(-eta * expected_grad)
+    expected /= expected.sum()
+
+    class Report:
+        updates = [type("U", (), {"client": c, "val_loss": losses[c], "num_val": sizes[c]})() for c in losses]
+
+    fedex.observe(Report)
+    assert fedex.theta == pytest.approx(expected)
+    assert fedex.previous_loss == pytest.approx(0.1 * 0.5 + 0.3 * 1.0 + 0.6 * 2.0)
+    # The second step subtracts the first round's mean loss as the baseline.
+    assert fedex.gradient({0: 1.0}, {0: 1}, baseline=fedex.previous_loss)[0] == pytest.approx(
+        (1.0 - fedex.previous_loss) / fedex.theta[0]
+    )
+    # With no baseline yet every drawn configuration's loss counts against it: the undrawn one leads.
+    assert fedex.chosen() == {"lr": 0.01}
+
+
+def test_fedex_moves_mass_to_the_configuration_with_lower_loss():
+    fedex = FedEx(CONFIGS, VALUES, seed=1)
+    for round in range(1, 60):
+        fedex.configure(round, list(range(8)))
+        losses = {c: (0.2 if j == 1 else 1.0) for c, j in fedex.draws.items()}
+
+        class Report:
+            updates = [type("U", (), {"client": c, "val_loss": losses[c], "num_val": 5})() for c in losses]
+
+        fedex.observe(Report)
+    assert fedex.theta.argmax() == 1 and fedex.theta[1] > 0.9
+
+
+def random_uploads(count):
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(SPEC.size, generator=generator) * 0.5, n) for n in (10, 30, 60)[:count]]
+
+
+def mixture_loss(uploads, ones, x, y):
+    shares = torch.tensor([n for _, n in uploads], dtype=torch.float64)
+    shares = shares / shares.sum()
+    model = SPEC.build().double()
+    outputs = []
+    for weights, _ in uploads:
+        load_flat_weights(model, weights.double())
+        outputs.append(model(x.double()))
+    return F.cross_entropy(sum(s * o * w for s, o, w in zip(shares, outputs, ones, strict=True)), y).item()
+
+
+def test_fedtune_credit_equals_a_finite_difference_of_the_validation_loss():
+    uploads = random_uploads(3)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1, 4, 4, generator=generator), torch.randint(0, 3, (64,), generator=generator)
+    credits = mixture_credits(SPEC, uploads, x, y)
+    step = 1e-4
+    for i in range(3):
+        up, down = [1.0] * 3, [1.0] * 3
+        up[i] += step
+        down[i] -= step
+        derivative = (mixture_loss(uploads, up, x, y) - mixture_loss(uploads, down, x, y)) / (2 * step)
+        assert credits[i] == pytest.approx(-derivative, rel=1e-3, abs=1e-5)
+
+
+def test_fedtune_moves_probability_to_the_configuration_with_better_credit():
+    x, y = torch.zeros(1, 1, 4, 4), torch.zeros(1, dtype=torch.int64)
+    fedtune = FedTune(CONFIGS, VALUES, clients=2, spec=SPEC, server_val=(x, y), seed=0)
+    for round in range(1, 80):
+        fedtune.configure(round, [0, 1])
+        # Client 0 is rewarded for config 2, client 1 for config 0; other draws are penalized.
+        good = {0: 2, 1: 0}
+        fedtune.update({c: (0.5 if k == good[c] else -0.5) for c, k in fedtune.draws.items()})
+    pi = fedtune.pi
+    assert pi[0].argmax() == 2 and pi[1].argmax() == 0 and pi[0, 2] > 0.9 and pi[1, 0] > 0.9
+    assert np.allclose(pi.sum(axis=1), 1.0)
+    assert fedtune.chosen() == {"lr/client_0": 0.001, "lr/client_1": 0.1}
+
+
+def test_one_fedtune_step_is_eq_11_on_the_logits():
+    x, y = torch.zeros(1, 1, 4, 4), torch.zeros(1, dtype=torch.int64)
+    fedtune = FedTune(CONFIGS, VALUES, clients=1, spec=SPEC, server_val=(x, y), seed=0, eta=0.5)
+    fedtune.draws = {0: 1}
+    fedtune.update({0: 0.3})
+    # a = 0 + 0.5 * 0.3 * (onehot(1) - 1/3): the drawn entry rises by 0.1, the others fall by 0.05.
+    assert fedtune.logits[0] == pytest.approx([-0.05, 0.1, -0.05])
