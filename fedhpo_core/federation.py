@@ -186,7 +186,7 @@ class Federation:
         splits = {"val": self.data.server_val, "test": self.data.test}
         evaluations: list[Evaluation] = []
         for t in range(state.round + 1, state.round + rounds + 1):
-            clients = self.sample_clients(t)
+            clients = list(tuner.select(t, self.sample_clients(t)))
             configs = tuner.configure(t, clients)
             start_weights = tuner.global_weights(configs, state.weights)
             jobs = [ClientJob(c, t, configs[c], self.seed) for c in clients]

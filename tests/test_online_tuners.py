@@ -107,3 +107,43 @@ def test_one_fedtune_step_is_eq_11_on_the_logits():
     fedtune.update({0: 0.3})
     # a = 0 + 0.5 * 0.3 * (onehot(1) - 1/3): the drawn entry rises by 0.1, the others fall by 0.05.
     assert fedtune.logits[0] == pytest.approx([-0.05, 0.1, -0.05])
+
+
+def stepwise(samples, seed=0):
+    from fedhpo_core.search.space import SearchSpace
+    from fedhpo_core.tuners.stepwise import Stepwise
+
+    return Stepwise(SearchSpace.load(None).parameters("global", 1), ClientConfig(), samples, 10, seed)
+
+
+def test_straggler_aware_selection_bounds_round_time_and_everyone_takes_part():
+    samples = [50, 400, 120, 80, 900, 60, 300, 70, 200, 100]
+    tuner = stepwise(samples)
+    times = tuner.seconds(range(10), 1)
+    seen = set()
+    for round in range(1, 41):
+        chosen = tuner.select(round, list(range(10)))
+        seen.update(chosen)
+        assert tuner.round_time == pytest.approx(max(times[c] for c in chosen))
+        # Within the deadline, unless a client that alone exceeds it was the stalest.
+        assert tuner.round_time <= tuner.deadline or (len(chosen) == 1 and times[chosen[0]] > tuner.deadline)
+    assert seen == set(range(10))
+    unbounded = max(times)  # what taking everyone every round would cost
+    assert tuner.deadline < unbounded
+
+
+def test_stepwise_feedback_combines_global_and_local_improvement():
+    tuner = stepwise([100] * 4)
+    tuner.configure(1, [0, 1])
+
+    class Report:
+        val_acc, client_val_acc, diverged = 0.5, 0.3, False
+
+    tuner.observe(Report)
+    assert tuner.feedback == pytest.approx(0.5 * (0.5 - 0.1) + 0.5 * (0.3 - 0.1))  # chance is 0.1 before round 1
+    assert tuner.study.trials[0].value == pytest.approx(tuner.feedback)
+    tuner.configure(2, [2, 3])
+    Report.val_acc, Report.client_val_acc = 0.6, 0.5
+    tuner.observe(Report)
+    assert tuner.feedback == pytest.approx(0.5 * 0.1 + 0.5 * 0.2)
+    assert tuner.chosen() == tuner.study.trials[0].params  # the larger improvement so far

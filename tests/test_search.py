@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -10,6 +11,7 @@ from fedhpo_core.federation import FederationState
 from fedhpo_core.search.base import ROUNDS_ATTR, TrialResult, rounds_spent
 from fedhpo_core.search.halving import Hyperband, plan_cost, plan_rungs
 from fedhpo_core.search.online import OnlineSearch, candidate_values
+from fedhpo_core.search.pbt import POPULATION, READY_ROUNDS, exploit, explore
 from fedhpo_core.search.space import Configuration, SearchSpace
 from fedhpo_core.search.study import METHODS, TuneSettings, best_trial, open_study, run_search
 from fedhpo_core.settings import SettingsError, TrainSettings
@@ -109,7 +111,7 @@ def test_multiobjective_pareto_front_is_the_non_dominated_set():
     assert len(study.directions) == 4
 
 
-@pytest.mark.parametrize("method", ["random", "tpe", "grid", "sha"])
+@pytest.mark.parametrize("method", ["random", "tpe", "grid", "sha", "pbt"])
 def test_an_interrupted_study_resumes_without_losing_or_repeating_a_trial(method, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     interrupted = FakeTrainer(interrupt_at=4)
@@ -126,7 +128,7 @@ def test_an_interrupted_study_resumes_without_losing_or_repeating_a_trial(method
         assert number not in {n for n, _, _ in resumed.calls}
     finished = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
     assert spent.spent == sum(t.user_attrs[ROUNDS_ATTR] for t in finished) <= 30
-    if method != "sha":
+    if method in ("random", "tpe", "grid"):
         assert len([t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]) == 10
 
 
@@ -200,3 +202,55 @@ def test_online_methods_tune_client_settings_only():
     space = SearchSpace.from_dict({"server_lr": {"type": "float", "low": 0.1, "high": 1.0}})
     with pytest.raises(SettingsError, match="client settings only"):
         METHODS["fedex"]().sampler(space.parameters("global", 2), 0)
+
+
+def test_pbt_exploit_copies_the_best_quarter_into_the_worst():
+    scores = {m: s for m, s in enumerate([0.9, 0.1, 0.5, 0.7, 0.3, 0.8, 0.2, 0.6])}
+    copies = exploit(scores, np.random.default_rng(0))
+    assert set(copies) == {1, 6}  # the two worst of eight
+    assert set(copies.values()) <= {0, 5}  # copy one of the two best
+
+
+def test_pbt_explore_perturbs_within_the_space():
+    space = SearchSpace.from_dict(
+        {
+            "lr": {"type": "float", "low": 0.01, "high": 0.1},
+            "local_epochs": {"type": "int", "low": 1, "high": 5},
+            "weight_decay": {"type": "categorical", "choices": [0.0, 1e-4, 1e-3]},
+        }
+    )
+    parameters = space.parameters("global", 1)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        values = explore({"lr": 0.05, "local_epochs": 3, "weight_decay": 1e-4}, parameters, rng)
+        assert values["lr"] in (pytest.approx(0.04), pytest.approx(0.06))
+        assert values["local_epochs"] in (2, 4) and values["weight_decay"] in (0.0, 1e-3)
+    assert explore({"lr": 0.1, "local_epochs": 5, "weight_decay": 0.0}, parameters, rng)["lr"] <= 0.1
+
+
+class MarkingTrainer(FakeTrainer):
+    """Its checkpoints carry the number of the trial that produced them."""
+
+    def __call__(self, number, configuration, rounds, start):
+        self.starts = getattr(self, "starts", {})
+        self.starts[number] = None if start is None else int(start.weights[0])
+        result = super().__call__(number, configuration, rounds, start)
+        return TrialResult(result.score, rounds, FederationState(result.state.round, torch.tensor([float(number)])))
+
+
+def test_pbt_lineage_continues_each_member_from_its_parents_checkpoint():
+    trainer = MarkingTrainer()
+    study, spent, _ = search("pbt", budget=30, trainer=trainer)
+    trials = {t.number: t for t in study.trials}
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials.values())
+    assert len([t for t in trials.values() if t.user_attrs["generation"] == 0]) == POPULATION
+    later = [t for t in trials.values() if t.user_attrs["generation"] > 0]
+    assert later
+    for trial in later:
+        parent = trials[trial.user_attrs["parent_trial"]]
+        assert parent.user_attrs["generation"] == trial.user_attrs["generation"] - 1
+        assert trainer.starts[trial.number] == parent.number  # started from the parent's weights
+    copied = [t for t in later if trials[t.user_attrs["parent_trial"]].user_attrs["member"] != t.user_attrs["member"]]
+    assert copied  # some members exploited another member
+    assert spent.spent == sum(t.user_attrs["rounds_used"] for t in trials.values()) <= 30
+    assert max(t.user_attrs["rounds_used"] for t in trials.values()) == READY_ROUNDS

@@ -14,6 +14,7 @@ from fedhpo_core.settings import ClientConfig, SettingsError
 from fedhpo_core.tuners.base import Tuner
 from fedhpo_core.tuners.fedex import FedEx
 from fedhpo_core.tuners.fedtune import FedTune
+from fedhpo_core.tuners.stepwise import Stepwise
 
 
 def draw(distribution: optuna.distributions.BaseDistribution, rng: np.random.Generator):
@@ -81,3 +82,13 @@ class FedExSearch(OnlineSearch):
 
     def tuner(self, context, configs, values):
         return FedEx(configs, values, context.seed)
+
+
+class StepwiseSearch(OnlineSearch):
+    """Step-wise adaptive Optuna with straggler-aware selection (`fedhpo_core.tuners.stepwise`)."""
+
+    def tuner(self, context, configs, values):
+        global_parameters = {n.split("/")[0]: d for n, d in context.parameters.items()}
+        data = context.data
+        samples = [len(c.y_train) for c in data.clients]
+        return Stepwise(global_parameters, context.fixed.client_config, samples, data.spec.num_classes, context.seed)

@@ -15,7 +15,8 @@ from fedhpo_core.search.base import (
 )
 from fedhpo_core.search.fixed_budget import GPSearch, GridSearch, MultiObjectiveSearch, RandomSearch, TPESearch
 from fedhpo_core.search.halving import BOHB, Hyperband, SuccessiveHalving
-from fedhpo_core.search.online import FedExSearch, FedTuneSearch
+from fedhpo_core.search.online import FedExSearch, FedTuneSearch, StepwiseSearch
+from fedhpo_core.search.pbt import PopulationBasedTraining
 from fedhpo_core.search.space import SCOPES, SearchSpace
 from fedhpo_core.settings import SettingsError, TrainSettings, setting
 
@@ -30,6 +31,8 @@ METHODS: dict[str, type[SearchMethod]] = {
     "multiobjective": MultiObjectiveSearch,
     "fedtune": FedTuneSearch,
     "fedex": FedExSearch,
+    "pbt": PopulationBasedTraining,
+    "stepwise": StepwiseSearch,
 }
 OBJECTIVES = ("server", "clients")
 SEARCH = 6  # seeding key of the samplers' stream

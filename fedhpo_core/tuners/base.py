@@ -21,8 +21,9 @@ class Tuner(ABC):
 
     Lifecycle, for each round t = 1, 2, ... of a federated run:
 
-    1. The loop samples the round's clients, then calls ``configure(t, clients)`` once; the
-       tuner returns a `ClientConfig` for every sampled client (they may all differ).
+    1. The loop samples the round's clients and lets ``select(t, clients)`` keep some of them
+       (default: all), then calls ``configure(t, clients)`` once; the tuner returns a
+       `ClientConfig` for every selected client (they may all differ).
     2. The loop asks ``global_weights(configs, weights)`` which global model the round starts
        from (default: the latest), trains the clients from it, aggregates their uploads and
        evaluates the new global model on the server's validation split.
@@ -37,6 +38,10 @@ class Tuner(ABC):
     @abstractmethod
     def configure(self, round: int, clients: Sequence[int]) -> Mapping[int, ClientConfig]:
         """The configuration of each sampled client for round `round`."""
+
+    def select(self, round: int, clients: Sequence[int]) -> Sequence[int]:
+        """The sampled clients that take part in this round. Default: all of them."""
+        return clients
 
     def global_weights(self, configs: Mapping[int, ClientConfig], weights: "torch.Tensor") -> "torch.Tensor":
         """The global model this round's clients start from. Default: the latest aggregate."""
