@@ -191,7 +191,8 @@ class Federation:
             start_weights = tuner.global_weights(configs, state.weights)
             jobs = [ClientJob(c, t, configs[c], self.seed) for c in clients]
             updates = steps.train_clients(spec, start_weights, jobs, [self.data.clients[c] for c in clients])
-            weights, server_state = steps.aggregate(self.server, start_weights, updates, state.server_state)
+            server = tuner.server_settings(self.server, start_weights, updates)
+            weights, server_state = steps.aggregate(server, start_weights, updates, state.server_state)
             metrics = steps.evaluate(spec, weights, splits)
             evaluation = Evaluation(*metrics["val"], *metrics["test"])
             report = RoundReport(

@@ -147,3 +147,41 @@ def test_stepwise_feedback_combines_global_and_local_improvement():
     tuner.observe(Report)
     assert tuner.feedback == pytest.approx(0.5 * 0.1 + 0.5 * 0.2)
     assert tuner.chosen() == tuner.study.trials[0].params  # the larger improvement so far
+
+
+def test_fedhyper_hypergradient_sign_moves_the_rates_and_clipping_bounds_them():
+    from fedhpo_core.tuners.fedhyper import FedHyper
+
+    tuner = FedHyper(ClientConfig(lr=0.05))
+    tuner.step(torch.tensor([0.3, 0.4]))  # first round: no previous pseudo-gradient, nothing moves
+    assert (tuner.alpha, tuner.beta) == (1.0, 0.05)
+    tuner.step(torch.tensor([0.6, 0.8]))  # aligned: h = 0.18 + 0.32 = 0.5 > 0, both rates rise
+    assert tuner.hypergradient == pytest.approx(0.5)
+    assert tuner.alpha == pytest.approx(1.5) and tuner.beta == pytest.approx(0.05 + 0.05 * 0.5)
+    tuner.step(torch.tensor([-0.6, -0.8]))  # reversed: h = -1, both fall
+    assert tuner.alpha == pytest.approx(0.5) and tuner.beta == pytest.approx(0.075 - 0.05)
+    tuner.step(torch.tensor([60.0, 80.0]))  # h = -10000: clipped at the lower bounds
+    assert tuner.alpha == pytest.approx(1 / 3) and tuner.beta == pytest.approx(0.005)
+    tuner.step(torch.tensor([600.0, 800.0]))  # h = +1e5: clipped at the upper bounds
+    assert tuner.alpha == pytest.approx(3.0) and tuner.beta == pytest.approx(0.5)
+
+
+def test_fedhyper_schedulers_work_alone_and_scale_the_server_rate():
+    from fedhpo_core.aggregators import ServerSettings
+    from fedhpo_core.tuners.fedhyper import FedHyper
+
+    server = ServerSettings("fedavg", 1.0, 0.9, 0.99, 1e-3)
+    weights = torch.zeros(2)
+
+    def upload(values):
+        return [type("U", (), {"weights": torch.tensor(values), "num_samples": 1})()]
+
+    for schedulers, moves_alpha, moves_beta in [(("global",), True, False), (("server_local",), False, True)]:
+        tuner = FedHyper(ClientConfig(lr=0.05), schedulers)
+        tuner.server_settings(server, weights, upload([0.3, 0.4]))
+        settings = tuner.server_settings(server, weights, upload([0.6, 0.8]))
+        assert (tuner.alpha != 1.0) == moves_alpha and (tuner.beta != 0.05) == moves_beta
+        assert settings.lr == pytest.approx(tuner.alpha if moves_alpha else 1.0)
+        assert tuner.configure(3, [0])[0].lr == pytest.approx(tuner.beta)
+    with pytest.raises(ValueError, match="schedulers"):
+        FedHyper(ClientConfig(), ("client_local",))

@@ -213,17 +213,16 @@ def test_bad_compare_input_fails_fast_with_one_line(flags, message, capsys, tmp_
 
 
 @pytest.mark.usefixtures("prefect_server")
-@pytest.mark.parametrize("method", ["fedtune", "fedex", "stepwise"])
+@pytest.mark.parametrize("method", ["fedtune", "fedex", "stepwise", "fedhyper"])
 def test_round_level_methods_run_one_tracked_run_within_the_budget(method, mlflow_client, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     summary = hpo_study(method=method, budget=4, final_rounds=1, storage=storage, train=FIXED)
     assert summary["rounds_used"] == 4
     (trial,) = optuna.load_study(study_name=summary["study_name"], storage=storage).trials
-    names = (
-        {f"{p}/client_{c}" for p in ("lr", "weight_decay") for c in range(3)}
-        if method == "fedtune"
-        else {"lr", "weight_decay"}
-    )
+    names = {
+        "fedtune": {f"{p}/client_{c}" for p in ("lr", "weight_decay") for c in range(3)},
+        "fedhyper": {"lr"},
+    }.get(method, {"lr", "weight_decay"})
     assert set(trial.params) == names
     (run,) = [
         r
@@ -242,7 +241,9 @@ def test_round_level_methods_run_one_tracked_run_within_the_budget(method, mlflo
     elif method == "fedex":
         theta = state[state.name.str.startswith("fedex/theta_")]
         assert np.allclose(theta.groupby("round").value.sum(), 1.0)
-    else:
+    elif method == "stepwise":
         assert set(state.name) == {"stepwise/feedback", "stepwise/round_time_s"}
+    else:
+        assert set(state.name) == {"fedhyper/alpha", "fedhyper/beta", "fedhyper/hypergradient"}
     # Every round's configuration of every taking part client is in the trajectory too.
     assert 1 <= len(mlflow_client.get_metric_history(run.info.run_id, "hp/lr/client_0")) <= 4

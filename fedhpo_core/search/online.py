@@ -13,6 +13,7 @@ from fedhpo_core.search.space import CLIENT_SETTINGS, Configuration
 from fedhpo_core.settings import ClientConfig, SettingsError
 from fedhpo_core.tuners.base import Tuner
 from fedhpo_core.tuners.fedex import FedEx
+from fedhpo_core.tuners.fedhyper import FedHyper
 from fedhpo_core.tuners.fedtune import FedTune
 from fedhpo_core.tuners.stepwise import Stepwise
 
@@ -92,3 +93,21 @@ class StepwiseSearch(OnlineSearch):
         data = context.data
         samples = [len(c.y_train) for c in data.clients]
         return Stepwise(global_parameters, context.fixed.client_config, samples, data.spec.num_classes, context.seed)
+
+
+class FedHyperSearch(OnlineSearch):
+    """FedHyper's global and server-side local schedulers (`fedhpo_core.tuners.fedhyper`), from the
+    fixed settings' learning rate; the search space is not sampled."""
+
+    schedulers = ("global", "server_local")
+
+    def tuner(self, context, configs, values):
+        return FedHyper(context.fixed.client_config, self.schedulers)
+
+
+class FedHyperGlobalSearch(FedHyperSearch):
+    schedulers = ("global",)
+
+
+class FedHyperLocalSearch(FedHyperSearch):
+    schedulers = ("server_local",)

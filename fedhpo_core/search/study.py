@@ -15,7 +15,14 @@ from fedhpo_core.search.base import (
 )
 from fedhpo_core.search.fixed_budget import GPSearch, GridSearch, MultiObjectiveSearch, RandomSearch, TPESearch
 from fedhpo_core.search.halving import BOHB, Hyperband, SuccessiveHalving
-from fedhpo_core.search.online import FedExSearch, FedTuneSearch, StepwiseSearch
+from fedhpo_core.search.online import (
+    FedExSearch,
+    FedHyperGlobalSearch,
+    FedHyperLocalSearch,
+    FedHyperSearch,
+    FedTuneSearch,
+    StepwiseSearch,
+)
 from fedhpo_core.search.pbt import PopulationBasedTraining
 from fedhpo_core.search.space import SCOPES, SearchSpace
 from fedhpo_core.settings import SettingsError, TrainSettings, setting
@@ -33,6 +40,9 @@ METHODS: dict[str, type[SearchMethod]] = {
     "fedex": FedExSearch,
     "pbt": PopulationBasedTraining,
     "stepwise": StepwiseSearch,
+    "fedhyper": FedHyperSearch,
+    "fedhyper-global": FedHyperGlobalSearch,
+    "fedhyper-local": FedHyperLocalSearch,
 }
 OBJECTIVES = ("server", "clients")
 SEARCH = 6  # seeding key of the samplers' stream

@@ -13,6 +13,7 @@ from fedhpo_core.settings import ClientConfig
 if TYPE_CHECKING:
     import torch
 
+    from fedhpo_core.aggregators import ServerSettings
     from fedhpo_core.federation import RoundReport
 
 
@@ -25,8 +26,9 @@ class Tuner(ABC):
        (default: all), then calls ``configure(t, clients)`` once; the tuner returns a
        `ClientConfig` for every selected client (they may all differ).
     2. The loop asks ``global_weights(configs, weights)`` which global model the round starts
-       from (default: the latest), trains the clients from it, aggregates their uploads and
-       evaluates the new global model on the server's validation split.
+       from (default: the latest), trains the clients from it, asks
+       ``server_settings(server, weights, updates)`` how to aggregate (default: as configured),
+       aggregates and evaluates the new global model on the server's validation split.
     3. The loop calls ``observe(report)`` once with the `RoundReport`: client-reported metrics,
        uploads, the global weights before and after, the server validation metrics. The test set
        is never in it.
@@ -46,6 +48,10 @@ class Tuner(ABC):
     def global_weights(self, configs: Mapping[int, ClientConfig], weights: "torch.Tensor") -> "torch.Tensor":
         """The global model this round's clients start from. Default: the latest aggregate."""
         return weights
+
+    def server_settings(self, server: "ServerSettings", weights: "torch.Tensor", updates) -> "ServerSettings":
+        """The server optimizer settings for aggregating `updates` into `weights`. Default: unchanged."""
+        return server
 
     def observe(self, report: "RoundReport") -> None:
         """Learn from a finished round. Default: nothing to learn."""
