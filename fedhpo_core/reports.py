@@ -61,9 +61,13 @@ def round_metrics(report: RoundReport, evaluation: Evaluation) -> dict[str, floa
     return metrics
 
 
+LINEAGE = ("member", "generation", "parent_trial")  # population-based training's user attributes
+
+
 def study_table(study: optuna.Study, objectives: tuple[str, ...] = ()) -> pd.DataFrame:
     """A row per finished trial in order of completion: its score (for a pruned trial, its last
-    reported one), rounds spent, system objectives and configuration as `params_<name>`."""
+    reported one), rounds spent, lineage (PBT), system objectives and configuration as
+    `params_<name>`."""
     rows = []
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     for trial in sorted((t for t in study.trials if t.state in finished), key=lambda t: t.datetime_complete):
@@ -71,6 +75,7 @@ def study_table(study: optuna.Study, objectives: tuple[str, ...] = ()) -> pd.Dat
         score = trial.values[0] if trial.values else (reported[max(reported)] if reported else math.nan)
         row = {"number": trial.number, "state": trial.state.name, "value": score}
         row["rounds_used"] = trial.user_attrs.get("rounds_used", 0)
+        row |= {k: trial.user_attrs[k] for k in LINEAGE if k in trial.user_attrs}
         row |= dict(zip(objectives, (trial.values or [])[1:], strict=False))
         rows.append(row | {f"params_{k}": v for k, v in trial.params.items()})
     table = pd.DataFrame(rows)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedhpo_core.federation import FederationState
+from fedhpo_core.reports import study_table
 from fedhpo_core.search.base import ROUNDS_ATTR, TrialResult, rounds_spent
 from fedhpo_core.search.halving import Hyperband, plan_cost, plan_rungs
 from fedhpo_core.search.online import OnlineSearch, candidate_values
@@ -254,3 +255,6 @@ def test_pbt_lineage_continues_each_member_from_its_parents_checkpoint():
     assert copied  # some members exploited another member
     assert spent.spent == sum(t.user_attrs["rounds_used"] for t in trials.values()) <= 30
     assert max(t.user_attrs["rounds_used"] for t in trials.values()) == READY_ROUNDS
+    table = study_table(study)
+    assert {"member", "generation", "parent_trial"} <= set(table.columns)
+    assert table.loc[later[0].number, "parent_trial"] == later[0].user_attrs["parent_trial"]
