@@ -22,7 +22,7 @@ class ClientData:
     y_val: torch.Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ClientJob:
     """What the server sends a client for one round, apart from the weights."""
 
@@ -30,6 +30,8 @@ class ClientJob:
     round: int
     config: ClientConfig
     seed: int
+    global_update: torch.Tensor | None = None  # the last round's global update, for lr_hypergradient
+    clients_in_round: int = 1
 
     @property
     def generator(self) -> torch.Generator:
@@ -68,16 +70,63 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return loss_sum / len(y), correct / len(y)
 
 
-def train_locally(model: nn.Module, data: ClientData, config: ClientConfig, generator: torch.Generator) -> float:
+GAMMA_BETA = 10.0  # FedHyper's bound on the client-side learning-rate multiplier
+
+
+class HypergradientLR:
+    """FedHyper's client-side local scheduler (arXiv 2310.03156; reference code ATP-1010/FedHyper,
+    `update.py`). After each local step k >= 1 with parameter change u_k, the learning rate is
+    multiplied by gamma = min(1.1, 1 + 0.1 <u_k, Delta> / m + <u_k, u_{k-1}>), the cumulative
+    multiplier clipped to [1 / gamma_beta, gamma_beta]: Delta is the last global update, m the
+    round's clients, and u_0's predecessor is Delta itself (the reference's choices)."""
+
+    def __init__(self, params, optimizer, base_lr: float, global_update: torch.Tensor, clients: int):
+        self.params, self.optimizer, self.base_lr = params, optimizer, base_lr
+        self.global_update, self.clients = global_update, clients
+        self.previous_step, self.multiplier, self.steps = global_update, 1.0, 0
+        self.before = flat_weights_of(params)
+
+    def after_step(self) -> None:
+        now = flat_weights_of(self.params)
+        step, self.before = now - self.before, now
+        self.steps += 1
+        if self.steps == 1:
+            return
+        alignment = 0.1 * float(step @ self.global_update) / self.clients + float(step @ self.previous_step)
+        gamma = min(1.1, 1.0 + alignment)
+        self.multiplier = min(GAMMA_BETA, max(1 / GAMMA_BETA, gamma * self.multiplier))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * self.multiplier
+        self.previous_step = step
+
+
+def flat_weights_of(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def train_locally(
+    model: nn.Module,
+    data: ClientData,
+    config: ClientConfig,
+    generator: torch.Generator,
+    global_update: torch.Tensor | None = None,
+    clients_in_round: int = 1,
+) -> float:
     """`local_epochs` passes of mini-batch SGD over the client's shuffled training data.
 
     FedProx (Li et al. 2020, eq. 2) adds mu/2 ||w - w_global||^2 to the local objective; its
-    gradient mu (w - w_global) is added to each parameter's gradient directly. Training stops at
-    the first non-finite loss; the returned mean loss is then non-finite too.
+    gradient mu (w - w_global) is added to each parameter's gradient directly. With
+    `lr_hypergradient` and a global update, `HypergradientLR` adapts the learning rate each step.
+    Training stops at the first non-finite loss; the returned mean loss is then non-finite too.
     """
     params = list(model.parameters())
     anchor = [p.detach().clone() for p in params] if config.mu > 0 else None
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    schedule = (
+        HypergradientLR(params, optimizer, config.lr, global_update, clients_in_round)
+        if config.lr_hypergradient and global_update is not None
+        else None
+    )
     model.train()
     n = len(data.y_train)
     loss_sum = torch.zeros(())
@@ -93,6 +142,8 @@ def train_locally(model: nn.Module, data: ClientData, config: ClientConfig, gene
                 for p, p0 in zip(params, anchor, strict=True):
                     p.grad.add_(p.detach() - p0, alpha=config.mu)
             optimizer.step()
+            if schedule:
+                schedule.after_step()
             loss_sum += loss.detach()
             steps += 1
         if not torch.isfinite(loss_sum):
@@ -103,7 +154,7 @@ def train_locally(model: nn.Module, data: ClientData, config: ClientConfig, gene
 def local_update(spec: ModelSpec, global_weights: torch.Tensor, data: ClientData, job: ClientJob) -> ClientUpdate:
     """One client's round: train from the global weights, then validate locally."""
     model = workspace_model(spec, global_weights)
-    train_loss = train_locally(model, data, job.config, job.generator)
+    train_loss = train_locally(model, data, job.config, job.generator, job.global_update, job.clients_in_round)
     val_loss, val_acc = evaluate(model, data.x_val, data.y_val) if math.isfinite(train_loss) else (math.nan, math.nan)
     return ClientUpdate(
         client=job.client,

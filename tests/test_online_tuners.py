@@ -184,4 +184,51 @@ def test_fedhyper_schedulers_work_alone_and_scale_the_server_rate():
         assert settings.lr == pytest.approx(tuner.alpha if moves_alpha else 1.0)
         assert tuner.configure(3, [0])[0].lr == pytest.approx(tuner.beta)
     with pytest.raises(ValueError, match="schedulers"):
-        FedHyper(ClientConfig(), ("client_local",))
+        FedHyper(ClientConfig(), ("server_side",))
+
+
+def test_fedhyper_client_side_scheduler_matches_a_hand_written_loop():
+    from fedhpo_core.client import ClientData, train_locally
+
+    generator = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 1, 4, 4, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+    data = ClientData(x, y, x[:0], y[:0])
+    start = SPEC.initial_weights(0)
+    delta = torch.randn(SPEC.size, generator=generator) * 0.05
+    config = ClientConfig(lr=0.5, batch_size=16, local_epochs=5, lr_hypergradient=True)
+    model = load_flat_weights(SPEC.build(), start)
+    train_locally(model, data, config, torch.Generator().manual_seed(0), global_update=delta, clients_in_round=4)
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    # By hand: full-batch gradient descent, the rate rescaled after every step from the second on.
+    reference = load_flat_weights(SPEC.build(), start)
+    lr, multiplier, previous = 0.5, 1.0, delta
+    for step_number in range(5):
+        before = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
+        reference.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        with torch.no_grad():
+            for p in reference.parameters():
+                p -= lr * p.grad
+        step = torch.cat([p.detach().reshape(-1) for p in reference.parameters()]) - before
+        if step_number >= 1:
+            gamma = min(1.1, 1 + 0.1 * float(step @ delta) / 4 + float(step @ previous))
+            multiplier = min(10.0, max(0.1, gamma * multiplier))
+            lr = 0.5 * multiplier
+            previous = step
+    assert torch.allclose(got, torch.cat([p.detach().reshape(-1) for p in reference.parameters()]), atol=1e-6)
+    assert lr != 0.5  # the schedule moved the rate
+
+
+def test_without_a_global_update_the_client_side_scheduler_is_plain_sgd():
+    from fedhpo_core.client import ClientData, train_locally
+
+    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    data = ClientData(x, y, x[:0], y[:0])
+    runs = []
+    for hyper in (True, False):
+        model = load_flat_weights(SPEC.build(), SPEC.initial_weights(0))
+        config = ClientConfig(lr=0.1, batch_size=8, local_epochs=3, lr_hypergradient=hyper)
+        train_locally(model, data, config, torch.Generator().manual_seed(0))
+        runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(*runs)  # the first round has no previous global update

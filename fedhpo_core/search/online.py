@@ -96,10 +96,10 @@ class StepwiseSearch(OnlineSearch):
 
 
 class FedHyperSearch(OnlineSearch):
-    """FedHyper's global and server-side local schedulers (`fedhpo_core.tuners.fedhyper`), from the
-    fixed settings' learning rate; the search space is not sampled."""
+    """FedHyper's three schedulers (`fedhpo_core.tuners.fedhyper`), from the fixed settings' learning
+    rate; the search space is not sampled."""
 
-    schedulers = ("global", "server_local")
+    schedulers = ("global", "server_local", "client_local")
 
     def tuner(self, context, configs, values):
         return FedHyper(context.fixed.client_config, self.schedulers)
@@ -111,3 +111,7 @@ class FedHyperGlobalSearch(FedHyperSearch):
 
 class FedHyperLocalSearch(FedHyperSearch):
     schedulers = ("server_local",)
+
+
+class FedHyperClientSearch(FedHyperSearch):
+    schedulers = ("client_local",)

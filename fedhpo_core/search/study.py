@@ -17,6 +17,7 @@ from fedhpo_core.search.fixed_budget import GPSearch, GridSearch, MultiObjective
 from fedhpo_core.search.halving import BOHB, Hyperband, SuccessiveHalving
 from fedhpo_core.search.online import (
     FedExSearch,
+    FedHyperClientSearch,
     FedHyperGlobalSearch,
     FedHyperLocalSearch,
     FedHyperSearch,
@@ -43,6 +44,7 @@ METHODS: dict[str, type[SearchMethod]] = {
     "fedhyper": FedHyperSearch,
     "fedhyper-global": FedHyperGlobalSearch,
     "fedhyper-local": FedHyperLocalSearch,
+    "fedhyper-client": FedHyperClientSearch,
 }
 OBJECTIVES = ("server", "clients")
 SEARCH = 6  # seeding key of the samplers' stream

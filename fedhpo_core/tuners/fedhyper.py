@@ -12,8 +12,10 @@ code ATP-1010/FedHyper, `federated_main.py`). Its two server-side schedulers:
   initial value beta_0, with its own bounds:
       beta_t = clip(beta_{t-1} + beta_0 h_t, beta_0 / gamma_beta, beta_0 gamma_beta).
 
-gamma_alpha = 3 and gamma_beta = 10 (the paper's defaults). The client-side local scheduler
-(hypergradients inside local training) is not implemented here.
+- client-side local: each client adapts its own rate step by step during local training
+  (`fedhpo_core.client.HypergradientLR`), from the server-side local rate and the last global update.
+
+gamma_alpha = 3 and gamma_beta = 10 (the paper's defaults).
 """
 
 from dataclasses import replace
@@ -24,7 +26,7 @@ from fedhpo_core.aggregators import weighted_mean
 from fedhpo_core.settings import ClientConfig
 from fedhpo_core.tuners.base import Tuner
 
-SCHEDULERS = ("global", "server_local")
+SCHEDULERS = ("global", "server_local", "client_local")
 
 
 class FedHyper(Tuner):
@@ -39,7 +41,8 @@ class FedHyper(Tuner):
         self.hypergradient = 0.0
 
     def configure(self, round, clients):
-        return dict.fromkeys(clients, replace(self.base, lr=self.beta))
+        config = replace(self.base, lr=self.beta, lr_hypergradient="client_local" in self.schedulers)
+        return dict.fromkeys(clients, config)
 
     def step(self, delta: torch.Tensor) -> None:
         """Update both rates from this round's pseudo-gradient (the first round has no hypergradient)."""
