@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 
 from fedhpo_core.federation import Evaluation, RoundReport
 from fedhpo_core.partition import Partition
+from fedhpo_core.search.base import configuration_of
 
 
 def partition_table(partition: Partition, histogram: np.ndarray) -> pd.DataFrame:
@@ -77,7 +78,7 @@ def study_table(study: optuna.Study, objectives: tuple[str, ...] = ()) -> pd.Dat
         row["rounds_used"] = trial.user_attrs.get("rounds_used", 0)
         row |= {k: trial.user_attrs[k] for k in LINEAGE if k in trial.user_attrs}
         row |= dict(zip(objectives, (trial.values or [])[1:], strict=False))
-        rows.append(row | {f"params_{k}": v for k, v in trial.params.items()})
+        rows.append(row | {f"params_{k}": v for k, v in configuration_of(trial).items()})
     table = pd.DataFrame(rows)
     return table.set_index("number", drop=False) if rows else table
 
@@ -151,5 +152,33 @@ def trajectory_figure(trajectory: pd.DataFrame, title: str, most: int = 12) -> F
     axis.set_xlabel("round")
     axis.set_title(title)
     axis.legend(fontsize="x-small", ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+    figure.tight_layout()
+    return figure
+
+
+def lineage_figure(table: pd.DataFrame) -> Figure:
+    """Population-based training: each member's score per generation, joined to the trial it
+    continued from (a line crossing between members is an exploit)."""
+    figure = Figure(figsize=(7, 4))
+    axis = figure.subplots()
+    by_number = table.set_index("number")
+    for _, row in table.iterrows():
+        parent = row.get("parent_trial")
+        if pd.notna(parent) and int(parent) in by_number.index:
+            source = by_number.loc[int(parent)]
+            copied = source["member"] != row["member"]
+            axis.plot(
+                [source["generation"], row["generation"]],
+                [source["value"], row["value"]],
+                color="tab:red" if copied else "tab:gray",
+                linestyle="--" if copied else "-",
+                linewidth=1,
+            )
+    for member, rows in table.groupby("member"):
+        axis.scatter(rows["generation"], rows["value"], label=f"member {int(member)}", zorder=3)
+    axis.set_xlabel("generation")
+    axis.set_ylabel("validation score")
+    axis.set_title("PBT lineage (dashed red: exploited another member)")
+    axis.legend(fontsize="small")
     figure.tight_layout()
     return figure

@@ -12,8 +12,8 @@ from prefect.runtime import flow_run
 
 from fedhpo_core.federation import FederatedData, Federation, FederationResult, RoundReport
 from fedhpo_core.models import load_flat_weights
-from fedhpo_core.reports import round_metrics, study_figures, study_table, trajectory_figure
-from fedhpo_core.search.base import TrialResult
+from fedhpo_core.reports import lineage_figure, round_metrics, study_figures, study_table, trajectory_figure
+from fedhpo_core.search.base import TrialResult, configuration_of
 from fedhpo_core.search.space import Configuration
 from fedhpo_core.search.study import METHODS, TuneSettings, best_trial, default_storage, open_study, run_search
 from fedhpo_core.settings import TrainSettings
@@ -175,14 +175,21 @@ def run_study(tune: TuneSettings, fixed: TrainSettings, parent_run_id: str | Non
             tracker.log_metrics({**values, "trial_score": row["value"]}, step=int(number))
         for artifact, figure in study_figures(table, space.parameters(tune.scope, fixed.clients)).items():
             tracker.log_figure(figure, f"study/{artifact}")
+        if "parent_trial" in table:
+            tracker.log_figure(lineage_figure(table), "study/pbt_lineage.png")
         if len(study.directions) > 1:
             pareto = table[table.number.isin([t.number for t in study.best_trials])]
             tracker.log_table(pareto, "study/pareto_front.csv")
 
         best = best_trial(study)
-        configuration = Configuration(best.params)
-        tracker.log_params({f"best.{k}": v for k, v in best.params.items()} | {"best.trial": best.number})
-        summary = {"study_name": name, "best_trial": best.number, "best_val_score": best.values[0], **best.params}
+        configuration = Configuration(configuration_of(best))
+        tracker.log_params({f"best.{k}": v for k, v in configuration.values.items()} | {"best.trial": best.number})
+        summary = {
+            "study_name": name,
+            "best_trial": best.number,
+            "best_val_score": best.values[0],
+            **configuration.values,
+        }
         if tune.final_rounds:
             final = retrain(data, fixed, configuration, tune.final_rounds, tracker)
             summary["final_test_acc"] = final.evaluations[-1].test_acc

@@ -223,7 +223,7 @@ def test_round_level_methods_run_one_tracked_run_within_the_budget(method, mlflo
         "fedtune": {f"{p}/client_{c}" for p in ("lr", "weight_decay") for c in range(3)},
         "fedhyper": {"lr"},
     }.get(method, {"lr", "weight_decay"})
-    assert set(trial.params) == names
+    assert trial.params == {} and set(trial.user_attrs["chosen"]) == names
     (run,) = [
         r
         for r in runs_of(mlflow_client, summary["experiment_id"], summary["study_name"])
@@ -247,3 +247,33 @@ def test_round_level_methods_run_one_tracked_run_within_the_budget(method, mlflo
         assert set(state.name) == {"fedhyper/alpha", "fedhyper/beta", "fedhyper/hypergradient"}
     # Every round's configuration of every taking part client is in the trajectory too.
     assert 1 <= len(mlflow_client.get_metric_history(run.info.run_id, "hp/lr/client_0")) <= 4
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_fedex_is_wrapped_in_random_search_over_server_settings(mlflow_client, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "lr: {type: categorical, choices: [0.1, 0.01]}\nserver_lr: {type: categorical, choices: [0.5, 1.0]}\n"
+    )
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    summary = hpo_study(method="fedex", budget=6, final_rounds=1, search_space=str(space), storage=storage, train=FIXED)
+    trials = optuna.load_study(study_name=summary["study_name"], storage=storage).trials
+    assert len(trials) == 3 and all(t.user_attrs["rounds_used"] == 2 for t in trials)
+    assert all(set(t.params) == {"server_lr"} and set(t.user_attrs["chosen"]) == {"lr"} for t in trials)
+    assert summary["rounds_used"] == 6 and {"server_lr", "lr"} <= set(summary)
+    final = mlflow_client.search_runs(
+        [summary["experiment_id"]],
+        f"tags.`mlflow.parentRunId` = '{summary['run_id']}' and tags.`fedhpo.role` = 'final'",
+    )
+    assert {"server_lr", "lr"} <= set(final[0].data.params)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_pbt_study_logs_its_lineage(mlflow_client, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    summary = hpo_study(method="pbt", budget=16, final_rounds=1, storage=storage, train=FIXED)
+    assert summary["rounds_used"] == 16
+    paths = {a.path for a in mlflow_client.list_artifacts(summary["run_id"], "study")}
+    assert "study/pbt_lineage.png" in paths
+    table = pd.read_csv(mlflow_client.download_artifacts(summary["run_id"], "study/trials.csv"))
+    assert sorted(table.generation.unique()) == [0, 1] and table.parent_trial.notna().sum() == 4

@@ -15,6 +15,7 @@ from fedhpo_core.federation import FederatedData, FederationState
 from fedhpo_core.settings import SettingsError, TrainSettings
 
 ROUNDS_ATTR = "rounds_used"  # Optuna user attribute: rounds a trial spent, for the budget on resume
+CHOSEN_ATTR = "chosen"  # Optuna user attribute: the client configuration a round-level tuner settled on
 
 
 class RoundBudget:
@@ -112,3 +113,8 @@ def fail_interrupted_trials(study: optuna.Study) -> list[int]:
 def score_of(result: TrialResult) -> float:
     """The value told to Optuna: a diverged or unscored trial counts as accuracy 0."""
     return result.score if math.isfinite(result.score) and not result.diverged else 0.0
+
+
+def configuration_of(trial: optuna.trial.FrozenTrial) -> dict:
+    """A trial's whole configuration: its sampled parameters and what its tuner chose, if any."""
+    return dict(trial.params) | dict(trial.user_attrs.get(CHOSEN_ATTR, {}))

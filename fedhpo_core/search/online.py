@@ -8,7 +8,7 @@ from itertools import product
 import numpy as np
 import optuna
 
-from fedhpo_core.search.base import ROUNDS_ATTR, SearchContext, SearchMethod, finished_trials, score_of
+from fedhpo_core.search.base import CHOSEN_ATTR, ROUNDS_ATTR, SearchContext, SearchMethod, finished_trials, score_of
 from fedhpo_core.search.space import CLIENT_SETTINGS, Configuration
 from fedhpo_core.settings import ClientConfig, SettingsError
 from fedhpo_core.tuners.base import Tuner
@@ -16,6 +16,8 @@ from fedhpo_core.tuners.fedex import FedEx
 from fedhpo_core.tuners.fedhyper import FedHyper
 from fedhpo_core.tuners.fedtune import FedTune
 from fedhpo_core.tuners.stepwise import Stepwise
+
+OUTER_CONFIGS = 3  # random-search draws of server settings around FedEx: few, so each run can learn
 
 
 def draw(distribution: optuna.distributions.BaseDistribution, rng: np.random.Generator):
@@ -39,35 +41,44 @@ def candidate_values(parameters, n: int, seed: int) -> list[dict]:
 
 
 class OnlineSearch(SearchMethod):
+    """A round-level tuner over candidate client configurations (the grid of the space's client
+    settings, or n draws from it). Without server settings in the space, the whole budget is one
+    run; a method that allows them (FedEx) is wrapped in a random search over them: `OUTER_CONFIGS`
+    draws, the budget split evenly, one run each. What a tuner settles on is stored with its trial
+    (`CHOSEN_ATTR`) and retrained together with the trial's server settings."""
+
+    allows_server_settings = False
+
     def sampler(self, parameters, seed):
         server = [n for n in parameters if n.split("/")[0] not in CLIENT_SETTINGS]
-        if server:
+        if server and not self.allows_server_settings:
             raise SettingsError(f"{type(self).__name__} tunes client settings only; drop {', '.join(server)}")
         return optuna.samplers.RandomSampler(seed=seed)
 
     def check_budget(self, budget, n_configs):
-        if budget < 1:
-            raise SettingsError(f"budget must be >= 1 round, got {budget}")
+        if budget < OUTER_CONFIGS:
+            raise SettingsError(f"budget must be >= {OUTER_CONFIGS} rounds, got {budget}")
 
     @abstractmethod
     def tuner(self, context: SearchContext, configs: list[ClientConfig], values: list[dict]) -> Tuner:
         """The round-level tuner over these candidate configurations."""
 
     def search(self, context: SearchContext) -> None:
-        if finished_trials(context.study):
-            return  # the study's one run is done
-        global_parameters = {n.split("/")[0]: d for n, d in context.parameters.items()}
-        values = candidate_values(global_parameters, context.n_configs, context.seed)
+        client = {n.split("/")[0]: d for n, d in context.parameters.items() if n.split("/")[0] in CLIENT_SETTINGS}
+        server = {n: d for n, d in context.parameters.items() if n.split("/")[0] not in CLIENT_SETTINGS}
+        values = candidate_values(client, context.n_configs, context.seed)
         configs = [Configuration(v).settings(context.fixed).client_config for v in values]
-        tuner = self.tuner(context, configs, values)
-        trial = context.study.ask()
-        result = context.evaluate(trial.number, Configuration({}), context.budget.remaining, None, tuner)
-        context.budget.spend(result.rounds)
-        for name, value in tuner.chosen().items():
-            trial.suggest_categorical(name, [value])
-        trial.set_user_attr(ROUNDS_ATTR, result.rounds)
-        trial.set_user_attr("diverged", result.diverged)
-        context.study.tell(trial, score_of(result))
+        runs = OUTER_CONFIGS if server else 1
+        rounds = context.budget.total // runs
+        while len(finished_trials(context.study)) < runs and context.budget.remaining >= rounds:
+            trial = context.study.ask(server)
+            tuner = self.tuner(context, configs, values)
+            result = context.evaluate(trial.number, Configuration(trial.params), rounds, None, tuner)
+            context.budget.spend(result.rounds)
+            trial.set_user_attr(CHOSEN_ATTR, tuner.chosen())
+            trial.set_user_attr(ROUNDS_ATTR, result.rounds)
+            trial.set_user_attr("diverged", result.diverged)
+            context.study.tell(trial, score_of(result))
 
 
 class FedTuneSearch(OnlineSearch):
@@ -79,7 +90,10 @@ class FedTuneSearch(OnlineSearch):
 
 
 class FedExSearch(OnlineSearch):
-    """FedEx (`fedhpo_core.tuners.fedex`): one configuration for all clients."""
+    """FedEx (`fedhpo_core.tuners.fedex`): one configuration for all clients; server settings in the
+    space are searched around it by random search, as Khodak et al. wrap FedEx."""
+
+    allows_server_settings = True
 
     def tuner(self, context, configs, values):
         return FedEx(configs, values, context.seed)
