@@ -120,11 +120,14 @@ def close_interrupted_runs(tracker: Tracker, study: optuna.Study, name: str) -> 
             tracker.client.set_terminated(run.info.run_id, "KILLED")
 
 
-def retrain(data: FederatedData, fixed: TrainSettings, configuration: Configuration, rounds: int, parent: Tracker):
-    """The best configuration from scratch for `rounds` rounds, scored on the test set."""
+def retrain(
+    data: FederatedData, fixed: TrainSettings, configuration: Configuration, rounds: int, parent: Tracker, tuner=None
+):
+    """The best configuration from scratch for `rounds` rounds (driven by `tuner` if given), scored
+    on the test set."""
     with Tracker(fixed.experiment, "final", {"fedhpo.role": "final"}, parent=parent) as tracker:
-        tracker.log_params(configuration.values)
-        result, _, _ = train_configuration(data, fixed, configuration, rounds, tracker)
+        tracker.log_params(configuration.values | ({"scheduled_by": type(tuner).__name__} if tuner else {}))
+        result, _, _ = train_configuration(data, fixed, configuration, rounds, tracker, tuner=tuner)
         if not result.diverged:
             model = load_flat_weights(data.spec.build(), result.state.weights)
             tracker.log_model(model, input_example=data.test[0][:8].numpy().astype(np.float32))
@@ -191,7 +194,7 @@ def run_study(tune: TuneSettings, fixed: TrainSettings, parent_run_id: str | Non
             **configuration.values,
         }
         if tune.final_rounds:
-            final = retrain(data, fixed, configuration, tune.final_rounds, tracker)
+            final = retrain(data, fixed, configuration, tune.final_rounds, tracker, method.final_tuner(fixed))
             summary["final_test_acc"] = final.evaluations[-1].test_acc
         summary |= {"rounds_used": budget.spent, "wall_time_s": time.perf_counter() - started}
         tracker.log_metrics({k: summary[k] for k in ("final_test_acc", "rounds_used", "wall_time_s") if k in summary})

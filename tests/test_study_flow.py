@@ -245,6 +245,13 @@ def test_round_level_methods_run_one_tracked_run_within_the_budget(method, mlflo
         assert set(state.name) == {"stepwise/feedback", "stepwise/round_time_s"}
     else:
         assert set(state.name) == {"fedhyper/alpha", "fedhyper/beta", "fedhyper/hypergradient"}
+        # FedHyper schedules during training: its final run is a scheduled run too.
+        (final,) = mlflow_client.search_runs(
+            [summary["experiment_id"]],
+            f"tags.`mlflow.parentRunId` = '{summary['run_id']}' and tags.`fedhpo.role` = 'final'",
+        )
+        assert final.data.params["scheduled_by"] == "FedHyper"
+        assert len(mlflow_client.get_metric_history(final.info.run_id, "fedhyper/alpha")) == 1
     # Every round's configuration of every taking part client is in the trajectory too.
     assert 1 <= len(mlflow_client.get_metric_history(run.info.run_id, "hp/lr/client_0")) <= 4
 

@@ -13,6 +13,7 @@ import optuna
 
 from fedhpo_core.federation import FederatedData, FederationState
 from fedhpo_core.settings import SettingsError, TrainSettings
+from fedhpo_core.tuners.base import Tuner
 
 ROUNDS_ATTR = "rounds_used"  # Optuna user attribute: rounds a trial spent, for the budget on resume
 CHOSEN_ATTR = "chosen"  # Optuna user attribute: the client configuration a round-level tuner settled on
@@ -72,7 +73,8 @@ class SearchMethod(ABC):
     calls ``search`` once. ``search`` asks the study for trials, has them trained through
     ``context.evaluate`` (which spends no budget itself), spends their rounds and tells the study
     their scores, until it is done or the budget is spent. Everything a method needs to continue an
-    interrupted study is in the study, so ``--resume`` just calls ``search`` again.
+    interrupted study is in the study, so ``--resume`` just calls ``search`` again. Then the best
+    trial's configuration is retrained from scratch, driven by ``final_tuner`` if it gives one.
     """
 
     directions: tuple[str, ...] = ("maximize",)
@@ -85,6 +87,11 @@ class SearchMethod(ABC):
     @abstractmethod
     def search(self, context: SearchContext) -> None:
         """Run trials until done or out of budget."""
+
+    def final_tuner(self, fixed: TrainSettings) -> Tuner | None:
+        """The tuner of the final retraining, for methods that schedule during training itself.
+        Default: none, the best configuration is retrained as it is."""
+        return None
 
     def check_budget(self, budget: int, n_configs: int) -> None:
         """Raise a one-line SettingsError when the budget cannot fund the method's plan."""

@@ -118,6 +118,10 @@ class FedHyperSearch(OnlineSearch):
     def tuner(self, context, configs, values):
         return FedHyper(context.fixed.client_config, self.schedulers)
 
+    def final_tuner(self, fixed):
+        """FedHyper schedules during training itself: the final run is a scheduled run again."""
+        return FedHyper(fixed.client_config, self.schedulers)
+
 
 class FedHyperGlobalSearch(FedHyperSearch):
     schedulers = ("global",)
