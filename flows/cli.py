@@ -76,7 +76,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    from fedhpo_core.search.study import METHODS, default_storage, study_exists
+    from fedhpo_core.search.study import METHODS, default_storage
     from fedhpo_core.tracking import tracking_uri
 
     fixed = _settings("tune", TrainSettings, args)
@@ -87,7 +87,7 @@ def tune_command(args: argparse.Namespace) -> int:
     except SettingsError as error:
         _fail("tune", str(error))
     storage = tune.storage or default_storage(tracking_uri())
-    if tune.resume and not _study_present(storage, tune.name_for(fixed), study_exists):
+    if tune.resume and not _study_present(storage, tune.name_for(fixed)):
         _fail("tune", f"--resume: no study named {tune.name_for(fixed)!r} in {storage}")
     _check_data("tune", fixed)
     from flows.study import hpo_study
@@ -142,8 +142,10 @@ def compare_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study_present(storage: str, name: str, study_exists) -> bool:
+def _study_present(storage: str, name: str) -> bool:
     """Whether the study exists, without creating an SQLite file that is not there."""
+    from fedhpo_core.search.study import study_exists
+
     if storage.startswith("sqlite:///") and not os.path.exists(storage.removeprefix("sqlite:///")):
         return False
     return study_exists(storage, name)

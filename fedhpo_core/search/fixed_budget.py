@@ -2,8 +2,6 @@
 search, grid search and Bayesian optimization (FedTune paper, section 4.1: 30 configurations for
 Random and Bayesian), and the system-aware multi-objective search."""
 
-from itertools import product
-
 import numpy as np
 import optuna
 
@@ -15,8 +13,7 @@ from fedhpo_core.search.base import (
     finished_trials,
     score_of,
 )
-from fedhpo_core.search.space import Configuration
-from fedhpo_core.settings import SettingsError
+from fedhpo_core.search.space import Configuration, grid_points
 
 
 class FixedBudgetSearch(SearchMethod):
@@ -51,11 +48,7 @@ class GridSearch(FixedBudgetSearch):
     exhausted, which only works inside `study.optimize`, not with ask-and-tell."""
 
     def sampler(self, parameters, seed):
-        numeric = [n for n, d in parameters.items() if not isinstance(d, optuna.distributions.CategoricalDistribution)]
-        if numeric:
-            raise SettingsError(f"grid search needs categorical settings; {', '.join(numeric)} are not")
-        names = list(parameters)
-        points = [dict(zip(names, p, strict=True)) for p in product(*(parameters[n].choices for n in names))]
+        points = grid_points(parameters)
         self.order = [points[i] for i in np.random.default_rng(seed).permutation(len(points))]
         return optuna.samplers.RandomSampler(seed=seed)
 

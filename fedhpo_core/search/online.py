@@ -3,13 +3,12 @@ client configurations a `Tuner` changes as it goes. One Optuna trial records the
 parameters are the configuration the tuner settles on, retrained from scratch like any other."""
 
 from abc import abstractmethod
-from itertools import product
 
 import numpy as np
 import optuna
 
 from fedhpo_core.search.base import CHOSEN_ATTR, ROUNDS_ATTR, SearchContext, SearchMethod, finished_trials, score_of
-from fedhpo_core.search.space import CLIENT_SETTINGS, Configuration
+from fedhpo_core.search.space import CLIENT_SETTINGS, Configuration, grid_points
 from fedhpo_core.settings import ClientConfig, SettingsError
 from fedhpo_core.tuners.base import Tuner
 from fedhpo_core.tuners.fedex import FedEx
@@ -33,11 +32,10 @@ def draw(distribution: optuna.distributions.BaseDistribution, rng: np.random.Gen
 
 def candidate_values(parameters, n: int, seed: int) -> list[dict]:
     """The grid when every setting is categorical; else n points drawn from the distributions."""
-    names = list(parameters)
     if all(isinstance(d, optuna.distributions.CategoricalDistribution) for d in parameters.values()):
-        return [dict(zip(names, point, strict=True)) for point in product(*(parameters[n].choices for n in names))]
+        return grid_points(parameters)
     rng = np.random.default_rng(seed)
-    return [{name: draw(parameters[name], rng) for name in names} for _ in range(n)]
+    return [{name: draw(distribution, rng) for name, distribution in parameters.items()} for _ in range(n)]
 
 
 class OnlineSearch(SearchMethod):

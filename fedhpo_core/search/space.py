@@ -10,8 +10,9 @@ Client settings (those of `ClientConfig`) can be `personalized`: one value per c
 space is H^N as for the FedTune paper's baselines. Server settings stay global.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from itertools import product
 from pathlib import Path
 
 import optuna
@@ -93,13 +94,14 @@ class SearchSpace:
                 names[name] = distribution
         return names
 
-    def grid(self, scope: str, clients: int) -> dict[str, Sequence]:
-        """The grid for Optuna's GridSampler: every parameter must be categorical."""
-        parameters = self.parameters(scope, clients)
-        numeric = [n for n, d in parameters.items() if not isinstance(d, optuna.distributions.CategoricalDistribution)]
-        if numeric:
-            raise SettingsError(f"grid search needs categorical settings; {', '.join(numeric)} are not")
-        return {name: list(d.choices) for name, d in parameters.items()}
+
+def grid_points(parameters: Mapping[str, optuna.distributions.BaseDistribution]) -> list[dict]:
+    """Every combination of the choices of categorical settings, in declaration order."""
+    numeric = [n for n, d in parameters.items() if not isinstance(d, optuna.distributions.CategoricalDistribution)]
+    if numeric:
+        raise SettingsError(f"grid search needs categorical settings; {', '.join(numeric)} are not")
+    names = list(parameters)
+    return [dict(zip(names, point, strict=True)) for point in product(*(parameters[n].choices for n in names))]
 
 
 @dataclass(frozen=True)
