@@ -5,6 +5,7 @@ owns that order; a `Tuner` supplies each client's configuration and `RoundSteps`
 step executes (in this process here; one Prefect task per client in `tasks.training`).
 """
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,13 +15,46 @@ import torch
 from fedhpo_core import seeding
 from fedhpo_core.aggregators import ServerSettings, State, aggregate
 from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, evaluate, local_update
-from fedhpo_core.data import Dataset
+from fedhpo_core.data import Dataset, load_dataset
 from fedhpo_core.models import ModelSpec, workspace_model
-from fedhpo_core.partition import Partition
-from fedhpo_core.settings import ClientConfig
+from fedhpo_core.partition import Partition, partition_dataset
+from fedhpo_core.settings import ClientConfig, DataSettings
 from fedhpo_core.tuners.base import Tuner
 
 Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def partition_of(data: DataSettings) -> Partition:
+    """The partition the data settings describe (deterministic in them)."""
+    return partition_dataset(
+        load_dataset(data.dataset, data.data_root).y_train.numpy(),
+        data.clients,
+        data.partition,
+        data.seed,
+        data.val_fraction,
+        data.client_val_fraction,
+        alpha=data.alpha,
+        shards_per_client=data.shards_per_client,
+    )
+
+
+def _take(dataset: Dataset, indices) -> Split:
+    index = torch.from_numpy(indices)
+    return dataset.x_train[index], dataset.y_train[index]
+
+
+def client_splits(dataset: Dataset, partition: Partition) -> tuple["ClientData", ...]:
+    return tuple(
+        ClientData(*_take(dataset, train), *_take(dataset, val))
+        for train, val in zip(partition.client_train, partition.client_val, strict=True)
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def clients_of(data: DataSettings) -> tuple[ClientData, ...]:
+    """Every client's data under these settings, built once per process: how a Dask worker gets a
+    client's data from a reference (data settings, client id) instead of over the network."""
+    return client_splits(load_dataset(data.dataset, data.data_root), partition_of(data))
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,18 +68,13 @@ class FederatedData:
 
     @classmethod
     def build(cls, dataset: Dataset, partition: Partition, model: str) -> "FederatedData":
-        x, y = dataset.x_train, dataset.y_train
-
-        def take(indices) -> Split:
-            index = torch.from_numpy(indices)
-            return x[index], y[index]
-
-        clients = tuple(
-            ClientData(*take(train), *take(val))
-            for train, val in zip(partition.client_train, partition.client_val, strict=True)
-        )
         spec = ModelSpec(model, dataset.input_shape, dataset.num_classes)
-        return cls(clients, take(partition.server_val), (dataset.x_test, dataset.y_test), spec)
+        return cls(
+            client_splits(dataset, partition),
+            _take(dataset, partition.server_val),
+            (dataset.x_test, dataset.y_test),
+            spec,
+        )
 
 
 @dataclass(frozen=True, eq=False)

@@ -66,6 +66,29 @@ def setting(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+TASK_RUNNERS = ("thread", "dask")
+
+
+@dataclass(frozen=True)
+class ExecutionSettings:
+    """Where client training runs, never what it computes: a seed gives the same metrics on every
+    backend."""
+
+    task_runner: str = setting(
+        "thread", "thread: clients one after another in the flow's process; dask: clients on a Dask cluster"
+    )
+    dask_address: str | None = setting(None, "scheduler of a running Dask cluster (default: start a local one)")
+    dask_workers: int = setting(2, "worker processes of the local Dask cluster (one thread each)")
+
+    def __post_init__(self):
+        _one_of("task_runner", self.task_runner, TASK_RUNNERS)
+        _check(self.dask_workers >= 1, f"dask_workers must be >= 1, got {self.dask_workers}")
+        _check(
+            self.dask_address is None or self.task_runner == "dask",
+            "dask_address needs task_runner dask",
+        )
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Every setting of one federated training run."""

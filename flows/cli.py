@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import MISSING, asdict, fields
 
 from fedhpo_core.search.study import TuneSettings
-from fedhpo_core.settings import SettingsError, TrainSettings
+from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
 
 
 def _add_settings(parser, settings_class, skip: tuple[str, ...] = ()) -> None:
@@ -54,12 +54,13 @@ def _check_data(command: str, settings: TrainSettings) -> None:
 
 def train_command(args: argparse.Namespace) -> int:
     settings = _settings("train", TrainSettings, args)
+    execution = _settings("train", ExecutionSettings, args)
     _check_data("train", settings)
     from fedhpo_core.tracking import tracking_uri
     from flows.training import federated_training
 
     with local_prefect():
-        summary = federated_training(**asdict(settings))
+        summary = federated_training(**asdict(settings), **asdict(execution))
     if summary["diverged_round"] is not None:
         print(f"Diverged at round {summary['diverged_round']}: the loss turned non-finite (try a smaller --lr).")
         print("Recorded in MLflow as tag fedhpo.diverged=true and metric diverged=1.")
@@ -81,6 +82,7 @@ def tune_command(args: argparse.Namespace) -> int:
 
     fixed = _settings("tune", TrainSettings, args)
     tune = _settings("tune", TuneSettings, args)
+    execution = _settings("tune", ExecutionSettings, args)
     try:
         space = tune.space()
         METHODS[tune.method]().sampler(space.parameters(tune.scope, fixed.clients), 0)  # grid needs categoricals
@@ -93,7 +95,7 @@ def tune_command(args: argparse.Namespace) -> int:
     from flows.study import hpo_study
 
     with local_prefect():
-        summary = hpo_study(**{k: v for k, v in asdict(tune).items()}, train=asdict(fixed))
+        summary = hpo_study(**asdict(tune), **asdict(execution), train=asdict(fixed))
     print(
         f"Study {summary['study_name']}: best trial {summary['best_trial']} "
         f"(validation {summary['best_val_score']:.4f}), {summary['rounds_used']} of {tune.budget} rounds used"
@@ -120,6 +122,7 @@ def compare_command(args: argparse.Namespace) -> int:
 
     fixed = _settings("compare", TrainSettings, args)
     tune = _settings("compare", TuneSettings, args)
+    execution = _settings("compare", ExecutionSettings, args)
     try:
         check_comparison(args.methods, args.seeds, args.budgets, tune)
         tune.space()
@@ -129,10 +132,15 @@ def compare_command(args: argparse.Namespace) -> int:
     from fedhpo_core.tracking import tracking_uri
     from flows.comparison import method_comparison
 
-    tune_values = {k: v for k, v in asdict(tune).items() if k not in ("method", "budget", "study_name", "resume")}
+    tune_values = {k: v for k, v in asdict(tune).items() if k not in COMPARISON_SKIPS}
     with local_prefect():
         summary = method_comparison(
-            methods=args.methods, seeds=args.seeds, budgets=args.budgets, train=asdict(fixed), **tune_values
+            methods=args.methods,
+            seeds=args.seeds,
+            budgets=args.budgets,
+            train=asdict(fixed),
+            **tune_values,
+            **asdict(execution),
         )
     print("final_test_acc, mean ± std over seeds:")
     print(summary["table"])
@@ -151,6 +159,9 @@ def _study_present(storage: str, name: str) -> bool:
     return study_exists(storage, name)
 
 
+COMPARISON_SKIPS = ("method", "budget", "study_name", "resume", "join")  # set per study by the comparison
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedhpo", description="Federated hyperparameter optimization.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_settings(train, TrainSettings)
+    _add_settings(train.add_argument_group("execution"), ExecutionSettings)
     train.set_defaults(handler=train_command)
     tune = commands.add_parser(
         "tune",
@@ -168,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_settings(tune, TuneSettings)
     _add_settings(tune.add_argument_group("fixed settings of every trial"), TrainSettings)
+    _add_settings(tune.add_argument_group("execution"), ExecutionSettings)
     tune.set_defaults(handler=tune_command)
 
     compare = commands.add_parser(
@@ -182,31 +195,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", type=_csv(int), default=[0, 1, 2], help="seeds, comma-separated (paired across methods)"
     )
     compare.add_argument("--budgets", type=_csv(int), default=[30, 60], help="budgets in rounds, comma-separated")
-    _add_settings(compare, TuneSettings, skip=("method", "budget", "study_name", "resume"))
+    _add_settings(compare, TuneSettings, skip=COMPARISON_SKIPS)
     _add_settings(compare.add_argument_group("fixed settings of every trial"), TrainSettings)
+    _add_settings(compare.add_argument_group("execution"), ExecutionSettings)
     compare.set_defaults(handler=compare_command)
     return parser
 
 
 @contextmanager
 def local_prefect():
-    """Prefect set up for a run on this machine; without PREFECT_API_URL, on a temporary server."""
+    """Prefect set up for a run on this machine; without PREFECT_API_URL, on a temporary server
+    started here, whose address Dask workers are given too (else each would start its own)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from an offline run
     # The server records task-run events one transaction each by default; on 2 cores that server
     # work, beside the training, made each round a quarter slower (README, Benchmark).
     os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE", "50")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # not every step of a local cluster's start
     from prefect.events.worker import EventsWorker
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        get_current_settings,
+        temporary_settings,
+    )
 
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)  # one line per round, not per task
-    updates = {}
-    if get_current_settings().api.url is None:
-        # Heartbeats let a server mark crashed runs; a temporary server ends with this process,
-        # and joining the heartbeat thread added up to a second to every flow run.
-        updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
-    with temporary_settings(updates=updates):
+    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")  # and so on Dask workers
+    if get_current_settings().api.url is not None:
         yield
-    EventsWorker.drain_all()  # deliver the last task-run events before the temporary server stops
+        return
+    server = SubprocessASGIServer()
+    server.start()
+    # Heartbeats let a server mark crashed runs; a temporary server ends with this process,
+    # and joining the heartbeat thread added up to a second to every flow run.
+    updates = {PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    try:
+        with temporary_settings(updates=updates):
+            yield
+            EventsWorker.drain_all()  # deliver the last task-run events before the temporary server stops
+    finally:
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,24 @@
 """The `method-comparison` flow: several search methods over several seeds and budgets, paired."""
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pandas as pd
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from fedhpo_core.reports import comparison_figure, comparison_table, markdown_table
-from fedhpo_core.search.study import TuneSettings
-from fedhpo_core.settings import SettingsError, TrainSettings
+from fedhpo_core.search.study import METHODS, TuneSettings
+from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
 from fedhpo_core.tracking import Tracker
-from flows.study import hpo_study
+from flows.study import artifact_key, hpo_study
+from tasks.training import dask_scheduler
+
+
+def study_settings(tune: TuneSettings, method: str, budget: int) -> dict:
+    """One study's settings: parallel trials only for the methods that run them."""
+    workers = tune.workers if method in METHODS and METHODS[method].parallel else 1
+    return asdict(tune) | {"method": method, "budget": budget, "workers": workers}
 
 
 def check_comparison(methods: list[str], seeds: list[int], budgets: list[int], tune: TuneSettings) -> None:
@@ -19,7 +27,7 @@ def check_comparison(methods: list[str], seeds: list[int], budgets: list[int], t
         raise SettingsError("methods, seeds and budgets each need at least one value")
     for method in methods:
         for budget in budgets:
-            TuneSettings(**(asdict(tune) | {"method": method, "budget": budget}))
+            TuneSettings(**study_settings(tune, method, budget))
 
 
 @flow(name="method-comparison")
@@ -33,7 +41,11 @@ def method_comparison(
     search_space: str | None = None,
     objective: str = "server",
     storage: str | None = None,
+    workers: int = 1,
     train: dict | None = None,
+    task_runner: str = "thread",
+    dask_address: str | None = None,
+    dask_workers: int = 2,
 ) -> dict:
     """Run every method with every seed and budget on the same partitions, and tabulate the test
     accuracy of each retrained best configuration.
@@ -48,7 +60,12 @@ def method_comparison(
         search_space: Path of a YAML search space; default: the FedTune paper's.
         objective: Score trials on the server's validation split (server) or clients' reports (clients).
         storage: Optuna storage URL; default: optuna.db beside the MLflow store.
+        workers: Trials trained at once in each study (random, grid, tpe, gp, multiobjective).
         train: Fixed training settings (any parameter of federated-training).
+        task_runner: thread (clients one after another in the flow's process) or dask.
+        dask_address: Scheduler address of a running Dask cluster; default: start one local cluster
+            that every study of the comparison uses.
+        dask_workers: Worker processes of that local Dask cluster.
     """
     logger = get_run_logger()
     tune = TuneSettings(
@@ -58,12 +75,17 @@ def method_comparison(
         search_space=search_space,
         objective=objective,
         storage=storage,
+        workers=workers,
     )
     check_comparison(methods, seeds, budgets, tune)
+    execution = ExecutionSettings(task_runner, dask_address, dask_workers)
     fixed = TrainSettings(**(train or {}))
     tags = {"fedhpo.role": "comparison", "prefect.flow_run_id": str(flow_run.id)}
     rows = []
-    with Tracker(fixed.experiment, f"comparison-{flow_run.name}", tags) as tracker:
+    with (
+        Tracker(fixed.experiment, f"comparison-{flow_run.name}", tags) as tracker,
+        dask_scheduler(execution) as address,
+    ):
         tracker.log_params(
             {
                 "methods": ",".join(methods),
@@ -77,9 +99,10 @@ def method_comparison(
                 for method in methods:
                     name = f"{flow_run.name}-{method}-b{budget}-s{seed}"
                     summary = hpo_study(
-                        **(asdict(tune) | {"method": method, "budget": budget, "study_name": name}),
+                        **(study_settings(tune, method, budget) | {"study_name": name}),
                         train=asdict(fixed) | {"seed": seed},
                         parent_run_id=tracker.run_id,
+                        **asdict(replace(execution, dask_address=address)),
                     )
                     rows.append(
                         {
@@ -92,7 +115,13 @@ def method_comparison(
                         }
                     )
                     logger.info(
-                        "%s budget %d seed %d: final_test_acc %.4f", method, budget, seed, rows[-1]["final_test_acc"]
+                        "%s budget %d seed %d: final_test_acc %.4f [%d/%d studies]",
+                        method,
+                        budget,
+                        seed,
+                        rows[-1]["final_test_acc"],
+                        len(rows),
+                        len(seeds) * len(budgets) * len(methods),
                     )
         results = pd.DataFrame(rows)
         table = comparison_table(results)
@@ -100,6 +129,12 @@ def method_comparison(
         tracker.log_table(table.reset_index(), "comparison/table.csv")
         tracker.client.log_text(tracker.run_id, markdown_table(table), "comparison/table.md")
         tracker.log_figure(comparison_figure(results), "comparison/accuracy_vs_budget.png")
+        create_markdown_artifact(
+            f"### Method comparison `{flow_run.name}`\n\nTest accuracy of each study's retrained best configuration, "
+            f"mean ± std over seeds {seeds}; MLflow run `{tracker.run_id}`.\n\n{markdown_table(table)}",
+            key=artifact_key(f"comparison-{flow_run.name}"),
+            description="Method comparison",
+        )
     return {
         "table": markdown_table(table),
         "results": rows,

@@ -1,25 +1,35 @@
 """The `hpo-study` flow: search hyperparameters under a round budget, retrain the best, report."""
 
 import math
+import re
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import optuna
 import pandas as pd
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
-from fedhpo_core.federation import FederatedData, Federation, FederationResult, RoundReport
+from fedhpo_core.federation import FederatedData, Federation, FederationResult, RoundReport, RoundSteps
 from fedhpo_core.models import load_flat_weights
-from fedhpo_core.reports import lineage_figure, round_metrics, study_figures, study_table, trajectory_figure
-from fedhpo_core.search.base import TrialResult, configuration_of
+from fedhpo_core.reports import (
+    lineage_figure,
+    markdown_table,
+    round_metrics,
+    study_figures,
+    study_table,
+    trajectory_figure,
+)
+from fedhpo_core.search.base import TrialResult, configuration_of, finished_trials, rounds_spent
 from fedhpo_core.search.space import Configuration
 from fedhpo_core.search.study import METHODS, TuneSettings, best_trial, default_storage, open_study, run_search
-from fedhpo_core.settings import TrainSettings
+from fedhpo_core.settings import ExecutionSettings, TrainSettings
 from fedhpo_core.tracking import Tracker, tracking_uri
 from fedhpo_core.tuners import PerClientConfig, Tuner
-from tasks.training import PrefectSteps, load_data, partition_data
+from tasks.training import load_data, partition_data, round_steps
 
 FLOAT_BYTES = 4
 
@@ -45,8 +55,10 @@ def train_configuration(
     configuration: Configuration,
     rounds: int,
     tracker: Tracker,
+    steps: RoundSteps,
     start=None,
     tuner: Tuner | None = None,
+    on_round=None,
 ) -> tuple[FederationResult, list[RoundReport], list[dict]]:
     """`rounds` rounds of the configuration (from `start` if given), or of `tuner`'s choices with
     the configuration's other settings; each round's metrics and tuner state tracked."""
@@ -61,17 +73,54 @@ def train_configuration(
         state = tuner.state()
         trajectory.extend({"round": report.round, "name": k, "value": v} for k, v in state.items())
         tracker.log_metrics(round_metrics(report, evaluation) | state, report.round)
+        if on_round:
+            on_round()
 
-    result = federation.run(tuner, rounds, PrefectSteps(), start=start, observe=observe)
+    result = federation.run(tuner, rounds, steps, start=start, observe=observe)
     return result, reports, trajectory
+
+
+class StudyProgress:
+    """Counters of a study in progress: trials finished and rounds spent against the budget, in the
+    log (the terminal) and in a Prefect progress artifact (the UI). Thread-safe: parallel trials
+    share one."""
+
+    def __init__(self, study: optuna.Study, budget: int):
+        self.trials, self.rounds, self.budget = len(finished_trials(study)), rounds_spent(study), budget
+        self.lock = threading.Lock()
+        self.artifact = create_progress_artifact(self.percent, description=f"rounds spent of {budget}")
+
+    @property
+    def percent(self) -> float:
+        return min(100.0, 100.0 * self.rounds / self.budget)
+
+    def round(self) -> None:
+        with self.lock:
+            self.rounds += 1
+            update_progress_artifact(self.artifact, self.percent)
+
+    def trial(self) -> str:
+        with self.lock:
+            self.trials += 1
+            return f"[{self.trials} trials, {self.rounds}/{self.budget} rounds]"
 
 
 class TrialTrainer:
     """Trains configurations for a search method: each trial an MLflow run nested under the study's,
     its clients Prefect task runs; a continued trial (successive halving) reopens its own run."""
 
-    def __init__(self, data: FederatedData, fixed: TrainSettings, tune: TuneSettings, study_run: Tracker, name: str):
+    def __init__(
+        self,
+        data: FederatedData,
+        fixed: TrainSettings,
+        tune: TuneSettings,
+        study_run: Tracker,
+        name: str,
+        steps: RoundSteps,
+        progress: StudyProgress,
+    ):
         self.data, self.fixed, self.tune, self.study_run, self.name = data, fixed, tune, study_run, name
+        self.steps, self.progress = steps, progress
         self.runs: dict[int, str] = {}
         self.logger = get_run_logger()
 
@@ -85,7 +134,7 @@ class TrialTrainer:
             self.runs[number] = tracker.run_id
         with tracker:
             result, reports, trajectory = train_configuration(
-                self.data, self.fixed, configuration, rounds, tracker, start, tuner
+                self.data, self.fixed, configuration, rounds, tracker, self.steps, start, tuner, self.progress.round
             )
             if trajectory:
                 table = pd.DataFrame(trajectory)
@@ -96,7 +145,12 @@ class TrialTrainer:
             tracker.log_weights(result.state.weights, "checkpoint/weights.pt")
             tracker.log_metrics({"score": score, "rounds_used": result.state.round, "diverged": float(result.diverged)})
         self.logger.info(
-            "trial %d: %d rounds -> val score %.4f %s", number, result.state.round, score, configuration.values
+            "trial %d: %d rounds -> val score %.4f %s %s",
+            number,
+            result.state.round,
+            score,
+            configuration.values,
+            self.progress.trial(),
         )
         return TrialResult(
             score=score,
@@ -121,42 +175,86 @@ def close_interrupted_runs(tracker: Tracker, study: optuna.Study, name: str) -> 
 
 
 def retrain(
-    data: FederatedData, fixed: TrainSettings, configuration: Configuration, rounds: int, parent: Tracker, tuner=None
+    data: FederatedData,
+    fixed: TrainSettings,
+    configuration: Configuration,
+    rounds: int,
+    parent: Tracker,
+    steps: RoundSteps,
+    tuner=None,
 ):
     """The best configuration from scratch for `rounds` rounds (driven by `tuner` if given), scored
     on the test set."""
     with Tracker(fixed.experiment, "final", {"fedhpo.role": "final"}, parent=parent) as tracker:
         tracker.log_params(configuration.values | ({"scheduled_by": type(tuner).__name__} if tuner else {}))
-        result, _, _ = train_configuration(data, fixed, configuration, rounds, tracker, tuner=tuner)
+        result, _, _ = train_configuration(data, fixed, configuration, rounds, tracker, steps, tuner=tuner)
         if not result.diverged:
             model = load_flat_weights(data.spec.build(), result.state.weights)
             tracker.log_model(model, input_example=data.test[0][:8].numpy().astype(np.float32))
     return result
 
 
-def run_study(tune: TuneSettings, fixed: TrainSettings, parent_run_id: str | None = None) -> dict:
+def artifact_key(name: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes) from a study or run name."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+
+
+def study_markdown(summary: dict, table: pd.DataFrame, tune: TuneSettings, top: int = 10) -> str:
+    """The study's summary and its best trials, for a Prefect Markdown artifact."""
+    lines = [
+        f"### Study `{summary['study_name']}`: {tune.method}, budget {tune.budget} rounds",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| best trial | {summary['best_trial']} |",
+        f"| best validation score | {summary['best_val_score']:.4f} |",
+        f"| rounds used | {summary['rounds_used']} of {tune.budget} |",
+        f"| trials finished | {len(table)} |",
+    ]
+    if "final_test_acc" in summary:
+        lines.append(f"| test accuracy, best retrained {tune.final_rounds} rounds | {summary['final_test_acc']:.4f} |")
+    lines += [f"| MLflow run | `{summary['run_id']}` |", "", f"Best {min(top, len(table))} trials:", ""]
+    columns = ["value", "rounds_used", *(c for c in table.columns if c.startswith("params_"))]
+    best = table.sort_values("value", ascending=False).head(top)[columns]
+    return "\n".join(lines) + "\n" + markdown_table(best.rename(columns=lambda c: c.removeprefix("params_")))
+
+
+def run_study(
+    tune: TuneSettings,
+    fixed: TrainSettings,
+    execution: ExecutionSettings = ExecutionSettings(),
+    parent_run_id: str | None = None,
+) -> dict:
     logger = get_run_logger()
     started = time.perf_counter()
     method = METHODS[tune.method]()
     space = tune.space()
     storage = tune.storage or default_storage(tracking_uri())
     name = tune.name_for(fixed)
-    study = open_study(method, storage, name, tune.resume)
+    study = open_study(method, storage, name, tune.resume, tune.join)
     data = FederatedData.build(load_data(fixed.dataset, fixed.data_root), partition_data(fixed.data), fixed.model)
 
     tags = {"fedhpo.role": "study", "fedhpo.study": name, "prefect.flow_run_id": str(flow_run.id)}
-    parent_id = study.user_attrs.get("mlflow_run_id")
+    # Processes joining a shared study each keep their own study run; a resumed study reopens its run.
+    parent_id = None if tune.join else study.user_attrs.get("mlflow_run_id")
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    with Tracker(fixed.experiment, name, tags, run_id=parent_id) as tracker:
+    with (
+        Tracker(fixed.experiment, name, tags, run_id=parent_id) as tracker,
+        round_steps(execution, fixed.data) as steps,
+    ):
         if parent_id is None:
-            study.set_user_attr("mlflow_run_id", tracker.run_id)
+            if "mlflow_run_id" not in study.user_attrs:
+                study.set_user_attr("mlflow_run_id", tracker.run_id)
             tracker.log_params(
                 {**asdict(tune), **{f"fixed.{k}": v for k, v in asdict(fixed).items()}, "storage": storage}
                 | {"study_name": name, "seed": fixed.seed}
+                | {f"execution.{k}": v for k, v in asdict(execution).items()}
             )
-        close_interrupted_runs(tracker, study, name)
-        trainer = TrialTrainer(data, fixed, tune, tracker, name)
+        if not tune.join:
+            close_interrupted_runs(tracker, study, name)
+        progress = StudyProgress(study, tune.budget)
+        trainer = TrialTrainer(data, fixed, tune, tracker, name, steps, progress)
         budget = run_search(
             method,
             study,
@@ -169,6 +267,8 @@ def run_study(tune: TuneSettings, fixed: TrainSettings, parent_run_id: str | Non
             fixed.seed,
             fixed,
             data,
+            tune.workers,
+            tune.join,
         )
 
         table = study_table(study, method.objectives if len(study.directions) > 1 else ())
@@ -194,10 +294,14 @@ def run_study(tune: TuneSettings, fixed: TrainSettings, parent_run_id: str | Non
             **configuration.values,
         }
         if tune.final_rounds:
-            final = retrain(data, fixed, configuration, tune.final_rounds, tracker, method.final_tuner(fixed))
+            final = retrain(data, fixed, configuration, tune.final_rounds, tracker, steps, method.final_tuner(fixed))
             summary["final_test_acc"] = final.evaluations[-1].test_acc
         summary |= {"rounds_used": budget.spent, "wall_time_s": time.perf_counter() - started}
         tracker.log_metrics({k: summary[k] for k in ("final_test_acc", "rounds_used", "wall_time_s") if k in summary})
+        summary |= {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "storage": storage}
+        create_markdown_artifact(
+            study_markdown(summary, table, tune), key=artifact_key(f"study-{name}"), description=f"Study {name}"
+        )
         logger.info(
             "study %s: best trial %d %s; %d of %d rounds used",
             name,
@@ -206,7 +310,7 @@ def run_study(tune: TuneSettings, fixed: TrainSettings, parent_run_id: str | Non
             budget.spent,
             tune.budget,
         )
-    return summary | {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "storage": storage}
+    return summary
 
 
 @flow(name="hpo-study")
@@ -221,26 +325,37 @@ def hpo_study(
     storage: str | None = None,
     study_name: str | None = None,
     resume: bool = False,
+    workers: int = 1,
+    join: bool = False,
     train: dict | None = None,
+    task_runner: str = "thread",
+    dask_address: str | None = None,
+    dask_workers: int = 2,
     parent_run_id: str | None = None,
 ) -> dict:
     """Search a federated run's hyperparameters under a budget of communication rounds.
 
     Args:
-        method: random, grid, tpe, gp, sha, hyperband, bohb, multiobjective, fedtune or fedex.
+        method: random, grid, tpe, gp, sha, hyperband, bohb, multiobjective, fedtune, fedex, pbt,
+            stepwise, fedhyper, fedhyper-global, fedhyper-local or fedhyper-client.
         budget: Communication rounds the search may spend, every round of every trial.
         n_configs: Configurations to try (successive halving: its first rung).
         final_rounds: Rounds to retrain the best configuration from scratch and test it.
         scope: global (one configuration for all clients) or personalized (one per client).
         search_space: Path of a YAML search space; default: the FedTune paper's.
         objective: Score trials on the server's validation split (server) or clients' reports (clients).
-        storage: Optuna storage URL; default: optuna.db beside the MLflow store.
+        storage: Optuna storage URL (sqlite:///..., postgresql://...); default: optuna.db beside the MLflow store.
         study_name: Optuna study name; default: derived from the settings.
         resume: Continue the interrupted study of that name.
+        workers: Trials trained at once (random, grid, tpe, gp, multiobjective).
+        join: Share the study with other processes using the same storage (created if missing).
         train: Fixed training settings (any parameter of federated-training).
+        task_runner: thread (clients one after another in the flow's process) or dask.
+        dask_address: Scheduler address of a running Dask cluster; default: start a local one.
+        dask_workers: Worker processes of that local Dask cluster.
         parent_run_id: MLflow run to nest the study's run under (a comparison's).
     """
-    tune = TuneSettings(
-        method, budget, n_configs, final_rounds, scope, search_space, objective, storage, study_name, resume
-    )
-    return run_study(tune, TrainSettings(**(train or {})), parent_run_id)
+    arguments = dict(locals())
+    tune = TuneSettings(**{f.name: arguments[f.name] for f in fields(TuneSettings)})
+    execution = ExecutionSettings(**{f.name: arguments[f.name] for f in fields(ExecutionSettings)})
+    return run_study(tune, TrainSettings(**(train or {})), execution, parent_run_id)

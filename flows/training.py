@@ -1,7 +1,7 @@
 """The `federated-training` flow: partition, train round by round, evaluate, track in MLflow."""
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 from prefect import flow, get_run_logger
@@ -11,10 +11,10 @@ from fedhpo_core.federation import Evaluation, FederatedData, Federation, RoundR
 from fedhpo_core.models import load_flat_weights
 from fedhpo_core.partition import label_histogram, label_skew
 from fedhpo_core.reports import partition_figure, partition_table, round_metrics
-from fedhpo_core.settings import TrainSettings
+from fedhpo_core.settings import ExecutionSettings, TrainSettings
 from fedhpo_core.tracking import Tracker
 from fedhpo_core.tuners import FixedConfig
-from tasks.training import PrefectSteps, load_data, partition_data
+from tasks.training import load_data, partition_data, round_steps
 
 
 def partition_title(settings: TrainSettings) -> str:
@@ -22,7 +22,7 @@ def partition_title(settings: TrainSettings) -> str:
     return f"{settings.dataset}, {settings.clients} clients, {settings.partition}{detail.get(settings.partition, '')}"
 
 
-def train(settings: TrainSettings) -> dict:
+def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSettings()) -> dict:
     """One tracked federated run with a fixed configuration; returns its summary."""
     logger = get_run_logger()
     started = time.perf_counter()
@@ -50,7 +50,8 @@ def train(settings: TrainSettings) -> dict:
                 evaluation.test_acc,
             )
 
-        result = federation.run(FixedConfig(settings.client_config), settings.rounds, PrefectSteps(), observe=observe)
+        with round_steps(execution, settings.data) as steps:
+            result = federation.run(FixedConfig(settings.client_config), settings.rounds, steps, observe=observe)
         final = result.evaluations[-1]
         summary = {
             "final_val_acc": final.val_acc,
@@ -103,6 +104,9 @@ def federated_training(
     tau: float = 1e-3,
     seed: int = 0,
     experiment: str = "fedhpo",
+    task_runner: str = "thread",
+    dask_address: str | None = None,
+    dask_workers: int = 2,
 ) -> dict:
     """Train one federated model and track it in MLflow.
 
@@ -131,5 +135,10 @@ def federated_training(
         tau: Adaptivity floor of FedOpt.
         seed: Seed of every random choice in the run.
         experiment: MLflow experiment name.
+        task_runner: thread (clients one after another in the flow's process) or dask.
+        dask_address: Scheduler address of a running Dask cluster; default: start a local one.
+        dask_workers: Worker processes of that local Dask cluster.
     """
-    return train(TrainSettings(**locals()))
+    arguments = dict(locals())
+    execution = ExecutionSettings(**{f.name: arguments.pop(f.name) for f in fields(ExecutionSettings)})
+    return train(TrainSettings(**arguments), execution)

@@ -1,4 +1,4 @@
-"""Prefect tasks over fedhpo_core's training steps.
+"""Prefect tasks over fedhpo_core's training steps, and the execution backends that run them.
 
 Only the partition is cached, on its (small) settings. Tasks that take weights or datasets use
 NO_CACHE: Prefect's default policy would hash every input, megabytes of tensors per client per
@@ -6,21 +6,25 @@ round, on the hot path.
 """
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
+from prefect.task_runners import TaskRunner
 from prefect.utilities.hashing import hash_objects
 
 from fedhpo_core import partition as partitioning
 from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, local_update
 from fedhpo_core.data import Dataset, load_dataset
-from fedhpo_core.federation import RoundSteps, aggregate_updates, evaluate_splits
+from fedhpo_core.federation import RoundSteps, aggregate_updates, clients_of, evaluate_splits, partition_of
 from fedhpo_core.models import ModelSpec
-from fedhpo_core.settings import DataSettings
+from fedhpo_core.settings import DataSettings, ExecutionSettings
 
 # The task's own source is not enough: a change to a partitioner must miss the old cache entries.
 PARTITIONER_SOURCE = CacheKeyFnPolicy(cache_key_fn=lambda *_: hash_objects(inspect.getsource(partitioning)))
+CLIENT_RUN_NAME = "round-{job.round}-client-{job.client}"
 
 
 @task(name="load-dataset", cache_policy=NO_CACHE)
@@ -32,22 +36,19 @@ def load_data(name: str, root: str) -> Dataset:
 def partition_data(data: DataSettings) -> partitioning.Partition:
     """Server validation split, client splits and client validation splits, reused across runs
     with the same data settings."""
-    labels = load_dataset(data.dataset, data.data_root).y_train.numpy()
-    return partitioning.partition_dataset(
-        labels,
-        data.clients,
-        data.partition,
-        data.seed,
-        data.val_fraction,
-        data.client_val_fraction,
-        alpha=data.alpha,
-        shards_per_client=data.shards_per_client,
-    )
+    return partition_of(data)
 
 
-@task(name="client-update", cache_policy=NO_CACHE, task_run_name="round-{job.round}-client-{job.client}")
+@task(name="client-update", cache_policy=NO_CACHE, task_run_name=CLIENT_RUN_NAME)
 def client_update(spec: ModelSpec, weights: torch.Tensor, data: ClientData, job: ClientJob) -> ClientUpdate:
     return local_update(spec, weights, data, job)
+
+
+@task(name="client-update", cache_policy=NO_CACHE, task_run_name=CLIENT_RUN_NAME)
+def remote_client_update(spec: ModelSpec, weights: torch.Tensor, data: DataSettings, job: ClientJob) -> ClientUpdate:
+    """A client's round where the task runner puts it; the client's data is loaded there from the
+    data settings (once per worker process), so only weights and the job travel."""
+    return local_update(spec, weights, clients_of(data)[job.client], job)
 
 
 aggregate_task = task(name="aggregate", cache_policy=NO_CACHE)(aggregate_updates)
@@ -57,18 +58,58 @@ evaluate_task = task(name="evaluate", cache_policy=NO_CACHE)(evaluate_splits)
 class PrefectSteps(RoundSteps):
     """Each step of a round as a Prefect task run: one per client, then aggregation and evaluation.
 
-    The task runs execute one after another in the flow's own thread. Measured on 2 CPU cores
-    (MNIST MLP, 10 clients): clients in concurrent threads ran a round slower, since small ops
-    hold the GIL, and any second thread that runs torch gets its own OpenMP team whose spinning
-    workers contend with the first (a round took 2.0 s instead of 1.1 s). Parallel execution
-    belongs to process-based backends that load client data where they run.
+    Without a task runner the task runs execute one after another in the calling thread. Measured
+    on 2 CPU cores (MNIST MLP, 10 clients): clients in concurrent threads ran a round slower, since
+    small ops hold the GIL, and any second thread that runs torch gets its own OpenMP team whose
+    spinning workers contend with the first (a round took 2.0 s instead of 1.1 s). With a task
+    runner (Dask), every client of the round is submitted at once and runs where the runner puts
+    it, loading its data there.
     """
 
+    def __init__(self, runner: TaskRunner | None = None, data: DataSettings | None = None):
+        self.runner, self.data = runner, data
+
     def train_clients(self, spec, weights, jobs, data):
-        return [client_update(spec, weights, d, job) for job, d in zip(jobs, data, strict=True)]
+        if self.runner is None:
+            return [client_update(spec, weights, d, job) for job, d in zip(jobs, data, strict=True)]
+        parameters = {"spec": spec, "weights": weights, "data": self.data}
+        futures = [self.runner.submit(remote_client_update, parameters | {"job": job}) for job in jobs]
+        return [future.result() for future in futures]
 
     def aggregate(self, server, weights, updates, state):
         return aggregate_task(server, weights, updates, state)
 
     def evaluate(self, spec, weights, splits):
         return evaluate_task(spec, weights, splits)
+
+
+@contextmanager
+def dask_scheduler(execution: ExecutionSettings) -> Iterator[str | None]:
+    """The Dask scheduler address to send clients to: the given one, or a local cluster's, started
+    here and stopped on exit (bound to 127.0.0.1); None for the thread backend."""
+    if execution.task_runner != "dask" or execution.dask_address:
+        yield execution.dask_address
+        return
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=execution.dask_workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
+@contextmanager
+def round_steps(execution: ExecutionSettings, data: DataSettings) -> Iterator[PrefectSteps]:
+    """PrefectSteps on the chosen backend, open for the duration of the block."""
+    with dask_scheduler(execution) as address:
+        if address is None:
+            yield PrefectSteps()
+            return
+        from prefect_dask import DaskTaskRunner
+
+        with DaskTaskRunner(address=address) as runner:
+            yield PrefectSteps(runner, data)

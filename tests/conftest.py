@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import servers
 
 SCRATCH = Path(tempfile.mkdtemp(prefix="fedhpo-tests-"))
 # Set before Prefect or MLflow is imported, so neither touches the user's home or the repository.
@@ -44,3 +45,24 @@ def shared_data() -> str:
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         pytest.skip(f"no MNIST under {SHARED_DATA}")
     return str(SHARED_DATA)
+
+
+@pytest.fixture
+def postgres_url(tmp_path_factory):
+    """A fresh PostgreSQL database on 127.0.0.1 (skipped without PostgreSQL); its SQLAlchemy URL."""
+    with servers.postgres(tmp_path_factory.mktemp("postgres")) as url:
+        yield url
+
+
+@pytest.fixture
+def mlflow_server_url(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 with a fresh SQLite store; its tracking URL."""
+    with servers.mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
+
+
+@pytest.fixture
+def prefect_api_url(tmp_path_factory):
+    """A real Prefect server on 127.0.0.1 with a fresh SQLite database; its API URL (ends in /api)."""
+    with servers.prefect_server(tmp_path_factory.mktemp("prefect-server")) as url:
+        yield url

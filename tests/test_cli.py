@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from fedhpo_core.settings import TrainSettings
-from flows.cli import main
+from fedhpo_core.search.study import TuneSettings
+from fedhpo_core.settings import ExecutionSettings, TrainSettings
+from flows.cli import COMPARISON_SKIPS, main
+from flows.comparison import method_comparison
+from flows.study import hpo_study
 from flows.training import federated_training
 
 BAD_INPUTS = {
@@ -18,6 +21,8 @@ BAD_INPUTS = {
     "unknown partitioner": (["--partition", "zipf"], "unknown partition 'zipf'"),
     "unknown aggregator": (["--aggregator", "fedsgd"], "unknown aggregator 'fedsgd'"),
     "alpha zero": (["--alpha", "0"], "alpha must be > 0"),
+    "unknown task runner": (["--task-runner", "ray"], "unknown task_runner 'ray'"),
+    "dask address without dask": (["--dask-address", "127.0.0.1:8786"], "dask_address needs task_runner dask"),
     "alpha negative": (["--alpha", "-1"], "alpha must be > 0"),
     "no clients": (["--clients", "0"], "clients must be >= 1"),
     "more clients than samples": (["--clients", "5000"], "clients (5000) exceeds"),
@@ -60,9 +65,17 @@ def test_help_describes_every_setting(capsys):
 
 
 def test_flow_parameters_are_the_settings_with_the_same_defaults():
-    parameters = inspect.signature(federated_training.fn).parameters
-    assert list(parameters) == [f.name for f in fields(TrainSettings)]
-    for f in fields(TrainSettings):
-        assert f.default is not MISSING and parameters[f.name].default == f.default, f.name
-    described = federated_training.parameters.properties
-    assert all(described[f.name].get("description") for f in fields(TrainSettings))
+    expected = {
+        federated_training: [*fields(TrainSettings), *fields(ExecutionSettings)],
+        hpo_study: [*fields(TuneSettings), *fields(ExecutionSettings)],
+        method_comparison: [
+            f for f in [*fields(TuneSettings), *fields(ExecutionSettings)] if f.name not in COMPARISON_SKIPS
+        ],
+    }
+    assert [f.name for f in expected[federated_training]] == list(inspect.signature(federated_training.fn).parameters)
+    for flow, settings in expected.items():
+        parameters = inspect.signature(flow.fn).parameters
+        described = flow.parameters.properties
+        for f in settings:
+            assert f.default is not MISSING and parameters[f.name].default == f.default, (flow.name, f.name)
+            assert described[f.name].get("description"), (flow.name, f.name)

@@ -84,6 +84,10 @@ BAD_TUNE = {
     "grid over a float range": (["--method", "grid", "--search-space", "{floats}"], "grid search needs categorical"),
     "resume without a study": (["--resume", "--study-name", "nope"], "no study named 'nope'"),
     "bad fixed setting": (["--alpha", "0"], "alpha must be > 0"),
+    "zero workers": (["--workers", "0"], "workers must be >= 1"),
+    "parallel trials of a sequential method": (["--method", "hyperband", "--workers", "2"], "not hyperband"),
+    "join with resume": (["--join", "--resume"], "join and resume exclude each other"),
+    "unknown task runner": (["--task-runner", "ray"], "unknown task_runner 'ray'"),
 }
 
 

@@ -62,6 +62,7 @@ class SearchContext:
     seed: int
     fixed: TrainSettings | None = None  # round-level methods build their tuners from these two
     data: FederatedData | None = None
+    workers: int = 1  # trials trained at once (methods with `parallel`)
 
 
 class SearchMethod(ABC):
@@ -79,6 +80,7 @@ class SearchMethod(ABC):
 
     directions: tuple[str, ...] = ("maximize",)
     objectives: tuple[str, ...] = ()  # names of the objectives after accuracy, if several
+    parallel = False  # whether trials may train at once and processes may share the study
 
     @abstractmethod
     def sampler(self, parameters, seed: int) -> optuna.samplers.BaseSampler:
@@ -103,6 +105,12 @@ def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that ran to the end (complete or stopped early), whose rounds count against the budget."""
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return [t for t in study.get_trials(deepcopy=False) if t.state in done]
+
+
+def planned_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Finished and running trials: those that spent, or will spend, the budget."""
+    planned = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    return [t for t in study.get_trials(deepcopy=False) if t.state in planned]
 
 
 def rounds_spent(study: optuna.Study) -> int:

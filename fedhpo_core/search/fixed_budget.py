@@ -2,6 +2,9 @@
 search, grid search and Bayesian optimization (FedTune paper, section 4.1: 30 configurations for
 Random and Bayesian), and the system-aware multi-objective search."""
 
+import contextvars
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
 import numpy as np
 import optuna
 
@@ -10,22 +13,64 @@ from fedhpo_core.search.base import (
     SearchContext,
     SearchMethod,
     TrialResult,
-    finished_trials,
+    planned_trials,
     score_of,
 )
 from fedhpo_core.search.space import Configuration, grid_points
 
 
 class FixedBudgetSearch(SearchMethod):
+    """n configurations, B // n rounds each, up to `context.workers` of them training at once.
+
+    Trials are asked and told in this thread and trained in worker threads (each with the caller's
+    context, so their Prefect task runs belong to the flow run). Processes may share the study
+    (`join`): before training, a trial is admitted only if it fits, together with every trial
+    numbered before it (failed ones aside), into the budget and the configuration count; trial
+    numbers come from the storage, so every process draws the same line and none overspends.
+    A trial that does not fit is failed unstarted with the user attribute `surplus`.
+    """
+
+    parallel = True
+
     def search(self, context: SearchContext) -> None:
         rounds = context.budget.total // context.n_configs
-        while len(finished_trials(context.study)) < self.trial_limit(context) and context.budget.remaining >= rounds:
-            trial = self.ask(context)
-            result = context.evaluate(trial.number, Configuration(trial.params), rounds, None)
-            context.budget.spend(result.rounds)
-            trial.set_user_attr(ROUNDS_ATTR, result.rounds)
-            trial.set_user_attr("diverged", result.diverged)
-            context.study.tell(trial, self.values(result))
+        with ThreadPoolExecutor(context.workers) as pool:
+            running = set()
+            while True:
+                while len(running) < context.workers and (trial := self.admit(context, rounds)):
+                    running.add(pool.submit(contextvars.copy_context().run, self.train, context, trial, rounds))
+                if not running:
+                    return
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    trial, result = future.result()
+                    context.budget.spend(result.rounds)
+                    trial.set_user_attr(ROUNDS_ATTR, result.rounds)
+                    trial.set_user_attr("diverged", result.diverged)
+                    context.study.tell(trial, self.values(result))
+
+    def train(self, context: SearchContext, trial: optuna.trial.Trial, rounds: int):
+        return trial, context.evaluate(trial.number, Configuration(trial.params), rounds, None)
+
+    def admit(self, context: SearchContext, rounds: int) -> optuna.trial.Trial | None:
+        """The next trial if it fits the study's plan, else None (the search is done here)."""
+        if not self.fits(context, planned_trials(context.study), rounds):
+            return None
+        trial = self.ask(context)
+        earlier = [t for t in planned_trials(context.study) if t.number < trial.number]
+        if self.fits(context, earlier, rounds) and self.admissible(trial, earlier):
+            return trial
+        trial.set_user_attr("surplus", True)
+        context.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return None
+
+    def fits(self, context: SearchContext, trials: list[optuna.trial.FrozenTrial], rounds: int) -> bool:
+        """Room for one more trial of `rounds` rounds after `trials` (running ones counted in full)."""
+        planned = sum(int(t.user_attrs.get(ROUNDS_ATTR, rounds)) for t in trials)
+        return len(trials) < self.trial_limit(context) and planned + rounds <= context.budget.total
+
+    def admissible(self, trial: optuna.trial.Trial, earlier: list[optuna.trial.FrozenTrial]) -> bool:
+        return True
 
     def ask(self, context: SearchContext) -> optuna.trial.Trial:
         return context.study.ask(dict(context.parameters))
@@ -53,9 +98,13 @@ class GridSearch(FixedBudgetSearch):
         return optuna.samplers.RandomSampler(seed=seed)
 
     def ask(self, context):
-        tried = [t.params for t in finished_trials(context.study)]
+        tried = [t.params for t in planned_trials(context.study)]
         context.study.enqueue_trial(next(p for p in self.order if p not in tried))
         return super().ask(context)
+
+    def admissible(self, trial, earlier):
+        """Not a point an earlier trial (of another process, perhaps) already took."""
+        return trial.params not in [t.params for t in earlier]
 
     def trial_limit(self, context):
         return min(context.n_configs, len(self.order))
@@ -63,15 +112,17 @@ class GridSearch(FixedBudgetSearch):
 
 class TPESearch(FixedBudgetSearch):
     """Bayesian optimization with a tree-structured Parzen estimator (Bergstra et al. 2011).
-    Settings passed explicitly (Optuna 5 changed its defaults): multivariate, and no constant liar,
-    since trials here run one at a time."""
+    Settings passed explicitly (Optuna 5 changed its defaults): multivariate, with the constant liar,
+    so proposals made while other trials run (parallel workers, other processes) avoid them; with
+    one trial at a time nothing is running and the liar changes nothing."""
 
     def sampler(self, parameters, seed):
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=False)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
 
 
 class GPSearch(FixedBudgetSearch):
-    """Federated Bayesian optimization with a Gaussian-process surrogate (Optuna's GPSampler)."""
+    """Federated Bayesian optimization with a Gaussian-process surrogate (Optuna's GPSampler). It has
+    no constant liar: trials running in parallel are not seen by the surrogate."""
 
     def sampler(self, parameters, seed):
         return optuna.samplers.GPSampler(seed=seed)
@@ -86,7 +137,7 @@ class MultiObjectiveSearch(FixedBudgetSearch):
     directions = ("maximize", "minimize", "minimize", "minimize")
 
     def sampler(self, parameters, seed):
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=False)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
 
     def values(self, result):
         return [score_of(result), *(result.objectives[name] for name in self.objectives)]

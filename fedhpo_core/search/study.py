@@ -66,6 +66,8 @@ class TuneSettings:
     storage: str | None = setting(None, "Optuna storage URL (default: optuna.db beside the MLflow store)")
     study_name: str | None = setting(None, "Optuna study name (default: derived from the settings)")
     resume: bool = setting(False, "continue the interrupted study of that name")
+    workers: int = setting(1, "trials trained at once (random, grid, tpe, gp, multiobjective)")
+    join: bool = setting(False, "share the study with other processes on the same --storage (created if missing)")
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -78,6 +80,13 @@ class TuneSettings:
             raise SettingsError(f"n_configs must be >= 1, got {self.n_configs}")
         if self.final_rounds < 0:
             raise SettingsError(f"final_rounds must be >= 0, got {self.final_rounds}")
+        if self.workers < 1:
+            raise SettingsError(f"workers must be >= 1, got {self.workers}")
+        if (self.workers > 1 or self.join) and not METHODS[self.method].parallel:
+            parallel = ", ".join(name for name, method in METHODS.items() if method.parallel)
+            raise SettingsError(f"parallel trials (workers > 1, join) need one of {parallel}; not {self.method}")
+        if self.join and self.resume:
+            raise SettingsError("join and resume exclude each other: resume fails trials that others may be running")
         METHODS[self.method]().check_budget(self.budget, self.n_configs)
 
     def space(self) -> SearchSpace:
@@ -100,8 +109,13 @@ def study_exists(storage: str, name: str) -> bool:
     return name in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
 
 
-def open_study(method: SearchMethod, storage: str, name: str, resume: bool) -> optuna.Study:
-    """A new study, or with `resume` the existing one; refuses to silently do the other."""
+def open_study(method: SearchMethod, storage: str, name: str, resume: bool, join: bool = False) -> optuna.Study:
+    """A new study, or with `resume` the existing one; refuses to silently do the other. With `join`,
+    the study other processes share, whoever creates it first."""
+    if join:
+        return optuna.create_study(
+            storage=storage, study_name=name, directions=list(method.directions), load_if_exists=True
+        )
     exists = study_exists(storage, name)
     if resume and not exists:
         raise SettingsError(f"--resume: no study named {name!r} in {storage}")
@@ -124,15 +138,19 @@ def run_search(
     seed: int,
     fixed: TrainSettings | None = None,
     data=None,
+    workers: int = 1,
+    join: bool = False,
 ) -> RoundBudget:
-    """Fail what a killed run left RUNNING, charge finished trials to the budget, then search. The
-    sampler is seeded from the seed and the study's length, so a resumed study draws new points."""
-    fail_interrupted_trials(study)
+    """Fail what a killed run left RUNNING (unless other processes share the study: `join`), charge
+    finished trials to the budget, then search. The sampler is seeded from the seed and the study's
+    length, so a resumed study draws new points. Returns the study's rounds spent, by every process."""
+    if not join:
+        fail_interrupted_trials(study)
     parameters = space.parameters(scope, clients)
     study.sampler = method.sampler(parameters, int(seeding.numpy_rng(seed, SEARCH, len(study.trials)).integers(2**31)))
     spent = RoundBudget(budget, rounds_spent(study))
-    method.search(SearchContext(study, parameters, evaluate, spent, n_configs, seed, fixed, data))
-    return spent
+    method.search(SearchContext(study, parameters, evaluate, spent, n_configs, seed, fixed, data, workers))
+    return RoundBudget(budget, rounds_spent(study))
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:

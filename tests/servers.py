@@ -1,0 +1,255 @@
+"""Real local servers for integration tests: PostgreSQL, an MLflow tracking server and a Prefect API server.
+
+Each is a context manager that binds 127.0.0.1 on a free port, yields the URL to reach it, and stops the server
+when the `with` block ends, also when the block raises.
+"""
+
+import contextlib
+import http.client
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+LOCALHOST = "127.0.0.1"
+POLL_INTERVAL_S = 0.2
+STOP_TIMEOUT_S = 10
+LOG_TAIL_CHARS = 4000
+POSTGRES_TOOLS = ("initdb", "pg_ctl", "createdb")
+POSTGRES_USER = "postgres"
+# Servers on 127.0.0.1 are reached directly, whatever proxy the environment names.
+_direct_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((LOCALHOST, 0))
+        return sock.getsockname()[1]
+
+
+def port_accepts_connections(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:`port`."""
+    with socket.socket() as sock:
+        return sock.connect_ex((LOCALHOST, port)) == 0
+
+
+def answers_ok(url: str) -> bool:
+    """Whether a GET of `url` answers 200."""
+    try:
+        with _direct_opener.open(url, timeout=5) as response:
+            return response.status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def log_tail(path: Path) -> str:
+    """The end of a log file, or a note that there is none."""
+    try:
+        return path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+    except FileNotFoundError:
+        return f"(no log at {path})"
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the test for want of a server, or fail it where FEDHPO_REQUIRE_SERVERS=1 (CI)."""
+    if os.environ.get("FEDHPO_REQUIRE_SERVERS") == "1":
+        pytest.fail(f"{reason} (FEDHPO_REQUIRE_SERVERS=1)")
+    pytest.skip(reason)
+
+
+class ServerProcess:
+    """A command run in a process group of its own, its output in `log_path`; the group is stopped on exit."""
+
+    def __init__(
+        self, command: Sequence[object], log_path: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None
+    ):
+        self.command = [str(part) for part in command]
+        self.log_path = log_path
+        self.env = env
+        self.cwd = cwd
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ServerProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def exit_status(self) -> int | None:
+        """The leader's exit status once it has exited, else None. It is left unreaped, so that its process group
+        id cannot be handed to another process before `stop` has killed what is left of the group."""
+        if self.process.returncode is not None:
+            return self.process.returncode
+        exited = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return None if exited is None else exited.si_status
+
+    def wait_ready(self, ready: str | Callable[[], bool], timeout: float) -> None:
+        """Poll until `ready` (a URL that must answer 200, or a check) holds; raise with the log tail if the
+        process exits first or `timeout` seconds pass."""
+        is_ready = (lambda: answers_ok(ready)) if isinstance(ready, str) else ready
+        deadline = time.monotonic() + timeout
+        while not is_ready():
+            if (status := self.exit_status()) is not None:
+                raise RuntimeError(f"{shlex.join(self.command)} exited ({status}) before it was ready:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{shlex.join(self.command)} not ready after {timeout} s:\n{self.tail()}")
+            time.sleep(POLL_INTERVAL_S)
+
+    def tail(self) -> str:
+        """The end of the server's log."""
+        return log_tail(self.log_path)
+
+    def stop(self) -> None:
+        """SIGTERM the process group, wait up to STOP_TIMEOUT_S for the leader, then SIGKILL whatever is left of
+        the group and reap the leader."""
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while self.exit_status() is None and time.monotonic() < deadline:
+                time.sleep(POLL_INTERVAL_S)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def postgres_bin_dir() -> Path | None:
+    """The folder with initdb, pg_ctl and createdb: that of the initdb on PATH, else Debian's newest version."""
+    candidates = []
+    if initdb := shutil.which("initdb"):
+        candidates.append(Path(initdb).resolve().parent)
+    candidates += sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda bin_dir: [int(number) for number in re.findall(r"\d+", bin_dir.parent.name)],
+        reverse=True,
+    )
+    return next((bin_dir for bin_dir in candidates if all((bin_dir / tool).is_file() for tool in POSTGRES_TOOLS)), None)
+
+
+def as_user(user: str) -> list[str]:
+    """The command prefix that runs a command as `user` (we are root)."""
+    if shutil.which("runuser"):
+        return ["runuser", "-u", user, "--"]
+    if shutil.which("setpriv"):
+        account = pwd.getpwnam(user)
+        return ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups", "--"]
+    # su would take options of the command (-c, -D) for its own without the "--".
+    return ["su", "-s", "/bin/sh", user, "-c", '"$0" "$@"', "--"]
+
+
+@contextlib.contextmanager
+def postgres(tmpdir: Path) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster with an empty database `fedhpo`; yields its SQLAlchemy URL.
+
+    PostgreSQL refuses to run as root, so as root the cluster runs as the postgres user, in a folder of its own
+    under the system temp folder (pytest's temp folders are private to root); otherwise it lives under `tmpdir`.
+    """
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        skip_or_fail("no PostgreSQL binaries (initdb, pg_ctl, createdb) on PATH or under /usr/lib/postgresql/*/bin")
+    as_root = os.geteuid() == 0
+    run_as = []
+    if as_root:
+        try:
+            account = pwd.getpwnam(POSTGRES_USER)
+        except KeyError:
+            skip_or_fail(f"running as root, PostgreSQL needs a {POSTGRES_USER!r} system user to run as")
+        run_as = as_user(POSTGRES_USER)
+    workdir = Path(tempfile.mkdtemp(prefix="fedhpo-postgres-", dir=None if as_root else tmpdir))
+    if as_root:
+        os.chown(workdir, account.pw_uid, account.pw_gid)
+    data, log = workdir / "data", workdir / "postgres.log"
+    port = free_port()
+
+    def run(tool: str, *args: object, check: bool = True) -> None:
+        command = [*run_as, str(bin_dir / tool), *map(str, args)]
+        done = subprocess.run(command, cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if check and done.returncode != 0:
+            raise RuntimeError(
+                f"{shlex.join(command)} failed ({done.returncode}):\n{done.stdout}{done.stderr}\n{log_tail(log)}"
+            )
+
+    try:
+        run("initdb", "-D", data, "-U", POSTGRES_USER, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync")
+        run("pg_ctl", "-D", data, "-l", log, "-o", f"-h {LOCALHOST} -p {port} -k {workdir}", "-w", "-t", 60, "start")
+        run("createdb", "-h", LOCALHOST, "-p", port, "-U", POSTGRES_USER, "fedhpo")
+        yield f"postgresql+psycopg2://{POSTGRES_USER}@{LOCALHOST}:{port}/fedhpo"
+    finally:
+        # Fails harmlessly where the server never started.
+        run("pg_ctl", "-D", data, "-m", "immediate", "stop", check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def venv_bin(name: str) -> str:
+    """A script installed next to the running Python (the virtual environment's bin folder)."""
+    return str(Path(sys.executable).parent / name)
+
+
+@contextlib.contextmanager
+def mlflow_server(tmpdir: Path, backend_store_uri: str | None = None) -> Iterator[str]:
+    """An MLflow tracking server that stores runs in `backend_store_uri` (default: SQLite under `tmpdir`) and
+    artifacts under `tmpdir`/artifacts, proxied through the server; yields its tracking URL."""
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", LOCALHOST,
+        "--port", port,
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{tmpdir / 'mlflow.db'}",
+        "--artifacts-destination", tmpdir / "artifacts",
+        "--workers", 1,
+    ]  # fmt: skip
+    env = {name: value for name, value in os.environ.items() if name != "MLFLOW_TRACKING_URI"}
+    # Job execution (GenAI scorers) would start seven huey consumers and leave a folder in /dev/shm per server.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    url = f"http://{LOCALHOST}:{port}"
+    with ServerProcess(command, tmpdir / "mlflow-server.log", env=env, cwd=tmpdir) as server:
+        server.wait_ready(f"{url}/health", timeout=120)
+        yield url
+
+
+@contextlib.contextmanager
+def prefect_server(tmpdir: Path) -> Iterator[str]:
+    """A Prefect API server (no UI) with its home and SQLite database under `tmpdir`; yields its API URL."""
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [venv_bin("prefect"), "server", "start", "--host", LOCALHOST, "--port", port]
+    env = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
+    env |= {
+        "PREFECT_HOME": str(tmpdir / "prefect-home"),
+        # The current names; PREFECT_API_DATABASE_CONNECTION_URL and PREFECT_UI_ENABLED are their older aliases.
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmpdir / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+    }
+    url = f"http://{LOCALHOST}:{port}/api"
+    # cwd: Prefect also reads settings from ./prefect.toml, ./.env and ./pyproject.toml.
+    with ServerProcess(command, tmpdir / "prefect-server.log", env=env, cwd=tmpdir) as server:
+        server.wait_ready(f"{url}/health", timeout=180)
+        yield url
