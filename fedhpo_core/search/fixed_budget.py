@@ -25,8 +25,8 @@ class FixedBudgetSearch(SearchMethod):
     Trials are asked and told in this thread and trained in worker threads (each with the caller's
     context, so their Prefect task runs belong to the flow run). Processes may share the study
     (`join`): before training, a trial is admitted only if it fits, together with every trial
-    numbered before it (failed ones aside), into the budget and the configuration count; trial
-    numbers come from the storage, so every process draws the same line and none overspends.
+    created before it (failed ones aside), into the budget and the configuration count; the order
+    comes from the storage, so every process draws the same line and none overspends.
     A trial that does not fit is failed unstarted with the user attribute `surplus`.
     """
 
@@ -57,7 +57,9 @@ class FixedBudgetSearch(SearchMethod):
         if not self.fits(context, planned_trials(context.study), rounds):
             return None
         trial = self.ask(context)
-        earlier = [t for t in planned_trials(context.study) if t.number < trial.number]
+        # Ordered by the storage's trial id: an autoincrement key, where two processes' concurrent
+        # asks could still be given the same trial number.
+        earlier = [t for t in planned_trials(context.study) if t._trial_id < trial._trial_id]
         if self.fits(context, earlier, rounds) and self.admissible(trial, earlier):
             return trial
         trial.set_user_attr("surplus", True)
@@ -87,23 +89,42 @@ class RandomSearch(FixedBudgetSearch):
         return optuna.samplers.RandomSampler(seed=seed)
 
 
+class GridPointSampler(optuna.samplers.BaseSampler):
+    """Gives each new trial the first point of `order` that no finished or running trial holds.
+    (Optuna's GridSampler stops the study from inside `tell` once the grid is exhausted, which only
+    works inside `study.optimize`; enqueued trials, popped by several processes from SQLite, which
+    cannot lock rows, could go to two of them.)"""
+
+    def __init__(self, order: list[dict]):
+        self.order, self.points = order, {}
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def before_trial(self, study, trial):
+        taken = [t.params for t in planned_trials(study)]
+        self.points[trial._trial_id] = next((p for p in self.order if p not in taken), self.order[0])
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.points[trial._trial_id][param_name]
+
+    def after_trial(self, study, trial, state, values):
+        self.points.pop(trial._trial_id, None)
+
+
 class GridSearch(FixedBudgetSearch):
-    """The grid of categorical settings in a seeded order, at most n points. Each point is enqueued
-    before it is asked for: Optuna's GridSampler stops the study from inside `tell` once the grid is
-    exhausted, which only works inside `study.optimize`, not with ask-and-tell."""
+    """The grid of categorical settings in a seeded order, at most n points; a point another
+    process took first makes the trial surplus."""
 
     def sampler(self, parameters, seed):
         points = grid_points(parameters)
         self.order = [points[i] for i in np.random.default_rng(seed).permutation(len(points))]
-        return optuna.samplers.RandomSampler(seed=seed)
-
-    def ask(self, context):
-        tried = [t.params for t in planned_trials(context.study)]
-        context.study.enqueue_trial(next(p for p in self.order if p not in tried))
-        return super().ask(context)
+        return GridPointSampler(self.order)
 
     def admissible(self, trial, earlier):
-        """Not a point an earlier trial (of another process, perhaps) already took."""
         return trial.params not in [t.params for t in earlier]
 
     def trial_limit(self, context):

@@ -1,0 +1,210 @@
+"""Scale-out: the Dask backend, parallel trials, processes sharing a study, and the Prefect
+artifacts a study and a comparison leave."""
+
+import threading
+import time
+
+import optuna
+import pytest
+import torch
+
+from fedhpo_core.client import ClientJob, ClientUpdate
+from fedhpo_core.data import load_dataset
+from fedhpo_core.federation import FederatedData, FederationState, RoundSteps, clients_of, partition_of
+from fedhpo_core.search.base import ROUNDS_ATTR, TrialResult, planned_trials
+from fedhpo_core.search.fixed_budget import GridSearch, RandomSearch
+from fedhpo_core.search.space import SearchSpace
+from fedhpo_core.search.study import open_study, run_search
+from fedhpo_core.settings import ExecutionSettings, TrainSettings
+from flows.comparison import method_comparison
+from flows.study import artifact_key, hpo_study
+from flows.training import federated_training
+from tasks.training import PrefectSteps
+
+SMALL = {"clients": 4, "rounds": 2, "partition": "dirichlet", "alpha": 0.5}
+
+
+class RecordingRunner:
+    """A task runner that runs each submitted task here and records what it was sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def submit(self, task, parameters):
+        self.sent.append(parameters)
+        result = task.fn(**parameters)
+
+        class Done:
+            def result(self):
+                return result
+
+        return Done()
+
+
+def test_remote_clients_receive_a_reference_to_their_data_not_the_data():
+    settings = TrainSettings(**SMALL)
+    data = FederatedData.build(load_dataset("digits", "unused"), partition_of(settings.data), "mlp")
+    weights = data.spec.initial_weights(0)
+    jobs = [ClientJob(c, 1, settings.client_config, 0) for c in range(4)]
+    runner = RecordingRunner()
+
+    remote = PrefectSteps(runner, settings.data).train_clients(data.spec, weights, jobs, data.clients)
+    local = RoundSteps().train_clients(data.spec, weights, jobs, data.clients)
+
+    for parameters in runner.sent:
+        assert parameters["data"] == settings.data  # a small frozen settings object: the reference
+        assert [type(v).__name__ for v in parameters.values()] == ["ModelSpec", "Tensor", "DataSettings", "ClientJob"]
+    for a, b in zip(remote, local, strict=True):
+        assert isinstance(a, ClientUpdate) and torch.equal(a.weights, b.weights) and a.train_loss == b.train_loss
+    rebuilt = clients_of(settings.data)[3]
+    assert torch.equal(rebuilt.x_train, data.clients[3].x_train) and torch.equal(rebuilt.y_val, data.clients[3].y_val)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_dask_backend_gives_the_thread_runners_metrics(mlflow_client):
+    thread = federated_training(**SMALL, experiment="backends")
+    dask = federated_training(**SMALL, experiment="backends", task_runner="dask", dask_workers=2)
+    for key in ("final_val_acc", "final_val_loss", "final_test_acc", "final_test_loss"):
+        assert thread[key] == dask[key], key
+    for metric in ("train_loss", "val_loss", "client_val_acc"):
+        histories = [
+            [m.value for m in sorted(mlflow_client.get_metric_history(s["run_id"], metric), key=lambda m: m.step)]
+            for s in (thread, dask)
+        ]
+        assert histories[0] == histories[1] and len(histories[0]) == 2, metric
+    params = mlflow_client.get_run(dask["run_id"]).data.params
+    assert params["lr"] == "0.05"
+
+
+def test_execution_settings_are_checked():
+    with pytest.raises(ValueError, match="dask_address needs task_runner dask"):
+        ExecutionSettings(dask_address="127.0.0.1:8786")
+    with pytest.raises(ValueError, match="dask_workers must be >= 1"):
+        ExecutionSettings("dask", dask_workers=0)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_parallel_trials_overlap_and_spend_the_budget_once(mlflow_client, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    summary = hpo_study(
+        method="tpe",
+        budget=12,
+        n_configs=6,
+        final_rounds=0,
+        workers=3,
+        storage=storage,
+        study_name="parallel",
+        train={"clients": 4, "experiment": "parallel"},
+    )
+    study = optuna.load_study(study_name="parallel", storage=storage)
+    complete = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert len(complete) == 6 and len(study.trials) == 6
+    assert sum(t.user_attrs[ROUNDS_ATTR] for t in complete) == 12 == summary["rounds_used"]
+    # Some trial started before another had finished: they ran at once.
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in complete)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+
+    runs = mlflow_client.search_runs(
+        [summary["experiment_id"]], "tags.`fedhpo.study` = 'parallel' and tags.`fedhpo.role` = 'trial'"
+    )
+    assert sorted(int(r.data.tags["fedhpo.trial"]) for r in runs) == sorted(t.number for t in complete)
+    for run in runs:
+        trial = study.trials[int(run.data.tags["fedhpo.trial"])]
+        assert run.data.metrics["score"] == trial.value and run.info.status == "FINISHED"
+
+
+def fake_training(delay: float):
+    def evaluate(number, configuration, rounds, start, tuner=None):
+        time.sleep(delay)
+        return TrialResult(score=configuration.values["lr"], rounds=rounds, state=FederationState(rounds, None))
+
+    return evaluate
+
+
+@pytest.mark.parametrize("method", [RandomSearch, GridSearch])
+def test_processes_sharing_a_study_split_it_without_losing_or_repeating_a_trial(method, tmp_path):
+    """Three searchers on one storage, as separate processes would be (each its own Study object),
+    two trials at once each: together they run exactly n configurations within the budget."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    space = SearchSpace.load(None)
+    open_study(method(), storage, "shared", resume=False, join=True)
+
+    def searcher(seed):
+        study = open_study(method(), storage, "shared", resume=False, join=True)
+        run_search(method(), study, space, "global", 4, fake_training(0.05), 20, 10, seed, workers=2, join=True)
+
+    threads = [threading.Thread(target=searcher, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    study = optuna.load_study(study_name="shared", storage=storage)
+    complete = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert len(complete) == 10 and sum(t.user_attrs[ROUNDS_ATTR] for t in complete) == 20
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert all(t.user_attrs.get("surplus") for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
+    if method is GridSearch:
+        points = [tuple(sorted(t.params.items())) for t in complete]
+        assert len(set(points)) == len(points)
+
+
+def test_a_joining_search_leaves_room_for_trials_others_are_running(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    study = open_study(RandomSearch(), storage, "shared", resume=False, join=True)
+    other = study.ask()  # another process's trial, still running
+    run_search(RandomSearch(), study, SearchSpace.load(None), "global", 4, fake_training(0), 10, 5, 0, join=True)
+    assert study.trials[other.number].state == optuna.trial.TrialState.RUNNING  # not failed: it is alive
+    assert len(planned_trials(study)) == 5
+    assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 4
+
+
+def artifacts_of(flow_run_id) -> dict[str, list[dict]]:
+    """The flow run's Prefect artifacts by type, read through the REST API (3.8.8's client sends
+    None for the filter fields it is not given, which the server refuses)."""
+    from prefect.client.orchestration import get_client
+
+    body = {"flow_runs": {"id": {"any_": [str(flow_run_id)]}}, "limit": 100, "offset": 0, "sort": "CREATED_DESC"}
+    with get_client(sync_client=True) as client:
+        found = client.request("POST", "/artifacts/filter", json=body).json()
+    by_type: dict[str, list[dict]] = {}
+    for artifact in found:
+        by_type.setdefault(artifact["type"], []).append(artifact)
+    return by_type
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_study_and_a_comparison_leave_progress_and_markdown_summaries_in_prefect(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    fixed = {"clients": 3, "experiment": "artifacts"}
+    state = hpo_study(
+        method="random",
+        budget=4,
+        n_configs=2,
+        final_rounds=1,
+        storage=storage,
+        study_name="Artifact Study!",
+        train=fixed,
+        return_state=True,
+    )
+    summary = state.result()
+    artifacts = artifacts_of(state.state_details.flow_run_id)
+    [markdown] = artifacts["markdown"]
+    assert markdown["key"] == "study-artifact-study" == artifact_key("study-Artifact Study!")
+    assert f"| best trial | {summary['best_trial']} |" in markdown["data"]
+    assert "| rounds used | 4 of 4 |" in markdown["data"] and f"{summary['final_test_acc']:.4f}" in markdown["data"]
+    [progress] = artifacts["progress"]
+    assert progress["data"] == 100.0  # 4 of 4 rounds
+
+    state = method_comparison(
+        methods=["random"],
+        seeds=[0],
+        budgets=[2],
+        n_configs=2,
+        final_rounds=1,
+        storage=storage,
+        train=fixed,
+        return_state=True,
+    )
+    [markdown] = artifacts_of(state.state_details.flow_run_id)["markdown"]
+    assert markdown["key"].startswith("comparison-") and state.result()["table"] in markdown["data"]
