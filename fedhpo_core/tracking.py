@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 MAX_METRICS_PER_BATCH = 1000
@@ -43,10 +44,20 @@ class Tracker:
             self.run_id, self.experiment_id = run_id, self.client.get_run(run_id).info.experiment_id
             self.client.update_run(run_id, status="RUNNING")
             return
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = self._experiment_id(experiment)
         tags = dict(tags or {}) | ({"mlflow.parentRunId": parent.run_id} if parent else {})
         self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    def _experiment_id(self, name: str) -> str:
+        """The experiment's id, creating it if missing; another process may create it first."""
+        if found := self.client.get_experiment_by_name(name):
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:
+            if found := self.client.get_experiment_by_name(name):
+                return found.experiment_id
+            raise
 
     def __enter__(self) -> "Tracker":
         return self

@@ -1,0 +1,74 @@
+"""Multi-machine stores, for real: two `fedhpo tune` processes share one Optuna study in PostgreSQL
+and one MLflow tracking server (itself on PostgreSQL), all on 127.0.0.1."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import servers
+import sqlalchemy
+from mlflow import MlflowClient
+
+BUDGET, CONFIGS = 24, 8  # 3 rounds per trial
+
+
+def create_database(url: str, name: str) -> str:
+    """A second database in the same cluster (MLflow's tables apart from Optuna's); its URL."""
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def test_two_tuner_processes_share_a_postgres_study_and_an_mlflow_server(postgres_url, tmp_path):
+    with servers.mlflow_server(tmp_path / "mlflow-server", create_database(postgres_url, "mlflow")) as tracking:
+        env = os.environ | {"MLFLOW_TRACKING_URI": tracking}
+        command = [str(Path(sys.executable).with_name("fedhpo")), "tune", "--method", "tpe", "--join"]
+        command += ["--budget", str(BUDGET), "--n-configs", str(CONFIGS), "--final-rounds", "0"]
+        command += ["--storage", postgres_url, "--study-name", "shared", "--clients", "6", "--experiment", "shared"]
+        processes = [
+            subprocess.Popen(
+                command + ["--workers", str(workers)],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+            for workers in (1, 2)
+        ]
+        try:
+            outputs = [process.communicate(timeout=400)[0] for process in processes]
+        finally:
+            for process in processes:
+                process.kill()
+        for process, output in zip(processes, outputs, strict=True):
+            assert process.returncode == 0, output[-3000:]
+
+        study = optuna.load_study(study_name="shared", storage=postgres_url)
+        complete = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+        assert len(complete) == CONFIGS and len({t.number for t in complete}) == CONFIGS
+        assert sum(t.user_attrs["rounds_used"] for t in complete) == BUDGET
+        others = [t for t in study.trials if t.state != optuna.trial.TrialState.COMPLETE]
+        assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("surplus") for t in others)
+
+        client = MlflowClient(tracking_uri=tracking)
+        experiment = client.get_experiment_by_name("shared").experiment_id
+        studies = client.search_runs([experiment], "tags.`fedhpo.role` = 'study'")
+        assert len(studies) == 2 and all(r.info.status == "FINISHED" for r in studies)  # one per process
+        trials = client.search_runs([experiment], "tags.`fedhpo.role` = 'trial'")
+        by_trial = {int(r.data.tags["fedhpo.trial"]): r for r in trials}
+        assert len(trials) == len(by_trial) == CONFIGS  # no trial trained twice, none lost
+        for trial in complete:
+            run = by_trial[trial.number]
+            assert run.info.status == "FINISHED" and run.data.metrics["score"] == trial.value
+            assert float(run.data.params["lr"]) == trial.params["lr"]
+        # Both processes trained trials: each trial run is nested under one of the two study runs.
+        parents = {r.data.tags["mlflow.parentRunId"] for r in trials}
+        assert parents == {r.info.run_id for r in studies}
+        for run in studies:  # each process's summary reports the study's rounds, all processes together
+            assert run.data.metrics["rounds_used"] <= BUDGET
