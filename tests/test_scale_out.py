@@ -42,18 +42,20 @@ class RecordingRunner:
 
 
 def test_remote_clients_receive_a_reference_to_their_data_not_the_data():
-    settings = TrainSettings(**SMALL)
+    settings = TrainSettings(**SMALL | {"clients": 5})
     data = FederatedData.build(load_dataset("digits", "unused"), partition_of(settings.data), "mlp")
     weights = data.spec.initial_weights(0)
-    jobs = [ClientJob(c, 1, settings.client_config, 0) for c in range(4)]
+    jobs = [ClientJob(c, 1, settings.client_config, 0) for c in range(5)]
     runner = RecordingRunner()
 
-    remote = PrefectSteps(runner, settings.data).train_clients(data.spec, weights, jobs, data.clients)
+    remote = PrefectSteps(runner, settings.data, slots=2).train_clients(data.spec, weights, jobs, data.clients)
     local = RoundSteps().train_clients(data.spec, weights, jobs, data.clients)
 
+    assert [[job.client for job in sent["jobs"]] for sent in runner.sent] == [[0, 1, 2], [3, 4]]  # one share a slot
     for parameters in runner.sent:
         assert parameters["data"] == settings.data  # a small frozen settings object: the reference
-        assert [type(v).__name__ for v in parameters.values()] == ["ModelSpec", "Tensor", "DataSettings", "ClientJob"]
+        assert [type(v).__name__ for v in parameters.values()] == ["ModelSpec", "Tensor", "DataSettings", "list"]
+    assert [u.client for u in remote] == list(range(5))
     for a, b in zip(remote, local, strict=True):
         assert isinstance(a, ClientUpdate) and torch.equal(a.weights, b.weights) and a.train_loss == b.train_loss
     rebuilt = clients_of(settings.data)[3]
