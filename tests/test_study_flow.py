@@ -122,6 +122,19 @@ def trial_states(path: Path) -> list[str]:
         return []
 
 
+def running_trial_runs(path: Path) -> int:
+    """MLflow runs of trials in progress, read straight from the store."""
+    query = (
+        "select count(*) from runs join tags on runs.run_uuid = tags.run_uuid "
+        "where runs.status = 'RUNNING' and tags.key = 'fedhpo.role' and tags.value = 'trial'"
+    )
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            return db.execute(query).fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
 def test_a_study_killed_mid_trial_resumes_without_losing_or_repeating_a_trial(tmp_path):
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -134,12 +147,11 @@ def test_a_study_killed_mid_trial_resumes_without_losing_or_repeating_a_trial(tm
     )
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # kill once some trials finished and one is running
+        while time.monotonic() < deadline:  # kill once some trials finished and one is training
             time.sleep(0.2)
-            if (
-                trial_states(tmp_path / "optuna.db")[-1:] == ["RUNNING"]
-                and trial_states(tmp_path / "optuna.db").count("COMPLETE") >= 3
-            ):
+            states = trial_states(tmp_path / "optuna.db")
+            training = running_trial_runs(tmp_path / "mlflow.db")
+            if states[-1:] == ["RUNNING"] and states.count("COMPLETE") >= 3 and training:
                 break
         os.killpg(process.pid, signal.SIGKILL)
     finally:
