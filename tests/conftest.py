@@ -2,6 +2,7 @@
 result storage, and flows run against a real temporary Prefect server (prefect_test_harness)."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,11 +19,12 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.fixture(scope="session", autouse=True)
 def scratch_working_directory():
-    """MLflow's artifact folder and anything else relative land in the scratch folder."""
+    """MLflow's artifact folder and anything else relative land in the scratch folder, removed after."""
     previous = Path.cwd()
     os.chdir(SCRATCH)
     yield
     os.chdir(previous)
+    shutil.rmtree(SCRATCH, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
