@@ -212,7 +212,10 @@ def test_deploy_all_then_a_worker_runs_a_deployment_into_mlflow(prefect_api_url,
         )
         deadline = time.monotonic() + SCHEDULER_TIMEOUT_S
         while not (upcoming := client.read_flow_runs(flow_run_filter=scheduled_only, limit=10)):
-            assert time.monotonic() < deadline, f"no scheduled run of {NIGHTLY}/digits after {SCHEDULER_TIMEOUT_S} s"
+            assert time.monotonic() < deadline, (
+                f"no scheduled run of {NIGHTLY}/digits after {SCHEDULER_TIMEOUT_S} s: does the server's scheduler"
+                " fail? (Prefect 3.8 with SQLAlchemy 2.1: 'Can't evaluate bulk DML statement' in its log)"
+            )
             time.sleep(1)
         timezone = zoneinfo.ZoneInfo(schedule.schedule.timezone)
         starts = [run.expected_start_time.astimezone(timezone) for run in upcoming]

@@ -1,9 +1,11 @@
 """Studies: settings, the method registry, and opening, running and reading an Optuna study."""
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 
 from fedhpo_core import seeding
 from fedhpo_core.search.base import (
@@ -48,6 +50,7 @@ METHODS: dict[str, type[SearchMethod]] = {
 }
 OBJECTIVES = ("server", "clients")
 SEARCH = 6  # seeding key of the samplers' stream
+SCHEMA_ATTEMPTS = 3  # processes joining a new storage at once race to create its tables
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from us, not Optuna's
 
@@ -113,9 +116,15 @@ def open_study(method: SearchMethod, storage: str, name: str, resume: bool, join
     """A new study, or with `resume` the existing one; refuses to silently do the other. With `join`,
     the study other processes share, whoever creates it first."""
     if join:
-        return optuna.create_study(
-            storage=storage, study_name=name, directions=list(method.directions), load_if_exists=True
-        )
+        for attempt in range(SCHEMA_ATTEMPTS):
+            try:
+                return optuna.create_study(
+                    storage=storage, study_name=name, directions=list(method.directions), load_if_exists=True
+                )
+            except sqlalchemy.exc.SQLAlchemyError:  # another process was creating Optuna's tables
+                if attempt == SCHEMA_ATTEMPTS - 1:
+                    raise
+                time.sleep(1.0)
     exists = study_exists(storage, name)
     if resume and not exists:
         raise SettingsError(f"--resume: no study named {name!r} in {storage}")
