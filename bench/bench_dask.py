@@ -75,7 +75,7 @@ def main() -> None:
     print(
         f"MNIST, MLP, 20 clients, 1 local epoch, batch 32; {os.cpu_count()} CPU cores; median of {args.rounds} rounds"
     )
-    print(f"thread runner ({torch.get_num_threads()} torch threads): {thread:.2f} s per round ({runs('thread')})")
+    print(f"thread runner, clients one after another: {thread:.2f} s per round ({runs('thread')})")
     print(f"Dask local cluster, {args.dask_workers} workers x 1 thread: {dask:.2f} s per round ({runs('dask')})")
     print(f"speedup thread / dask: {thread / dask:.2f}x; same weights on both after {args.rounds + 1} rounds")
 

@@ -1,5 +1,6 @@
 """Studies: settings, the method registry, and opening, running and reading an Optuna study."""
 
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,10 @@ def run_search(
     if not join:
         fail_interrupted_trials(study)
     parameters = space.parameters(scope, clients)
-    study.sampler = method.sampler(parameters, int(seeding.numpy_rng(seed, SEARCH, len(study.trials)).integers(2**31)))
+    # Processes joining one study must not draw the same stream: each adds a key of its own (a
+    # shared study's order of trials is not reproducible anyway).
+    keys = (SEARCH, len(study.trials), *((secrets.randbits(32),) if join else ()))
+    study.sampler = method.sampler(parameters, int(seeding.numpy_rng(seed, *keys).integers(2**31)))
     spent = RoundBudget(budget, rounds_spent(study))
     method.search(SearchContext(study, parameters, evaluate, spent, n_configs, seed, fixed, data, workers))
     return RoundBudget(budget, rounds_spent(study))
