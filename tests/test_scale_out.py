@@ -78,6 +78,19 @@ def test_the_dask_backend_gives_the_thread_runners_metrics(mlflow_client):
     assert params["lr"] == "0.05"
 
 
+@pytest.mark.usefixtures("prefect_server")
+def test_clients_join_a_running_dask_cluster_by_address():
+    from distributed import LocalCluster
+
+    thread = federated_training(**SMALL | {"rounds": 1}, experiment="backends")
+    with LocalCluster(n_workers=1, threads_per_worker=2, host="127.0.0.1", dashboard_address=None) as cluster:
+        joined = federated_training(
+            **SMALL | {"rounds": 1}, experiment="backends", task_runner="dask", dask_address=cluster.scheduler_address
+        )
+        assert len(cluster.scheduler_info["workers"]) == 1  # the flow left the cluster it joined running
+    assert joined["final_val_loss"] == thread["final_val_loss"] and joined["final_test_acc"] == thread["final_test_acc"]
+
+
 def test_execution_settings_are_checked():
     with pytest.raises(ValueError, match="dask_address needs task_runner dask"):
         ExecutionSettings(dask_address="127.0.0.1:8786")
