@@ -82,13 +82,16 @@ def train_configuration(
 
 class StudyProgress:
     """Counters of a study in progress: trials finished and rounds spent against the budget, in the
-    log (the terminal) and in a Prefect progress artifact (the UI). Thread-safe: parallel trials
-    share one."""
+    log (the terminal) and in a Prefect progress artifact (the UI), updated at most once a second
+    (an API call each). Thread-safe: parallel trials share one."""
+
+    UPDATE_INTERVAL_S = 1.0
 
     def __init__(self, study: optuna.Study, budget: int):
         self.trials, self.rounds, self.budget = len(finished_trials(study)), rounds_spent(study), budget
         self.lock = threading.Lock()
         self.artifact = create_progress_artifact(self.percent, description=f"rounds spent of {budget}")
+        self.updated = time.monotonic()
 
     @property
     def percent(self) -> float:
@@ -97,6 +100,14 @@ class StudyProgress:
     def round(self) -> None:
         with self.lock:
             self.rounds += 1
+            if time.monotonic() - self.updated >= self.UPDATE_INTERVAL_S:
+                update_progress_artifact(self.artifact, self.percent)
+                self.updated = time.monotonic()
+
+    def finish(self, spent: int) -> None:
+        """The study's rounds spent, by every process that shared it."""
+        with self.lock:
+            self.rounds = spent
             update_progress_artifact(self.artifact, self.percent)
 
     def trial(self) -> str:
@@ -270,6 +281,7 @@ def run_study(
             tune.workers,
             tune.join,
         )
+        progress.finish(budget.spent)
 
         table = study_table(study, method.objectives if len(study.directions) > 1 else ())
         tracker.log_table(table, "study/trials.csv")
