@@ -2,7 +2,8 @@
 
 Each round follows the template configure -> train -> aggregate -> evaluate -> observe. The loop
 owns that order; a `Tuner` supplies each client's configuration and `RoundSteps` says how each
-step executes (in this process here; one Prefect task per client in `tasks.training`).
+step executes (in this process here; as Prefect task runs, in the flow or on Dask, in
+`tasks.training`).
 """
 
 import functools
@@ -43,7 +44,7 @@ def _take(dataset: Dataset, indices) -> Split:
     return dataset.x_train[index], dataset.y_train[index]
 
 
-def client_splits(dataset: Dataset, partition: Partition) -> tuple["ClientData", ...]:
+def client_splits(dataset: Dataset, partition: Partition) -> tuple[ClientData, ...]:
     return tuple(
         ClientData(*_take(dataset, train), *_take(dataset, val))
         for train, val in zip(partition.client_train, partition.client_val, strict=True)

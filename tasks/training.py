@@ -80,7 +80,7 @@ class PrefectSteps(RoundSteps):
         if self.runner is None:
             return [client_update(spec, weights, d, job) for job, d in zip(jobs, data, strict=True)]
         parameters = {"spec": spec, "weights": weights, "data": self.data}
-        shares = [list(share) for share in np.array_split(np.arange(len(jobs)), min(self.slots, len(jobs)))]
+        shares = np.array_split(np.arange(len(jobs)), min(self.slots, len(jobs)))  # contiguous, sizes within 1
         futures = [
             self.runner.submit(remote_client_updates, parameters | {"jobs": [jobs[i] for i in share]})
             for share in shares
