@@ -18,10 +18,44 @@ EVAL_BATCH = 4096
 
 @dataclass(frozen=True, eq=False)
 class ClientData:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
+    """A client's samples as rows of a pool (its federation's training set): its training and local
+    validation indices. Clients of one federation share the pool, so a cohort gathers every
+    client's batch from one tensor and no client's data is ever copied out."""
+
+    x: torch.Tensor  # the pool's inputs and labels
+    y: torch.Tensor
+    train: torch.Tensor  # int64 row indices
+    val: torch.Tensor
+
+    @classmethod
+    def of(cls, x_train, y_train, x_val, y_val) -> "ClientData":
+        """A client of its own: training and validation samples pooled."""
+        n, m = len(y_train), len(y_val)
+        return cls(torch.cat([x_train, x_val]), torch.cat([y_train, y_val]), torch.arange(n), torch.arange(n, n + m))
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def num_val(self) -> int:
+        return len(self.val)
+
+    @property
+    def x_train(self) -> torch.Tensor:
+        return self.x[self.train]
+
+    @property
+    def y_train(self) -> torch.Tensor:
+        return self.y[self.train]
+
+    @property
+    def x_val(self) -> torch.Tensor:
+        return self.x[self.val]
+
+    @property
+    def y_val(self) -> torch.Tensor:
+        return self.y[self.val]
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,14 +164,13 @@ def train_locally(
         else None
     )
     model.train()
-    n = len(data.y_train)
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), device=data.x.device)
     steps = 0
     for _ in range(config.local_epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, config.batch_size):
+        order = data.train[torch.randperm(data.num_train, generator=generator).to(data.train.device)]
+        for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]
-            loss = F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+            loss = F.cross_entropy(model(data.x[batch]), data.y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if anchor is not None:
@@ -181,9 +214,9 @@ def local_update(spec: ModelSpec, global_weights: torch.Tensor, data: ClientData
     return ClientUpdate(
         client=job.client,
         weights=flat_weights(model),
-        num_samples=len(data.y_train),
+        num_samples=data.num_train,
         train_loss=train_loss,
         val_loss=val_loss,
         val_acc=val_acc,
-        num_val=len(data.y_val),
+        num_val=data.num_val,
     )

@@ -16,6 +16,7 @@ import torch
 from fedhpo_core import seeding
 from fedhpo_core.aggregators import ServerSettings, State, aggregate
 from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, evaluate, local_update
+from fedhpo_core.cohort import train_cohort
 from fedhpo_core.data import Dataset, load_dataset
 from fedhpo_core.models import ModelSpec, workspace_model
 from fedhpo_core.partition import Partition, partition_dataset
@@ -44,18 +45,20 @@ def _take(dataset: Dataset, indices) -> Split:
     return dataset.x_train[index], dataset.y_train[index]
 
 
-def client_splits(dataset: Dataset, partition: Partition) -> tuple[ClientData, ...]:
+def client_splits(dataset: Dataset, partition: Partition, device: str = "cpu") -> tuple[ClientData, ...]:
+    """Each client's rows of the training set (which every client shares as its pool, on `device`)."""
+    x, y = dataset.x_train.to(device), dataset.y_train.to(device)
     return tuple(
-        ClientData(*_take(dataset, train), *_take(dataset, val))
+        ClientData(x, y, torch.from_numpy(train).to(device), torch.from_numpy(val).to(device))
         for train, val in zip(partition.client_train, partition.client_val, strict=True)
     )
 
 
 @functools.lru_cache(maxsize=2)
-def clients_of(data: DataSettings) -> tuple[ClientData, ...]:
+def clients_of(data: DataSettings, device: str = "cpu") -> tuple[ClientData, ...]:
     """Every client's data under these settings, built once per process: how a Dask worker gets a
     client's data from a reference (data settings, client id) instead of over the network."""
-    return client_splits(load_dataset(data.dataset, data.data_root), partition_of(data))
+    return client_splits(load_dataset(data.dataset, data.data_root), partition_of(data), device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,14 +71,20 @@ class FederatedData:
     spec: ModelSpec
 
     @classmethod
-    def build(cls, dataset: Dataset, partition: Partition, model: str) -> "FederatedData":
+    def build(cls, dataset: Dataset, partition: Partition, model: str, device: str = "cpu") -> "FederatedData":
+        """The federation's data on `device` (where its model trains)."""
         spec = ModelSpec(model, dataset.input_shape, dataset.num_classes)
+        x, y = _take(dataset, partition.server_val)
         return cls(
-            client_splits(dataset, partition),
-            _take(dataset, partition.server_val),
-            (dataset.x_test, dataset.y_test),
+            client_splits(dataset, partition, device),
+            (x.to(device), y.to(device)),
+            (dataset.x_test.to(device), dataset.y_test.to(device)),
             spec,
         )
+
+    @property
+    def device(self) -> torch.device:
+        return self.test[0].device
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,14 +158,28 @@ def evaluate_splits(spec: ModelSpec, weights: torch.Tensor, splits: Mapping[str,
     return {name: evaluate(model, x, y) for name, (x, y) in splits.items()}
 
 
+def train_sequentially(
+    spec: ModelSpec, weights: torch.Tensor, jobs: Sequence[ClientJob], data: Sequence[ClientData]
+) -> list[ClientUpdate]:
+    """The sequential engine: one client after another, each with one intra-op thread."""
+    return [local_update(spec, weights, d, job) for job, d in zip(jobs, data, strict=True)]
+
+
+TRAIN_CLIENTS: dict[str, Callable[..., list[ClientUpdate]]] = {"cohort": train_cohort, "sequential": train_sequentially}
+
+
 class RoundSteps:
-    """How each step of a round executes: here, directly in this process. Subclasses change the
-    execution (Prefect tasks, a Dask cluster), never the arithmetic."""
+    """How each step of a round executes: here, directly in this process, clients trained by the
+    named engine. Subclasses change the execution (Prefect tasks, a Dask cluster), never the
+    arithmetic."""
+
+    def __init__(self, engine: str = "cohort"):
+        self.engine = engine
 
     def train_clients(
         self, spec: ModelSpec, weights: torch.Tensor, jobs: Sequence[ClientJob], data: Sequence[ClientData]
     ) -> list[ClientUpdate]:
-        return [local_update(spec, weights, d, job) for job, d in zip(jobs, data, strict=True)]
+        return TRAIN_CLIENTS[self.engine](spec, weights, jobs, data)
 
     def aggregate(self, server, weights, updates, state) -> tuple[torch.Tensor, State]:
         return aggregate_updates(server, weights, updates, state)
@@ -193,7 +216,7 @@ class Federation:
         return len(self.data.clients)
 
     def initial_state(self) -> FederationState:
-        return FederationState(0, self.data.spec.initial_weights(self.seed))
+        return FederationState(0, self.data.spec.initial_weights(self.seed).to(self.data.device))
 
     def sample_clients(self, t: int) -> list[int]:
         """max(1, round(participation * N)) distinct clients for round t, drawn from the run's seed."""

@@ -85,9 +85,10 @@ _workspace = threading.local()
 
 
 def workspace_model(spec: ModelSpec, weights: torch.Tensor) -> nn.Module:
-    """A module of this thread holding `weights`, reused across rounds to skip rebuilding one per
-    client per round (the hot path); every thread has its own, so concurrent clients never share."""
+    """A module of this thread holding `weights` (on their device), reused across rounds to skip
+    rebuilding one per client per round; every thread has its own, so concurrent clients never share."""
     models = _workspace.__dict__.setdefault("models", {})
-    if spec not in models:
-        models[spec] = spec.build()
-    return load_flat_weights(models[spec], weights)
+    key = (spec, weights.device)
+    if key not in models:
+        models[key] = spec.build().to(weights.device)
+    return load_flat_weights(models[key], weights)

@@ -1,7 +1,7 @@
 """Tables and figures a run leaves behind (pandas and matplotlib; no tracking here)."""
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import matplotlib
 import numpy as np
@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from fedhpo_core.federation import Evaluation, RoundReport
 from fedhpo_core.partition import Partition
 from fedhpo_core.search.base import configuration_of
+from fedhpo_core.settings import ClientConfig
 
 
 def partition_table(partition: Partition, histogram: np.ndarray) -> pd.DataFrame:
@@ -27,17 +28,24 @@ def partition_table(partition: Partition, histogram: np.ndarray) -> pd.DataFrame
     return pd.concat([table, classes], axis=1)
 
 
+BARS_UP_TO = 200  # clients; more are drawn as stacked areas (a bar each would take seconds to draw)
+
+
 def partition_figure(histogram: np.ndarray, title: str) -> Figure:
-    """Stacked bars: each client's samples, coloured by class. A bare `Figure`, not pyplot's, so
-    nothing accumulates in pyplot's registry over many runs in one process."""
+    """Each client's samples, coloured by class: stacked bars, or stacked areas for many clients. A
+    bare `Figure`, not pyplot's, so nothing accumulates in pyplot's registry over many runs."""
     clients, classes = histogram.shape
-    figure = Figure(figsize=(max(6, 0.35 * clients), 4))
+    figure = Figure(figsize=(min(24, max(6, 0.35 * clients)), 4))
     axis = figure.subplots()
-    bottom = np.zeros(clients)
     colours = matplotlib.colormaps["tab10" if classes <= 10 else "tab20"]
-    for c in range(classes):
-        axis.bar(range(clients), histogram[:, c], bottom=bottom, color=colours(c % colours.N), label=str(c))
-        bottom += histogram[:, c]
+    labels, colors = [str(c) for c in range(classes)], [colours(c % colours.N) for c in range(classes)]
+    if clients > BARS_UP_TO:
+        axis.stackplot(range(clients), histogram.T, labels=labels, colors=colors, step="mid")
+    else:
+        bottom = np.zeros(clients)
+        for c in range(classes):
+            axis.bar(range(clients), histogram[:, c], bottom=bottom, color=colors[c], label=labels[c])
+            bottom += histogram[:, c]
     axis.set_xlabel("client")
     axis.set_ylabel("samples")
     axis.set_title(title)
@@ -47,19 +55,89 @@ def partition_figure(histogram: np.ndarray, title: str) -> Figure:
 
 
 def round_metrics(report: RoundReport, evaluation: Evaluation) -> dict[str, float]:
-    """One round's metrics (MLflow step = round): the global model's curves, the clients' mean
-    reports, and each sampled client's configuration as `hp/<name>/client_<i>` (the trajectory)."""
-    metrics = {
+    """One round's metrics (MLflow step = round): the global model's curves and the clients' mean
+    reports. Who took part, with which configuration, is a `ConfigTrajectory`."""
+    return {
         **asdict(evaluation),
         "train_loss": report.train_loss,
         "client_val_loss": report.client_val_loss,
         "client_val_acc": report.client_val_acc,
-        "clients_sampled": len(report.updates),
     }
-    for client, config in report.configs.items():
-        for name, value in asdict(config).items():
-            metrics[f"hp/{name}/client_{client}"] = value
-    return metrics
+
+
+class ConfigTrajectory:
+    """Each sampled client's configuration, round by round, kept so that what a run logs does not
+    grow with its clients (MLflow draws a chart per metric key): a setting with one value for every
+    client in every round is a param; a setting that varies is one long table (round, client, name,
+    value), one figure, and per-round metrics `hp/<name>/mean|min|max` across the round's clients.
+    Likewise the number of clients per round: a param `clients_per_round`, or where it varies (a
+    tuner selecting clients) the per-round metric `clients_sampled`."""
+
+    def __init__(self):
+        self.rounds: list[int] = []
+        self.clients: list[np.ndarray] = []
+        self.values: dict[str, list[np.ndarray]] = {}
+
+    def record(self, report: RoundReport) -> None:
+        self.rounds.append(report.round)
+        self.clients.append(np.fromiter(report.configs, dtype=np.int64))
+        for name in (f.name for f in fields(ClientConfig)):
+            values = [getattr(config, name) for config in report.configs.values()]
+            self.values.setdefault(name, []).append(np.asarray(values, dtype=float))
+
+    def constant(self) -> dict[str, object]:
+        """Settings with one value throughout, by name, as the clients had them."""
+        first = {f.name: f for f in fields(ClientConfig)}
+        settings = {
+            name: type(first[name].default)(rounds[0][0])
+            for name, rounds in self.values.items()
+            if rounds and all((values == rounds[0][0]).all() for values in rounds)
+        }
+        counts = {len(clients) for clients in self.clients}
+        return settings | ({"clients_per_round": counts.pop()} if len(counts) == 1 else {})
+
+    def varying(self) -> list[str]:
+        """The settings that changed between clients or rounds."""
+        return [name for name in self.values if name not in self.constant()]
+
+    def table(self) -> pd.DataFrame:
+        """Long format: a row per round, client and varying setting."""
+        frames = [
+            pd.DataFrame({"round": t, "client": clients, "name": name, "value": self.values[name][i]})
+            for name in self.varying()
+            for i, (t, clients) in enumerate(zip(self.rounds, self.clients, strict=True))
+        ]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def summaries(self) -> dict[int, dict[str, float]]:
+        """Per round: mean, min and max across the round's clients of each varying setting."""
+        metrics: dict[int, dict[str, float]] = {t: {} for t in self.rounds}
+        if "clients_per_round" not in self.constant():
+            for t, clients in zip(self.rounds, self.clients, strict=True):
+                metrics[t]["clients_sampled"] = float(len(clients))
+        for name in self.varying():
+            for t, values in zip(self.rounds, self.values[name], strict=True):
+                metrics[t] |= {
+                    f"hp/{name}/mean": float(values.mean()),
+                    f"hp/{name}/min": float(values.min()),
+                    f"hp/{name}/max": float(values.max()),
+                }
+        return metrics
+
+    def figure(self) -> Figure:
+        """Each varying setting over rounds: the clients' range and mean."""
+        names = self.varying()
+        figure = Figure(figsize=(6, 2.6 * max(1, len(names))))
+        for axis, name in zip(figure.subplots(max(1, len(names)), 1, squeeze=False)[:, 0], names, strict=False):
+            values = self.values[name]
+            axis.fill_between(self.rounds, [v.min() for v in values], [v.max() for v in values], alpha=0.3)
+            axis.plot(self.rounds, [v.mean() for v in values], marker=".")
+            if all((v > 0).all() for v in values) and max(v.max() for v in values) > 10 * min(v.min() for v in values):
+                axis.set_yscale("log")
+            axis.set_ylabel(name)
+        figure.axes[-1].set_xlabel("round (band: clients' range; line: mean)")
+        figure.tight_layout()
+        return figure
 
 
 LINEAGE = ("member", "generation", "parent_trial")  # population-based training's user attributes
@@ -141,9 +219,10 @@ def comparison_figure(results: pd.DataFrame) -> Figure:
 
 
 def trajectory_figure(trajectory: pd.DataFrame, title: str, most: int = 12) -> Figure:
-    """A round-level method's state over rounds (long format: round, name, value): the series
-    that end highest, at most `most` of them (FedTune has one per client and candidate)."""
-    wide = trajectory.pivot_table(index="round", columns="name", values="value")
+    """A round-level method's state over rounds (long format: round, client, name, value; client
+    empty for the method's global state): the global series that end highest, at most `most`."""
+    overall = trajectory[trajectory.client.isna()] if "client" in trajectory else trajectory
+    wide = overall.pivot_table(index="round", columns="name", values="value")
     wide = wide[wide.iloc[-1].sort_values(ascending=False).index[:most]]
     figure = Figure(figsize=(7, 4))
     axis = figure.subplots()

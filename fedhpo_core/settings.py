@@ -7,6 +7,8 @@ command line and the flow are generated from, or checked against, this one decla
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+import torch
+
 from fedhpo_core.aggregators import AGGREGATORS, DEFAULT_SERVER_LR, ServerSettings
 from fedhpo_core.data import DATASETS, split_sizes
 from fedhpo_core.models import MODELS
@@ -67,26 +69,42 @@ def setting(default, help: str):
 
 
 TASK_RUNNERS = ("thread", "dask")
+ENGINES = ("cohort", "sequential")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class ExecutionSettings:
-    """Where client training runs, never what it computes: a seed gives the same metrics on every
-    backend."""
+    """How and where client training runs, never what it computes: the engines agree up to float
+    rounding, and a seed gives the same result, bit for bit, with the same engine and device."""
 
     task_runner: str = setting(
-        "thread", "thread: clients one after another in the flow's process; dask: clients on a Dask cluster"
+        "thread", "thread: the round's clients in the flow's process; dask: shares of them on a Dask cluster"
     )
     dask_address: str | None = setting(None, "scheduler of a running Dask cluster (default: start a local one)")
     dask_workers: int = setting(2, "worker processes of the local Dask cluster (one thread each)")
+    engine: str = setting(
+        "cohort", "cohort: a round's clients train as one batched computation; sequential: one after another"
+    )
+    device: str = setting("auto", "where models and client data live: cpu, cuda, or auto (cuda when available)")
 
     def __post_init__(self):
         _one_of("task_runner", self.task_runner, TASK_RUNNERS)
+        _one_of("engine", self.engine, ENGINES)
+        _one_of("device", self.device, DEVICES)
         _check(self.dask_workers >= 1, f"dask_workers must be >= 1, got {self.dask_workers}")
         _check(
             self.dask_address is None or self.task_runner == "dask",
             "dask_address needs task_runner dask",
         )
+        _check(self.device != "cuda" or torch.cuda.is_available(), "device cuda: no CUDA device is available here")
+
+    @property
+    def resolved_device(self) -> str:
+        """The device `auto` stands for here: cuda when available, else cpu."""
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,35 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from fedhpo_core.locking import file_lock
+
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 MAX_METRICS_PER_BATCH = 1000
 
 
+def torch_version() -> str:
+    """torch's release, without the build's local label (+cu130): what a model needs installed."""
+    return torch.__version__.split("+")[0]
+
+
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
+
+
+_prepared: set[str] = set()
+
+
+def prepare_store() -> None:
+    """Open the MLflow store once per process, creating it where missing; for SQLite under a lock
+    file beside the database: a new SQLite store is migrated at first use, and two processes doing
+    so at once race (one dies)."""
+    uri = tracking_uri()
+    if uri in _prepared:
+        return
+    if uri.startswith("sqlite:///"):
+        with file_lock(Path(uri.removeprefix("sqlite:///") + ".lock")):
+            MlflowClient().search_experiments(max_results=1)
+    _prepared.add(uri)
 
 
 class Tracker:
@@ -39,6 +62,7 @@ class Tracker:
         run_id: str | None = None,
     ):
         """A new run (nested under `parent` if given), or with `run_id` that run reopened."""
+        prepare_store()
         self.client = MlflowClient()
         if run_id:
             self.run_id, self.experiment_id = run_id, self.client.get_run(run_id).info.experiment_id
@@ -76,6 +100,26 @@ class Tracker:
         for start in range(0, len(items), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
 
+    def log_metric_history(self, history: Mapping[int, Mapping[str, float]]) -> None:
+        """Metrics of many steps ({step: {key: value}}) in as few batches as MLflow allows."""
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for step, metrics in history.items() for k, v in metrics.items()]
+        for start in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
+
+    def log_client_configs(self, trajectory) -> None:
+        """The clients' configurations over the run (`reports.ConfigTrajectory`): settings that never
+        changed as params (unless the run holds them already), the others as
+        `trajectory/client_hyperparameters.csv` and `.png` and per-round `hp/<name>/mean|min|max`
+        (and `clients_sampled` where the number of clients per round changed)."""
+        held = self.client.get_run(self.run_id).data.params
+        self.log_params({name: value for name, value in trajectory.constant().items() if name not in held})
+        table = trajectory.table()
+        if not table.empty:
+            self.log_table(table, "trajectory/client_hyperparameters.csv")
+            self.log_figure(trajectory.figure(), "trajectory/client_hyperparameters.png")
+        self.log_metric_history(trajectory.summaries())
+
     def set_tags(self, tags: Mapping[str, object]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
@@ -89,7 +133,7 @@ class Tracker:
         """A flat weight vector as a torch file (read back with torch.load(..., weights_only=True))."""
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / Path(artifact_file).name
-            torch.save(weights, path)
+            torch.save(weights.cpu(), path)
             self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent))
 
     def log_model(self, model, input_example, name: str = "model") -> None:
@@ -106,7 +150,7 @@ class Tracker:
                 model,
                 name=name,
                 input_example=input_example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                pip_requirements=[f"torch=={torch_version()}"],
             )
 
     def finish(self, status: str = "FINISHED") -> None:

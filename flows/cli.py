@@ -1,4 +1,4 @@
-"""The `fedhpo` command: runs the flows locally (Prefect's ephemeral server, MLflow's local store)."""
+"""The `fedhpo` command: runs the flows from this machine (a shared local Prefect server, MLflow's store)."""
 
 import argparse
 import logging
@@ -199,20 +199,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(compare.add_argument_group("fixed settings of every trial"), TrainSettings)
     _add_settings(compare.add_argument_group("execution"), ExecutionSettings)
     compare.set_defaults(handler=compare_command)
+
+    server = commands.add_parser(
+        "server",
+        help="the local Prefect server fedhpo commands share (started by the first that needs it)",
+        description="fedhpo commands without PREFECT_API_URL share one Prefect server on 127.0.0.1, started in "
+        "the background by the first of them and kept for the next ones (its state, database and log in "
+        "PREFECT_HOME). start: start it now; status: its address; stop: stop it.",
+    )
+    server.add_argument("action", choices=["start", "status", "stop"])
+    server.set_defaults(handler=server_command)
     return parser
 
 
 @contextmanager
 def local_prefect():
-    """Prefect set up for a run on this machine; without PREFECT_API_URL, on a temporary server
-    started here, whose address Dask workers are given too (else each would start its own)."""
+    """Prefect set up for a run from this machine: against PREFECT_API_URL where it is set, else
+    against the local server that `fedhpo` commands share (`flows.local_server`), whose address Dask
+    workers are given too (else each would start a server of its own)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from an offline run
-    # The server records task-run events one transaction each by default; on 2 cores that server
-    # work, beside the training, made each round a quarter slower (README, Benchmark).
-    os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE", "50")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # not every step of a local cluster's start
     from prefect.events.worker import EventsWorker
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
@@ -225,17 +232,31 @@ def local_prefect():
     if get_current_settings().api.url is not None:
         yield
         return
-    server = SubprocessASGIServer()
-    server.start()
-    # Heartbeats let a server mark crashed runs; a temporary server ends with this process,
-    # and joining the heartbeat thread added up to a second to every flow run.
-    updates = {PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
-    try:
-        with temporary_settings(updates=updates):
-            yield
-            EventsWorker.drain_all()  # deliver the last task-run events before the temporary server stops
-    finally:
-        server.stop()
+    from flows import local_server
+
+    # Heartbeats let a server mark crashed runs, but joining the heartbeat thread added up to a
+    # second to every flow run; runs against a server of the user's own keep them.
+    updates = {PREFECT_API_URL: local_server.api_url(), PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    with temporary_settings(updates=updates):
+        yield
+        EventsWorker.drain_all()  # deliver the last task-run events before this process ends
+
+
+def server_command(args: argparse.Namespace) -> int:
+    from flows import local_server, warm
+
+    if args.action == "stop":
+        url = local_server.stop()
+        print(f"Stopped the local Prefect server at {url}." if url else "No local Prefect server is running.")
+        if warm.stop():
+            print("Stopped the warm runner (after the commands it runs).")
+    elif args.action == "start":
+        url = local_server.api_url().removesuffix("/api")
+        print(f"Local Prefect server at {url} (UI and API); `fedhpo server stop` stops it.")
+    else:
+        url = local_server.status()
+        print(f"Local Prefect server at {url}." if url else "No local Prefect server is running.")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,8 @@ def method_comparison(
     task_runner: str = "thread",
     dask_address: str | None = None,
     dask_workers: int = 2,
+    engine: str = "cohort",
+    device: str = "auto",
 ) -> dict:
     """Run every method with every seed and budget on the same partitions, and tabulate the test
     accuracy of each retrained best configuration.
@@ -62,10 +64,12 @@ def method_comparison(
         storage: Optuna storage URL; default: optuna.db beside the MLflow store.
         workers: Trials trained at once in each study (random, grid, tpe, gp, multiobjective).
         train: Fixed training settings (any parameter of federated-training).
-        task_runner: thread (clients one after another in the flow's process) or dask.
+        task_runner: thread (the round's clients in the flow's process) or dask (shares on a cluster).
         dask_address: Scheduler address of a running Dask cluster; default: start one local cluster
             that every study of the comparison uses.
         dask_workers: Worker processes of that local Dask cluster.
+        engine: cohort (a round's clients train as one batched computation) or sequential.
+        device: cpu, cuda, or auto (cuda when available).
     """
     logger = get_run_logger()
     tune = TuneSettings(
@@ -78,7 +82,7 @@ def method_comparison(
         workers=workers,
     )
     check_comparison(methods, seeds, budgets, tune)
-    execution = ExecutionSettings(task_runner, dask_address, dask_workers)
+    execution = ExecutionSettings(task_runner, dask_address, dask_workers, engine, device)
     fixed = TrainSettings(**(train or {}))
     tags = {"fedhpo.role": "comparison", "prefect.flow_run_id": str(flow_run.id)}
     rows = []

@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 from fedhpo_core.federation import FederatedData, Federation, FederationResult, RoundReport, RoundSteps
 from fedhpo_core.models import load_flat_weights
 from fedhpo_core.reports import (
+    ConfigTrajectory,
     lineage_figure,
     markdown_table,
     round_metrics,
@@ -67,16 +68,24 @@ def train_configuration(
     tuner = tuner or PerClientConfig(configuration.client_configs(fixed))
     reports: list[RoundReport] = []
     trajectory: list[dict] = []
+    configs = ConfigTrajectory()
 
     def observe(report, evaluation):
         reports.append(report)
+        configs.record(report)
         state = tuner.state()
         trajectory.extend({"round": report.round, "name": k, "value": v} for k, v in state.items())
+        trajectory.extend(
+            {"round": report.round, "client": client, "name": k, "value": v}
+            for client, values in tuner.client_state().items()
+            for k, v in values.items()
+        )
         tracker.log_metrics(round_metrics(report, evaluation) | state, report.round)
         if on_round:
             on_round()
 
     result = federation.run(tuner, rounds, steps, start=start, observe=observe)
+    tracker.log_client_configs(configs)
     return result, reports, trajectory
 
 
@@ -201,7 +210,7 @@ def retrain(
         result, _, _ = train_configuration(data, fixed, configuration, rounds, tracker, steps, tuner=tuner)
         if not result.diverged:
             model = load_flat_weights(data.spec.build(), result.state.weights)
-            tracker.log_model(model, input_example=data.test[0][:8].numpy().astype(np.float32))
+            tracker.log_model(model, input_example=data.test[0][:8].cpu().numpy().astype(np.float32))
     return result
 
 
@@ -243,7 +252,8 @@ def run_study(
     storage = tune.storage or default_storage(tracking_uri())
     name = tune.name_for(fixed)
     study = open_study(method, storage, name, tune.resume, tune.join)
-    data = FederatedData.build(load_data(fixed.dataset, fixed.data_root), partition_data(fixed.data), fixed.model)
+    dataset, partition = load_data(fixed.dataset, fixed.data_root), partition_data(fixed.data)
+    data = FederatedData.build(dataset, partition, fixed.model, execution.resolved_device)
 
     tags = {"fedhpo.role": "study", "fedhpo.study": name, "prefect.flow_run_id": str(flow_run.id)}
     # Processes joining a shared study each keep their own study run; a resumed study reopens its run.
@@ -343,6 +353,8 @@ def hpo_study(
     task_runner: str = "thread",
     dask_address: str | None = None,
     dask_workers: int = 2,
+    engine: str = "cohort",
+    device: str = "auto",
     parent_run_id: str | None = None,
 ) -> dict:
     """Search a federated run's hyperparameters under a budget of communication rounds.
@@ -362,9 +374,11 @@ def hpo_study(
         workers: Trials trained at once (random, grid, tpe, gp, multiobjective).
         join: Share the study with other processes using the same storage (created if missing).
         train: Fixed training settings (any parameter of federated-training).
-        task_runner: thread (clients one after another in the flow's process) or dask.
+        task_runner: thread (the round's clients in the flow's process) or dask (shares on a cluster).
         dask_address: Scheduler address of a running Dask cluster; default: start a local one.
         dask_workers: Worker processes of that local Dask cluster.
+        engine: cohort (a round's clients train as one batched computation) or sequential.
+        device: cpu, cuda, or auto (cuda when available).
         parent_run_id: MLflow run to nest the study's run under (a comparison's).
     """
     arguments = dict(locals())

@@ -10,7 +10,7 @@ from prefect.runtime import flow_run
 from fedhpo_core.federation import Evaluation, FederatedData, Federation, RoundReport
 from fedhpo_core.models import load_flat_weights
 from fedhpo_core.partition import label_histogram, label_skew
-from fedhpo_core.reports import partition_figure, partition_table, round_metrics
+from fedhpo_core.reports import ConfigTrajectory, partition_figure, partition_table, round_metrics
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
 from fedhpo_core.tracking import Tracker
 from fedhpo_core.tuners import FixedConfig
@@ -28,18 +28,24 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
     started = time.perf_counter()
     dataset = load_data(settings.dataset, settings.data_root)
     partition = partition_data(settings.data)
-    data = FederatedData.build(dataset, partition, settings.model)
+    data = FederatedData.build(dataset, partition, settings.model, execution.resolved_device)
     federation = Federation(data, settings.server, settings.participation, settings.seed)
     histogram = label_histogram(dataset.y_train.numpy(), partition, dataset.num_classes)
 
     tags = {"fedhpo.role": "train", "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": flow_run.name}
     with Tracker(settings.experiment, flow_run.name, tags) as tracker:
-        tracker.log_params({**asdict(settings), "server_lr": settings.server.lr, "model_parameters": data.spec.size})
-        tracker.log_metrics({"partition_label_skew": label_skew(histogram)})
-        tracker.log_table(partition_table(partition, histogram), "partition/partition.csv")
-        tracker.log_figure(partition_figure(histogram, partition_title(settings)), "partition/partition.png")
+        tracker.log_params(
+            {**asdict(settings), "server_lr": settings.server.lr, "model_parameters": data.spec.size}
+            | {
+                "partition_label_skew": label_skew(histogram),
+                **{f"execution.{k}": v for k, v in asdict(execution).items()},
+            }
+        )
+
+        configs = ConfigTrajectory()
 
         def observe(report: RoundReport, evaluation: Evaluation) -> None:
+            configs.record(report)
             tracker.log_metrics(round_metrics(report, evaluation), step=report.round)
             logger.info(
                 "round %d/%d: train_loss %.4f val_acc %.4f test_acc %.4f",
@@ -52,6 +58,9 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
 
         with round_steps(execution, settings.data) as steps:
             result = federation.run(FixedConfig(settings.client_config), settings.rounds, steps, observe=observe)
+        tracker.log_client_configs(configs)
+        tracker.log_table(partition_table(partition, histogram), "partition/partition.csv")
+        tracker.log_figure(partition_figure(histogram, partition_title(settings)), "partition/partition.png")
         final = result.evaluations[-1]
         summary = {
             "final_val_acc": final.val_acc,
@@ -69,7 +78,7 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
         else:
             tracker.set_tags({"fedhpo.diverged": "false"})
             model = load_flat_weights(data.spec.build(), result.state.weights)
-            tracker.log_model(model, input_example=data.test[0][:8].numpy().astype(np.float32))
+            tracker.log_model(model, input_example=data.test[0][:8].cpu().numpy().astype(np.float32))
     return {
         **summary,
         "run_id": tracker.run_id,
@@ -107,6 +116,8 @@ def federated_training(
     task_runner: str = "thread",
     dask_address: str | None = None,
     dask_workers: int = 2,
+    engine: str = "cohort",
+    device: str = "auto",
 ) -> dict:
     """Train one federated model and track it in MLflow.
 
@@ -135,9 +146,11 @@ def federated_training(
         tau: Adaptivity floor of FedOpt.
         seed: Seed of every random choice in the run.
         experiment: MLflow experiment name.
-        task_runner: thread (clients one after another in the flow's process) or dask.
+        task_runner: thread (the round's clients in the flow's process) or dask (shares on a cluster).
         dask_address: Scheduler address of a running Dask cluster; default: start a local one.
         dask_workers: Worker processes of that local Dask cluster.
+        engine: cohort (a round's clients train as one batched computation) or sequential.
+        device: cpu, cuda, or auto (cuda when available).
     """
     arguments = dict(locals())
     execution = ExecutionSettings(**{f.name: arguments.pop(f.name) for f in fields(ExecutionSettings)})

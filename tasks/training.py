@@ -8,6 +8,7 @@ round, on the hot path.
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -17,9 +18,16 @@ from prefect.task_runners import TaskRunner
 from prefect.utilities.hashing import hash_objects
 
 from fedhpo_core import partition as partitioning
-from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, local_update
+from fedhpo_core.client import ClientData, ClientJob, ClientUpdate
 from fedhpo_core.data import Dataset, load_dataset
-from fedhpo_core.federation import RoundSteps, aggregate_updates, clients_of, evaluate_splits, partition_of
+from fedhpo_core.federation import (
+    TRAIN_CLIENTS,
+    RoundSteps,
+    aggregate_updates,
+    clients_of,
+    evaluate_splits,
+    partition_of,
+)
 from fedhpo_core.models import ModelSpec
 from fedhpo_core.settings import DataSettings, ExecutionSettings
 
@@ -39,20 +47,29 @@ def partition_data(data: DataSettings) -> partitioning.Partition:
     return partition_of(data)
 
 
-@task(name="client-update", cache_policy=NO_CACHE, task_run_name="round-{job.round}-client-{job.client}")
-def client_update(spec: ModelSpec, weights: torch.Tensor, data: ClientData, job: ClientJob) -> ClientUpdate:
-    return local_update(spec, weights, data, job)
-
-
-@task(name="client-updates", cache_policy=NO_CACHE, task_run_name="round-{jobs[0].round}-clients-from-{jobs[0].client}")
-def remote_client_updates(
-    spec: ModelSpec, weights: torch.Tensor, data: DataSettings, jobs: list[ClientJob]
+@task(name="train-clients", cache_policy=NO_CACHE, task_run_name="round-{jobs[0].round}-clients")
+def train_clients(
+    engine: str, spec: ModelSpec, weights: torch.Tensor, jobs: list[ClientJob], data: list[ClientData]
 ) -> list[ClientUpdate]:
-    """A share of the round's clients, where the task runner puts it (a Dask worker). Each client's
-    data is loaded there from the data settings, once per worker process: only the weights and the
-    jobs travel."""
-    clients = clients_of(data)
-    return [local_update(spec, weights, clients[job.client], job) for job in jobs]
+    """The round's sampled clients, trained by the engine in this process."""
+    return TRAIN_CLIENTS[engine](spec, weights, jobs, data)
+
+
+@task(
+    name="train-client-share",
+    cache_policy=NO_CACHE,
+    task_run_name="round-{jobs[0].round}-clients-from-{jobs[0].client}",
+)
+def train_client_share(
+    engine: str, spec: ModelSpec, weights: torch.Tensor, data: DataSettings, device: str, jobs: list[ClientJob]
+) -> list[ClientUpdate]:
+    """A share of the round's clients, trained by the engine where the task runner puts it (a Dask
+    worker). Each client's data is loaded there from the data settings, once per worker process:
+    only the weights and the jobs travel, and each update's weights come back as their own copy
+    (not a view of the share's stacked weights, which would travel whole with every client)."""
+    clients = clients_of(data, device)
+    updates = TRAIN_CLIENTS[engine](spec, weights.to(device), jobs, [clients[job.client] for job in jobs])
+    return [replace(update, weights=update.weights.clone()) for update in updates]
 
 
 aggregate_task = task(name="aggregate", cache_policy=NO_CACHE)(aggregate_updates)
@@ -60,32 +77,41 @@ evaluate_task = task(name="evaluate", cache_policy=NO_CACHE)(evaluate_splits)
 
 
 class PrefectSteps(RoundSteps):
-    """Each step of a round as a Prefect task run: one per client, then aggregation and evaluation.
+    """Each step of a round as a Prefect task run: the round's clients, then aggregation and
+    evaluation; three task runs a round, however many clients it has.
 
-    Without a task runner the task runs execute one after another in the calling thread. Measured
-    on 2 CPU cores (MNIST MLP, 10 clients): clients in concurrent threads ran a round slower, since
-    small ops hold the GIL, and any second thread that runs torch gets its own OpenMP team whose
-    spinning workers contend with the first (a round took 2.0 s instead of 1.1 s).
+    Without a task runner the clients train in one task run in the calling thread, by the engine
+    (a cohort: one batched computation). Measured on 2 CPU cores (MNIST MLP, 10 clients): clients
+    in concurrent threads ran a round slower, since small ops hold the GIL, and any second thread
+    that runs torch gets its own OpenMP team whose spinning workers contend with the first.
 
     With a task runner (Dask), the round's clients are split into `slots` contiguous shares, one
-    task run each, submitted at once. Not one task run per client: a Prefect task run on a Dask
-    worker costs ~120-170 ms of API calls (measured on 2 cores, trivial body), three times a
-    client's MNIST round.
+    task run each (a cohort per share), submitted at once. Not one task run per client: a Prefect
+    task run on a Dask worker costs ~120-170 ms of API calls (measured on 2 cores, trivial body),
+    three times a client's MNIST round.
     """
 
-    def __init__(self, runner: TaskRunner | None = None, data: DataSettings | None = None, slots: int = 1):
-        self.runner, self.data, self.slots = runner, data, slots
+    def __init__(
+        self,
+        engine: str = "cohort",
+        runner: TaskRunner | None = None,
+        data: DataSettings | None = None,
+        slots: int = 1,
+        device: str = "cpu",
+    ):
+        super().__init__(engine)
+        self.runner, self.data, self.slots, self.device = runner, data, slots, device
 
     def train_clients(self, spec, weights, jobs, data):
         if self.runner is None:
-            return [client_update(spec, weights, d, job) for job, d in zip(jobs, data, strict=True)]
-        parameters = {"spec": spec, "weights": weights, "data": self.data}
+            return train_clients(self.engine, spec, weights, list(jobs), list(data))
+        parameters = {"engine": self.engine, "spec": spec, "weights": weights, "data": self.data, "device": self.device}
         shares = np.array_split(np.arange(len(jobs)), min(self.slots, len(jobs)))  # contiguous, sizes within 1
         futures = [
-            self.runner.submit(remote_client_updates, parameters | {"jobs": [jobs[i] for i in share]})
-            for share in shares
+            self.runner.submit(train_client_share, parameters | {"jobs": [jobs[i] for i in share]}) for share in shares
         ]
-        return [update for future in futures for update in future.result()]
+        updates = [update for future in futures for update in future.result()]
+        return [replace(update, weights=update.weights.to(weights.device)) for update in updates]
 
     def aggregate(self, server, weights, updates, state):
         return aggregate_task(server, weights, updates, state)
@@ -115,13 +141,14 @@ def dask_scheduler(execution: ExecutionSettings) -> Iterator[str | None]:
 
 @contextmanager
 def round_steps(execution: ExecutionSettings, data: DataSettings) -> Iterator[PrefectSteps]:
-    """PrefectSteps on the chosen backend, open for the duration of the block."""
+    """PrefectSteps with the chosen engine on the chosen backend, open for the duration of the block."""
     with dask_scheduler(execution) as address:
         if address is None:
-            yield PrefectSteps()
+            yield PrefectSteps(execution.engine, device=execution.resolved_device)
             return
         from prefect_dask import DaskTaskRunner
 
         with DaskTaskRunner(address=address) as runner:
             workers = runner.client.scheduler_info()["workers"].values()
-            yield PrefectSteps(runner, data, slots=max(1, sum(worker["nthreads"] for worker in workers)))
+            slots = max(1, sum(worker["nthreads"] for worker in workers))
+            yield PrefectSteps(execution.engine, runner, data, slots, execution.resolved_device)

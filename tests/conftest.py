@@ -14,16 +14,23 @@ SCRATCH = Path(tempfile.mkdtemp(prefix="fedhpo-tests-"))
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(SCRATCH / "prefect-results")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{SCRATCH / 'mlflow.db'}"
+# `fedhpo` commands the tests start share a local Prefect server and a warm runner of this home,
+# stopped when the session ends.
+os.environ["PREFECT_HOME"] = str(SCRATCH / "prefect-home")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="session", autouse=True)
 def scratch_working_directory():
     """MLflow's artifact folder and anything else relative land in the scratch folder, removed after."""
+    from flows import local_server, warm
+
     previous = Path.cwd()
     os.chdir(SCRATCH)
     yield
     os.chdir(previous)
+    warm.stop()
+    local_server.stop()
     shutil.rmtree(SCRATCH, ignore_errors=True)
 
 

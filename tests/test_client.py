@@ -17,7 +17,7 @@ def make_client(n=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 4, 4, generator=g)
     y = torch.randint(0, 3, (n,), generator=g)
-    return ClientData(x, y, x[:4], y[:4])
+    return ClientData.of(x, y, x[:4], y[:4])
 
 
 def test_fedavg_one_client_one_full_batch_step_equals_plain_sgd():

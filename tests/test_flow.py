@@ -53,13 +53,12 @@ def test_flow_leaves_the_expected_mlflow_run(mlflow_client):
     test_acc = {m.step: m.value for m in mlflow_client.get_metric_history(run.info.run_id, "test_acc")}
     assert run.data.metrics["final_test_acc"] == test_acc[3]
 
-    # Two of four clients per round: each round logs the configuration of exactly the sampled ones.
-    lr_steps = []
-    for client in range(4):
-        history = mlflow_client.get_metric_history(run.info.run_id, f"hp/lr/client_{client}")
-        assert all(m.value == 0.05 for m in history)
-        lr_steps += [m.step for m in history]
-    assert sorted(lr_steps) == [1, 1, 2, 2, 3, 3]
+    # The clients' configuration never changed: params, not a metric series per client and setting.
+    assert not [key for key in run.data.metrics if key.startswith("hp/")]
+    assert "trajectory/client_hyperparameters.csv" not in {
+        a.path for a in mlflow_client.list_artifacts(run.info.run_id)
+    }
+    assert run.data.params["batch_size"] == "32" and run.data.params["lr_hypergradient"] == "False"
 
     artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "partition")}
     assert artifacts == {"partition/partition.csv", "partition/partition.png"}

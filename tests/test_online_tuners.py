@@ -192,7 +192,7 @@ def test_fedhyper_client_side_scheduler_matches_a_hand_written_loop():
 
     generator = torch.Generator().manual_seed(3)
     x, y = torch.randn(16, 1, 4, 4, generator=generator), torch.randint(0, 3, (16,), generator=generator)
-    data = ClientData(x, y, x[:0], y[:0])
+    data = ClientData.of(x, y, x[:0], y[:0])
     start = SPEC.initial_weights(0)
     delta = torch.randn(SPEC.size, generator=generator) * 0.05
     config = ClientConfig(lr=0.5, batch_size=16, local_epochs=5, lr_hypergradient=True)
@@ -224,7 +224,7 @@ def test_without_a_global_update_the_client_side_scheduler_is_plain_sgd():
     from fedhpo_core.client import ClientData, train_locally
 
     x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))
-    data = ClientData(x, y, x[:0], y[:0])
+    data = ClientData.of(x, y, x[:0], y[:0])
     runs = []
     for hyper in (True, False):
         model = load_flat_weights(SPEC.build(), SPEC.initial_weights(0))

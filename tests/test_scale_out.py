@@ -48,32 +48,47 @@ def test_remote_clients_receive_a_reference_to_their_data_not_the_data():
     jobs = [ClientJob(c, 1, settings.client_config, 0) for c in range(5)]
     runner = RecordingRunner()
 
-    remote = PrefectSteps(runner, settings.data, slots=2).train_clients(data.spec, weights, jobs, data.clients)
+    remote = PrefectSteps("cohort", runner, settings.data, slots=2).train_clients(
+        data.spec, weights, jobs, data.clients
+    )
     local = RoundSteps().train_clients(data.spec, weights, jobs, data.clients)
 
     assert [[job.client for job in sent["jobs"]] for sent in runner.sent] == [[0, 1, 2], [3, 4]]  # one share a slot
     for parameters in runner.sent:
         assert parameters["data"] == settings.data  # a small frozen settings object: the reference
-        assert [type(v).__name__ for v in parameters.values()] == ["ModelSpec", "Tensor", "DataSettings", "list"]
+        assert [type(v).__name__ for v in parameters.values()] == [
+            "str",
+            "ModelSpec",
+            "Tensor",
+            "DataSettings",
+            "str",
+            "list",
+        ]
     assert [u.client for u in remote] == list(range(5))
-    for a, b in zip(remote, local, strict=True):
-        assert isinstance(a, ClientUpdate) and torch.equal(a.weights, b.weights) and a.train_loss == b.train_loss
+    for a, b in zip(remote, local, strict=True):  # shares of a cohort: equal up to float rounding
+        assert isinstance(a, ClientUpdate) and (a.weights - b.weights).abs().max() < 1e-6
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-6)
+        assert a.weights.untyped_storage().nbytes() == 4 * len(a.weights)  # its own copy, not a view of the share
     rebuilt = clients_of(settings.data)[3]
     assert torch.equal(rebuilt.x_train, data.clients[3].x_train) and torch.equal(rebuilt.y_val, data.clients[3].y_val)
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_the_dask_backend_gives_the_thread_runners_metrics(mlflow_client):
-    thread = federated_training(**SMALL, experiment="backends")
-    dask = federated_training(**SMALL, experiment="backends", task_runner="dask", dask_workers=2)
+@pytest.mark.parametrize("engine", ["sequential", "cohort"])
+def test_the_dask_backend_gives_the_thread_runners_metrics(engine, mlflow_client):
+    """Bit for bit with the sequential engine (one thread per client everywhere); to float rounding
+    with cohorts, whose batched products MKL splits between threads by the cohort's size."""
+    thread = federated_training(**SMALL, experiment="backends", engine=engine)
+    dask = federated_training(**SMALL, experiment="backends", task_runner="dask", dask_workers=2, engine=engine)
+    same = (lambda a, b: a == b) if engine == "sequential" else (lambda a, b: a == pytest.approx(b, rel=1e-5))
     for key in ("final_val_acc", "final_val_loss", "final_test_acc", "final_test_loss"):
-        assert thread[key] == dask[key], key
+        assert same(thread[key], dask[key]), key
     for metric in ("train_loss", "val_loss", "client_val_acc"):
         histories = [
             [m.value for m in sorted(mlflow_client.get_metric_history(s["run_id"], metric), key=lambda m: m.step)]
             for s in (thread, dask)
         ]
-        assert histories[0] == histories[1] and len(histories[0]) == 2, metric
+        assert same(histories[0], histories[1]) and len(histories[0]) == 2, metric
     params = mlflow_client.get_run(dask["run_id"]).data.params
     assert params["lr"] == "0.05"
 
@@ -88,7 +103,8 @@ def test_clients_join_a_running_dask_cluster_by_address():
             **SMALL | {"rounds": 1}, experiment="backends", task_runner="dask", dask_address=cluster.scheduler_address
         )
         assert len(cluster.scheduler_info["workers"]) == 1  # the flow left the cluster it joined running
-    assert joined["final_val_loss"] == thread["final_val_loss"] and joined["final_test_acc"] == thread["final_test_acc"]
+    assert joined["final_val_loss"] == pytest.approx(thread["final_val_loss"], rel=1e-5)
+    assert joined["final_test_acc"] == pytest.approx(thread["final_test_acc"], abs=0.002)
 
 
 def test_execution_settings_are_checked():

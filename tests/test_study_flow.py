@@ -1,6 +1,7 @@
 """The hpo-study flow end to end, the `fedhpo tune` command's errors, and resume after SIGKILL."""
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -246,14 +247,17 @@ def test_round_level_methods_run_one_tracked_run_within_the_budget(method, mlflo
         if r.data.tags.get("fedhpo.role") == "trial"
     ]
     paths = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "trajectory")}
-    assert paths == {"trajectory/tuner_state.csv", "trajectory/tuner_state.png"}
+    assert paths == {
+        f"trajectory/{name}.{kind}" for name in ("tuner_state", "client_hyperparameters") for kind in ("csv", "png")
+    }
     state = pd.read_csv(mlflow_client.download_artifacts(run.info.run_id, "trajectory/tuner_state.csv"))
     assert sorted(state["round"].unique()) == [1, 2, 3, 4]
+    # Per-client state and configurations are tables, never a metric series per client.
+    assert not [key for key in run.data.metrics if re.search(r"client_\d", key)]
     if method == "fedtune":  # each client's distribution sums to one in every round
-        pi = state[state.name.str.startswith("fedtune/pi/")].copy()
-        pi["client"] = pi.name.str.split("/").str[2]
-        assert np.allclose(pi.groupby(["round", "client"]).value.sum(), 1.0)
-        assert mlflow_client.get_metric_history(run.info.run_id, "fedtune/credit/client_0")
+        pi = state[state.name.str.startswith("fedtune/pi/")]
+        assert np.allclose(pi.groupby(["round", "client"]).value.sum(), 1.0) and pi.client.nunique() == 3
+        assert len(mlflow_client.get_metric_history(run.info.run_id, "fedtune/pi_entropy")) == 4
     elif method == "fedex":
         theta = state[state.name.str.startswith("fedex/theta_")]
         assert np.allclose(theta.groupby("round").value.sum(), 1.0)
@@ -268,8 +272,11 @@ def test_round_level_methods_run_one_tracked_run_within_the_budget(method, mlflo
         )
         assert final.data.params["scheduled_by"] == "FedHyper"
         assert len(mlflow_client.get_metric_history(final.info.run_id, "fedhyper/alpha")) == 1
-    # Every round's configuration of every taking part client is in the trajectory too.
-    assert 1 <= len(mlflow_client.get_metric_history(run.info.run_id, "hp/lr/client_0")) <= 4
+    # Every round's configuration of every taking part client is in the table, summarized per round.
+    configs = pd.read_csv(mlflow_client.download_artifacts(run.info.run_id, "trajectory/client_hyperparameters.csv"))
+    assert sorted(configs["round"].unique()) == [1, 2, 3, 4] and "lr" in set(configs.name)
+    lr = {m.step: m.value for m in mlflow_client.get_metric_history(run.info.run_id, "hp/lr/mean")}
+    assert lr == pytest.approx(configs[configs.name == "lr"].groupby("round").value.mean().to_dict())
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -103,7 +103,7 @@ class StepwiseSearch(OnlineSearch):
     def tuner(self, context, configs, values):
         global_parameters = {n.split("/")[0]: d for n, d in context.parameters.items()}
         data = context.data
-        samples = [len(c.y_train) for c in data.clients]
+        samples = [c.num_train for c in data.clients]
         return Stepwise(global_parameters, context.fixed.client_config, samples, data.spec.num_classes, context.seed)
 
 

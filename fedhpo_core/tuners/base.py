@@ -33,7 +33,9 @@ class Tuner(ABC):
        uploads, the global weights before and after, the server validation metrics. The test set
        is never in it.
 
-    ``state()`` is read after ``observe`` for the run's trajectory (say, a method's distribution).
+    ``state()`` and ``client_state()`` are read after ``observe`` for the run's trajectory (say, a
+    method's distribution): the first as a few named numbers, logged as metrics every round; the
+    second per client, kept in the trajectory table only (a metric series per client does not scale).
     Only ``configure`` is abstract; the other hooks have defaults, so a fixed schedule stays simple.
     """
 
@@ -58,6 +60,10 @@ class Tuner(ABC):
 
     def state(self) -> dict[str, float]:
         """The method's own state as named numbers, for the trajectory. Default: none."""
+        return {}
+
+    def client_state(self) -> dict[int, dict[str, float]]:
+        """The method's per-client state, {client: {name: value}}, for the trajectory. Default: none."""
         return {}
 
     def chosen(self) -> dict[str, object]:

@@ -115,11 +115,24 @@ class FedTune(Tuner):
         self.update(self.credits)
 
     def state(self):
+        """Summaries over clients: mean entropy of pi_i, mean max_k pi_i^k, mean credit of the round."""
         pi = self.pi
-        probabilities = {
-            f"fedtune/pi/client_{c}/h_{k}": float(pi[c, k]) for c in range(len(pi)) for k in range(pi.shape[1])
+        entropy = -(pi * np.log(np.clip(pi, 1e-300, None))).sum(axis=1)
+        credit = float(np.mean(list(self.credits.values()))) if self.credits else 0.0
+        return {
+            "fedtune/pi_entropy": float(entropy.mean()),
+            "fedtune/pi_max": float(pi.max(axis=1).mean()),
+            "fedtune/credit_mean": credit,
         }
-        return probabilities | {f"fedtune/credit/client_{c}": r for c, r in self.credits.items()}
+
+    def client_state(self):
+        """Each client's pi_i over the candidates and its last credit R_i."""
+        pi = self.pi
+        return {
+            c: {f"fedtune/pi/h_{k}": float(pi[c, k]) for k in range(pi.shape[1])}
+            | ({"fedtune/credit": self.credits[c]} if c in self.credits else {})
+            for c in range(len(pi))
+        }
 
     def chosen(self):
         """argmax_k pi_i^k for every client, as per-client search-space values."""

@@ -1,0 +1,439 @@
+"""The cohort engine: a round's clients trained as one computation.
+
+Every model parameter is stacked along a leading client axis, (k, *shape). A step runs every
+active client's mini-batch through one batched forward and backward and applies each client's own
+SGD settings as per-client columns. It is the sequential engine's algorithm
+(`fedhpo_core.client.train_locally`), step for step:
+
+- the same seeded shuffles: each client draws one `randperm` per epoch from its job's generator,
+  so it sees the same batches in the same order;
+- the same loss: each client's batch mean (a partial last batch is padded with weight-0 samples);
+- torch.optim.SGD's update with FedProx's term (Li et al. 2020, eq. 2):
+  g = grad + mu (w - w_global) + wd w,  b = momentum b + g (b = g without momentum),  w -= lr b;
+- FedHyper's client-side learning rate (`HypergradientLR`), per client.
+
+Clients whose datasets or local epochs differ take different numbers of steps: the cohort is
+ordered by steps, so the clients still training are always a prefix of the stack and a finished
+client costs nothing. Clients of different batch sizes train in separate cohorts (padding every
+batch to the largest would cost its size for all), and a cohort holds at most as many clients as
+`COHORT_BYTES` allows. Results agree with the sequential engine up to float rounding (the order of
+sums inside batched kernels, the update's arithmetic): `tests/test_cohort.py` bounds the
+difference. They are the same bit for bit for the same cohorts and threads; with several threads
+MKL splits a small batch of matrix products differently from a large one, so a client's weights
+depend in their last bits on how many clients share its cohort (a Dask share, a memory split).
+A client whose loss turns non-finite trains to the end of its schedule (the sequential engine
+stops at the end of that epoch); either way its loss marks the round diverged.
+
+Kernels (measured with `bench/bench_cohort.py`; `KERNELS` holds each model's winner):
+- `vmap`, the general path: torch.func's vmap of the module's functional call, autograd backward;
+- `batched`, our own forward for Sequentials of Linear, Conv2d, ReLU, MaxPool2d and Flatten
+  (grouped convolutions, batched matrix products), autograd backward;
+- `linear`, our own forward and backward for Flatten/Linear/ReLU stacks (the MLP): each weight
+  gradient is a batched product that plain SGD accumulates straight into the weights (one
+  `baddbmm_`), never materialized.
+"""
+
+import functools
+import math
+import threading
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedhpo_core.client import GAMMA_BETA, ClientData, ClientJob, ClientUpdate
+from fedhpo_core.models import ModelSpec
+
+COHORT_BYTES = 2 * 2**30  # memory one cohort may take (parameters, optimizer state, activations)
+EVAL_ROWS = 4096  # samples per batched forward in local validation
+
+
+def column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-client values shaped to broadcast over a (k, ...) tensor."""
+    return values.view(-1, *[1] * (like.ndim - 1))
+
+
+def gather(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """pool[rows] for a (k, b) index, through index_select (several times faster than indexing)."""
+    return pool.flatten(1).index_select(0, rows.flatten()).view(*rows.shape, *pool.shape[1:])
+
+
+class CohortSGD:
+    """torch.optim.SGD with FedProx's proximal term over a cohort's stacked parameters, each client
+    with its own lr, momentum, weight decay and mu; `rates` gives the step's learning rates.
+
+    Call `begin(k, lrs)` before each step on the first k clients, then `update` for every parameter;
+    `changes` holds the step's change of each parameter (by index) when FedHyper's schedule needs them."""
+
+    def __init__(self, jobs: Sequence[ClientJob], anchors: list[torch.Tensor], keep_changes: bool):
+        device = anchors[0].device
+
+        def setting(name):
+            return torch.tensor([float(getattr(job.config, name)) for job in jobs], device=device)
+
+        self.momentum, self.weight_decay, self.mu = setting("momentum"), setting("weight_decay"), setting("mu")
+        self.anchors, self.keep_changes = anchors, keep_changes
+        self.buffers = [torch.zeros(len(jobs), *a.shape[1:], device=device) for a in anchors]
+        self.with_momentum = bool((self.momentum > 0).any())
+        self.with_decay, self.with_prox = bool((self.weight_decay > 0).any()), bool((self.mu > 0).any())
+        if not self.with_momentum:
+            self.buffers = []
+
+    def begin(self, k: int, lrs: torch.Tensor) -> None:
+        self.k, self.lr, self.changes = k, lrs, {}
+
+    def update(self, i: int, w: torch.Tensor, grad: torch.Tensor) -> None:
+        """w -= lr b for parameter i's gradient."""
+        k, g = self.k, grad
+        if self.with_prox:
+            g = g + column(self.mu[:k], w) * (w - self.anchors[i])
+        if self.with_decay:
+            g = g + column(self.weight_decay[:k], w) * w
+        if self.with_momentum:
+            g = self.buffers[i][:k].mul_(column(self.momentum[:k], w)).add_(g)
+        if self.keep_changes:
+            self.changes[i] = column(-self.lr, g) * g
+        w.addcmul_(column(-self.lr, w), g)
+
+    def update_product(self, i: int, w: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+        """The same for a weight whose gradient is left^T right ((k, b, out), (k, b, in)): without
+        momentum or kept changes, w (1 - lr (wd + mu)) + lr mu w_global is accumulated with
+        -lr left^T right in one batched product."""
+        if self.with_momentum or self.keep_changes:
+            return self.update(i, w, torch.bmm(left.transpose(1, 2), right))
+        k = self.k
+        if self.with_decay or self.with_prox:
+            w.mul_(column(1 - self.lr * (self.weight_decay[:k] + self.mu[:k]), w))
+        if self.with_prox:
+            w.addcmul_(column(self.lr * self.mu[:k], w), self.anchors[i])
+        w.baddbmm_(left.transpose(1, 2), right * column(-self.lr, right))
+
+
+class Kernel:
+    """A model's batched forward (`forward`) and training step (`step`: default, autograd through
+    the forward). Parameters are (k, *shape); inputs (k, b, *input_shape); logits (k, b, classes)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def forward(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, params, x, y, sample_weights, sgd: CohortSGD) -> torch.Tensor:
+        """One SGD step of every client on its batch; returns each client's batch mean loss."""
+        w = [p.detach().requires_grad_() for p in params]
+        logits = self.forward(w, x)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        loss = (losses * sample_weights).sum(1)
+        grads = torch.autograd.grad(loss.sum(), w)
+        with torch.no_grad():
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                sgd.update(i, p, g)
+        return loss.detach()
+
+
+class VmapKernel(Kernel):
+    """The general path: vmap over the client axis of the module's functional call."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        names = [name for name, _ in module.named_parameters()]
+
+        def one_client(params, x):
+            return torch.func.functional_call(module, dict(zip(names, params, strict=True)), (x,))
+
+        self.batched = torch.func.vmap(one_client)
+
+    def forward(self, params, x):
+        return self.batched(params, x)
+
+
+BATCHED_LAYERS = (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten)
+
+
+class BatchedKernel(Kernel):
+    """Our own forward for a Sequential of Linear, Conv2d, ReLU, MaxPool2d and Flatten: convolutions
+    as one grouped convolution (groups = k) on a (b, k * channels, H, W) layout, linear layers as one
+    batched matrix product over (k, b, features)."""
+
+    layers_known = BATCHED_LAYERS
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        unknown = {type(layer).__name__ for layer in module if not isinstance(layer, self.layers_known)}
+        if unknown:
+            raise ValueError(f"{type(self).__name__} cannot run {', '.join(sorted(unknown))}")
+
+    def forward(self, params, x):
+        k, b = x.shape[:2]
+        h, grouped = x, False  # grouped: h is (b, k * channels, H, W)
+        weights = iter(params)
+        for layer in self.module:
+            if isinstance(layer, nn.Conv2d):
+                if not grouped:  # channels-last: mkldnn's grouped convolutions run ~1.5x faster on it
+                    h = h.transpose(0, 1).reshape(b, k * h.shape[2], *h.shape[3:])
+                    h, grouped = h.contiguous(memory_format=torch.channels_last), True
+                w, bias = next(weights), next(weights)
+                h = F.conv2d(
+                    h, w.reshape(-1, *w.shape[2:]), bias.reshape(-1), layer.stride, layer.padding, layer.dilation, k
+                )
+            elif isinstance(layer, nn.MaxPool2d):
+                h = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.ceil_mode)
+            elif isinstance(layer, nn.ReLU):
+                h = F.relu(h)
+            elif isinstance(layer, nn.Flatten):
+                h, grouped = (h.reshape(b, k, -1).transpose(0, 1) if grouped else h.flatten(2)), False
+            else:
+                w, bias = next(weights), next(weights)
+                h = torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2))
+        return h
+
+
+class LinearKernel(BatchedKernel):
+    """Flatten/Linear/ReLU stacks with our own backward: the loss gradient at the logits is
+    (softmax - onehot) x sample weight; each Linear's weight gradient d^T h_in goes to
+    `CohortSGD.update_product`, its input gradient d W (before W moves) continues backwards."""
+
+    layers_known = (nn.Linear, nn.ReLU, nn.Flatten)
+
+    def step(self, params, x, y, sample_weights, sgd):
+        h = x.flatten(2)
+        saved = []  # ("linear", input, parameter index) or ("relu", output)
+        weights = 0
+        with torch.no_grad():
+            for layer in self.module:
+                if isinstance(layer, nn.Linear):
+                    saved.append(("linear", h, weights))
+                    h = torch.baddbmm(params[weights + 1].unsqueeze(1), h, params[weights].transpose(1, 2))
+                    weights += 2
+                elif isinstance(layer, nn.ReLU):
+                    h = F.relu(h)
+                    saved.append(("relu", h, None))
+            log_p = F.log_softmax(h, dim=-1)
+            losses = -log_p.gather(2, y.unsqueeze(2)).squeeze(2)
+            d = log_p.exp_()
+            d.scatter_add_(2, y.unsqueeze(2), torch.full_like(d[..., :1], -1.0)).mul_(sample_weights.unsqueeze(2))
+            for kind, tensor, index in reversed(saved):
+                if kind == "relu":
+                    d = d * (tensor > 0)
+                    continue
+                below = torch.bmm(d, params[index]) if index else None
+                sgd.update_product(index, params[index], d, tensor)
+                sgd.update(index + 1, params[index + 1], d.sum(1))
+                d = below
+        return (losses * sample_weights).sum(1)
+
+
+KERNEL_CLASSES = {"vmap": VmapKernel, "batched": BatchedKernel, "linear": LinearKernel}
+KERNELS = {"mlp": "linear", "lenet5": "batched", "cnn": "batched"}
+
+
+_kernels = threading.local()
+
+
+def kernel_for(spec: ModelSpec) -> Kernel:
+    """The kernel `KERNELS` names for the spec's model, built once per thread: torch.func's
+    functional call swaps a module's parameters while it runs, so threads must not share one."""
+    built = _kernels.__dict__.setdefault("built", {})
+    key = (spec, KERNELS[spec.name])
+    if key not in built:
+        built[key] = KERNEL_CLASSES[key[1]](spec.build())
+    return built[key]
+
+
+@functools.lru_cache(maxsize=8)
+def activations_per_sample(spec: ModelSpec) -> int:
+    """Floats one sample's forward leaves for the backward (every layer's output)."""
+    total, h = 0, torch.zeros(1, *spec.input_shape)
+    with torch.no_grad():
+        for layer in spec.build():
+            h = layer(h)
+            total += h.numel()
+    return total
+
+
+def clients_per_cohort(spec: ModelSpec, batch_size: int) -> int:
+    """How many clients fit `COHORT_BYTES`: per client, its parameters, gradients, momentum and
+    FedHyper state (4 copies) and its batch's activations with their gradients (2 copies)."""
+    per_client = 4 * (4 * spec.size + 2 * batch_size * activations_per_sample(spec))
+    return max(1, COHORT_BYTES // per_client)
+
+
+def schedule(data: ClientData, job: ClientJob) -> tuple[torch.Tensor, torch.Tensor]:
+    """The client's batches as (steps, batch_size) pool rows, and each sample's loss weight: 1 / (the
+    step's sample count), 0 where a partial last batch is padded (with its first row)."""
+    n, size = data.num_train, job.config.batch_size
+    per_epoch = -(-n // size)
+    pad = per_epoch * size - n
+    generator = job.generator
+    orders = []
+    for _ in range(job.config.local_epochs):
+        order = torch.randperm(n, generator=generator)
+        orders.append(torch.cat([order, order[:1].expand(pad)]) if pad else order)
+    counts = torch.full((per_epoch, 1), float(size))
+    counts[-1] = n - (per_epoch - 1) * size
+    weights = torch.where(torch.arange(size) < counts, 1.0 / counts, 0.0).repeat(job.config.local_epochs, 1)
+    rows = data.train[torch.cat(orders).to(data.train.device)].view(-1, size)
+    return rows, weights.to(data.x.device)
+
+
+def pooled(data: Sequence[ClientData]) -> list[ClientData]:
+    """The clients over one pool: as they are when they share one (clients of a federation do),
+    else over their pools concatenated."""
+    if all(d.x is data[0].x and d.y is data[0].y for d in data):
+        return list(data)
+    x, y = torch.cat([d.x for d in data]), torch.cat([d.y for d in data])
+    clients, offset = [], 0
+    for d in data:
+        clients.append(ClientData(x, y, d.train + offset, d.val + offset))
+        offset += len(d.y)
+    return clients
+
+
+def train_cohort(
+    spec: ModelSpec, global_weights: torch.Tensor, jobs: Sequence[ClientJob], data: Sequence[ClientData]
+) -> list[ClientUpdate]:
+    """Every job's client trained from `global_weights`, in cohorts of one batch size; updates in
+    job order."""
+    data = pooled(data) if data else []
+    by_batch: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        by_batch.setdefault(job.config.batch_size, []).append(i)
+    updates: dict[int, ClientUpdate] = {}
+    for size, members in by_batch.items():
+        most = clients_per_cohort(spec, size)
+        for start in range(0, len(members), most):
+            chunk = members[start : start + most]
+            cohort = Cohort(spec, global_weights, [jobs[i] for i in chunk], [data[i] for i in chunk])
+            updates.update(zip(chunk, cohort.train(), strict=True))
+    return [updates[i] for i in range(len(jobs))]
+
+
+class Cohort:
+    """Clients of one batch size over one data pool, trained together from the same weights."""
+
+    def __init__(self, spec: ModelSpec, start: torch.Tensor, jobs: Sequence[ClientJob], data: Sequence[ClientData]):
+        schedules = [schedule(d, job) for d, job in zip(data, jobs, strict=True)]
+        # Most steps first (stable), so the clients still training are a prefix of the stack.
+        self.order = sorted(range(len(jobs)), key=lambda i: -len(schedules[i][0]))
+        self.jobs, self.data = [jobs[i] for i in self.order], [data[i] for i in self.order]
+        self.kernel, self.spec, self.start = kernel_for(spec), spec, start
+        device, k, size = start.device, len(jobs), jobs[0].config.batch_size
+        self.steps = torch.tensor([len(schedules[i][0]) for i in self.order])
+        self.rows = torch.zeros(k, int(self.steps[0]), size, dtype=torch.long, device=device)
+        self.sample_weights = torch.zeros(k, int(self.steps[0]), size, device=device)
+        for slot, i in enumerate(self.order):
+            rows, weights = schedules[i]
+            self.rows[slot, : len(rows)], self.sample_weights[slot, : len(rows)] = rows, weights
+
+    def initial_parameters(self) -> list[torch.Tensor]:
+        """Each parameter of the start weights, (1, *shape), and stacked for the cohort, (k, *shape)."""
+        anchors, offset = [], 0
+        for p in self.spec.build().parameters():
+            anchors.append(self.start[offset : offset + p.numel()].view(1, *p.shape))
+            offset += p.numel()
+        return anchors
+
+    def train(self) -> list[ClientUpdate]:
+        k_all = len(self.jobs)
+        anchors = self.initial_parameters()
+        params = [a.expand(k_all, *a.shape[1:]).clone() for a in anchors]
+        lr = torch.tensor([job.config.lr for job in self.jobs], device=self.start.device)
+        rates = HypergradientRates(self.jobs, anchors, lr)
+        sgd = CohortSGD(self.jobs, anchors, keep_changes=rates.active)
+        x_pool, y_pool = self.data[0].x, self.data[0].y
+        loss_sum = torch.zeros(k_all, device=self.start.device)
+        for step in range(int(self.steps[0])):
+            k = int((self.steps > step).sum())
+            rows = self.rows[:k, step]
+            sgd.begin(k, rates.rates(k))
+            loss = self.kernel.step(
+                [p[:k] for p in params], gather(x_pool, rows), y_pool[rows], self.sample_weights[:k, step], sgd
+            )
+            rates.after_step(step, k, sgd.changes)
+            loss_sum[:k] += loss
+        flat = torch.cat([p.reshape(k_all, -1) for p in params], dim=1)
+        train_loss = (loss_sum / self.steps.to(loss_sum.device)).tolist()
+        val_loss, val_acc = self.validate(params)
+        updates = {}
+        for slot, (job, data) in enumerate(zip(self.jobs, self.data, strict=True)):
+            finite = math.isfinite(train_loss[slot])
+            updates[self.order[slot]] = ClientUpdate(
+                client=job.client,
+                weights=flat[slot],
+                num_samples=data.num_train,
+                train_loss=train_loss[slot],
+                val_loss=val_loss[slot] if finite else math.nan,
+                val_acc=val_acc[slot] if finite else math.nan,
+                num_val=data.num_val,
+            )
+        return [updates[i] for i in range(k_all)]
+
+    @torch.no_grad()
+    def validate(self, params: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+        """Each client's mean cross-entropy and accuracy on its local validation split (nan if empty)."""
+        k, device = len(self.jobs), self.start.device
+        sizes = torch.tensor([d.num_val for d in self.data], device=device)
+        width = int(sizes.max())
+        if width == 0:
+            return [math.nan] * k, [math.nan] * k
+        rows = torch.zeros(k, width, dtype=torch.long, device=device)
+        for slot, d in enumerate(self.data):
+            rows[slot, : d.num_val] = d.val
+        mask = torch.arange(width, device=device) < sizes.unsqueeze(1)
+        loss_sum = torch.zeros(k, device=device, dtype=torch.float64)
+        correct = torch.zeros(k, device=device, dtype=torch.long)
+        chunk = max(1, EVAL_ROWS // k)
+        x_pool, y_pool = self.data[0].x, self.data[0].y
+        for start in range(0, width, chunk):
+            part, keep = rows[:, start : start + chunk], mask[:, start : start + chunk]
+            logits = self.kernel.forward(params, gather(x_pool, part))
+            target = y_pool[part]
+            losses = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(part.shape)
+            loss_sum += (losses * keep).sum(1, dtype=torch.float64)
+            correct += ((logits.argmax(-1) == target) & keep).sum(1)
+        n = sizes.double()
+        return (loss_sum / n).tolist(), (correct / n).tolist()
+
+
+class HypergradientRates:
+    """Each client's learning rate; where its job asks for FedHyper's client-side scheduler, times
+    the multiplier of `fedhpo_core.client.HypergradientLR`, updated for all clients at once: after
+    each step s >= 1 with change u_s, gamma = min(1.1, 1 + 0.1 <u_s, Delta> / m + <u_s, u_{s-1}>),
+    the multiplier clipped to [1 / gamma_beta, gamma_beta], u_0's predecessor being Delta."""
+
+    def __init__(self, jobs: Sequence[ClientJob], anchors: list[torch.Tensor], lr: torch.Tensor):
+        self.lr = lr
+        self.scheduled = torch.tensor(
+            [job.config.lr_hypergradient and job.global_update is not None for job in jobs], device=lr.device
+        )
+        self.active = bool(self.scheduled.any())
+        if not self.active:
+            return
+        delta = next(job.global_update for job in jobs if job.global_update is not None)
+        self.delta, offset = [], 0
+        for anchor in anchors:
+            self.delta.append(delta[offset : offset + anchor.numel()].view_as(anchor))
+            offset += anchor.numel()
+        self.previous = [d.expand(len(jobs), *d.shape[1:]).clone() for d in self.delta]
+        self.multiplier = torch.ones(len(jobs), dtype=torch.float64, device=lr.device)
+        self.clients = torch.tensor([job.clients_in_round for job in jobs], device=lr.device)
+
+    def rates(self, k: int) -> torch.Tensor:
+        if not self.active:
+            return self.lr[:k]
+        return (self.lr[:k] * self.multiplier[:k]).float()
+
+    def after_step(self, step: int, k: int, changes: dict[int, torch.Tensor]) -> None:
+        """Update the multipliers from this step's change of each parameter; none after the first step."""
+        if step == 0 or not self.active:
+            return
+        changes = [changes[i] for i in range(len(self.delta))]
+        along_delta = sum((u * d).flatten(1).sum(1) for u, d in zip(changes, self.delta, strict=True))
+        along_previous = sum((u * p[:k]).flatten(1).sum(1) for u, p in zip(changes, self.previous, strict=True))
+        alignment = (0.1 * along_delta / self.clients[:k] + along_previous).double()
+        stepped = ((1.0 + alignment).clamp(max=1.1) * self.multiplier[:k]).clamp(1 / GAMMA_BETA, GAMMA_BETA)
+        self.multiplier[:k] = torch.where(self.scheduled[:k], stepped, self.multiplier[:k])
+        for previous, u in zip(self.previous, changes, strict=True):
+            previous[:k] = u
