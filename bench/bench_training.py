@@ -97,46 +97,48 @@ def bare_sequential(settings: TrainSettings, rounds: int) -> float:
 
 def bare_batched(settings: TrainSettings, rounds: int) -> float:
     """Plain PyTorch FedAvg with every client's weights stacked on a client axis: each step one
-    batched matrix product per layer over all clients still training; returns the final test
-    accuracy."""
+    batched matrix product per layer over every client, autograd, one SGD update for all (a client
+    whose batches ran out, or the padded part of a partial batch, has loss weight 0); returns the
+    final test accuracy."""
     dataset, clients, server_val = federation_tensors(settings)
     torch.manual_seed(settings.seed)
     model = mlp()
     global_params = [p.detach().clone() for p in model.parameters()]  # W1, b1, W2, b2
-    sizes = torch.tensor([len(c[1]) for c in clients], dtype=torch.float32)
-    batch = settings.batch_size
+    x_pool = torch.cat([c[0] for c in clients]).flatten(1)
+    y_pool = torch.cat([c[1] for c in clients])
+    offsets = torch.tensor([0] + [len(c[1]) for c in clients]).cumsum(0)[:-1]
+    sizes = torch.tensor([len(c[1]) for c in clients])
+    batch, k = settings.batch_size, len(clients)
+    steps = int(-(-sizes.max() // batch))
     test_acc = 0.0
 
     def forward(params, x):
         w1, b1, w2, b2 = params
-        hidden = torch.baddbmm(b1.unsqueeze(1), x.flatten(2), w1.transpose(1, 2)).relu()
+        hidden = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)).relu()
         return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
 
     for _ in range(rounds):
-        params = [p.expand(len(clients), *p.shape).clone() for p in global_params]
-        orders = [torch.randperm(len(c[1])) for c in clients]
-        steps = max(-(-len(o) // batch) for o in orders)
+        params = [p.expand(k, *p.shape).clone() for p in global_params]
+        rows = torch.zeros(k, steps * batch, dtype=torch.long)
+        weights = torch.zeros(k, steps * batch)
+        for i, n in enumerate(sizes.tolist()):
+            rows[i, :n] = offsets[i] + torch.randperm(n)
+            counts = torch.full((steps * batch,), float(batch))
+            counts[(n // batch) * batch :] = n % batch or batch
+            weights[i, :n] = 1.0 / counts[:n]
         for step in range(steps):
-            rows = {i: o[step * batch : (step + 1) * batch] for i, o in enumerate(orders) if step * batch < len(o)}
-            groups: dict[int, list[int]] = {}  # clients whose batches have the same size (partial last ones)
-            for i, r in rows.items():
-                groups.setdefault(len(r), []).append(i)
-            for group in groups.values():
-                index = torch.tensor(group)
-                x = torch.stack([clients[i][0][rows[i]] for i in group])
-                y = torch.stack([clients[i][1][rows[i]] for i in group])
-                w = [p[index].requires_grad_() for p in params]
-                logits = forward(w, x)
-                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
-                grads = torch.autograd.grad(loss, w)
-                with torch.no_grad():
-                    for p, wi, g in zip(params, w, grads, strict=True):
-                        p[index] = wi - settings.lr * g
+            columns = slice(step * batch, (step + 1) * batch)
+            x, y = x_pool[rows[:, columns]], y_pool[rows[:, columns]]
+            w = [p.requires_grad_() for p in params]
+            losses = F.cross_entropy(forward(w, x).flatten(0, 1), y.flatten(), reduction="none")
+            grads = torch.autograd.grad((losses * weights[:, columns].flatten()).sum(), w)
+            with torch.no_grad():
+                params = [p.detach() - settings.lr * g for p, g in zip(w, grads, strict=True)]
         with torch.no_grad():
             for i, (_, _, x_val, y_val) in enumerate(clients):
-                logits = forward([p[i : i + 1] for p in params], x_val.unsqueeze(0))[0]
+                logits = forward([p[i : i + 1] for p in params], x_val.flatten(1).unsqueeze(0))[0]
                 F.cross_entropy(logits, y_val).item(), (logits.argmax(1) == y_val).float().mean().item()
-            shares = sizes / sizes.sum()
+            shares = sizes.float() / sizes.sum()
             global_params = [torch.tensordot(shares, p, dims=1) for p in params]
         for p, value in zip(model.parameters(), global_params, strict=True):
             p.data.copy_(value)

@@ -31,7 +31,7 @@ Step = Callable[[torch.Tensor, torch.Tensor, State, ServerSettings], tuple[torch
 
 def weighted_mean(weights: Sequence[torch.Tensor], num_samples: Sequence[int]) -> torch.Tensor:
     """sum_i n_i w_i / sum_i n_i."""
-    shares = torch.tensor(num_samples, dtype=weights[0].dtype)
+    shares = torch.tensor(num_samples, dtype=weights[0].dtype, device=weights[0].device)
     return (shares / shares.sum()) @ torch.stack(list(weights))
 
 

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fedhpo_core", "flows", "tasks")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 START_TIMEOUT_S = 120
+IDLE_EXIT_S = 3600  # a runner no command used for an hour exits (an upgraded fedhpo starts its own)
 POLL_S = 0.2
 HEADER = struct.Struct("!I")
 WARM_MODULES = (
@@ -221,8 +222,13 @@ class Runner:
             self.path.with_suffix(".json").unlink(missing_ok=True)
 
     def serve(self) -> None:
+        last_used = time.monotonic()
         while self.listening or self.children:
-            for key, _ in self.selector.select(timeout=POLL_S):
+            if self.children:
+                last_used = time.monotonic()
+            elif time.monotonic() - last_used > IDLE_EXIT_S:
+                self.stop_listening()
+            for key, _ in self.selector.select(timeout=POLL_S if self.children else 1.0):
                 if key.fileobj is self.listener:
                     self.accept()
                 else:  # the client went away (it never writes after its request): so does its command

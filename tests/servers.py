@@ -64,6 +64,30 @@ def log_tail(path: Path) -> str:
         return f"(no log at {path})"
 
 
+def run_together(commands: Sequence[Sequence[str]], cwd: Path, env: dict[str, str], timeout: float = 400) -> list[str]:
+    """Start every command at the same moment, wait for all, and fail unless each exits 0; their outputs."""
+    processes = [
+        subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for command in commands
+    ]
+    try:
+        outputs = [process.communicate(timeout=timeout)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output[-3000:]
+    return outputs
+
+
 def skip_or_fail(reason: str) -> NoReturn:
     """Skip the test for want of a server, or fail it where FEDHPO_REQUIRE_SERVERS=1 (CI)."""
     if os.environ.get("FEDHPO_REQUIRE_SERVERS") == "1":

@@ -136,6 +136,24 @@ def test_device_cpu_keeps_everything_on_the_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_a_cuda_federation_matches_the_cpu():
+    """Data, model, cohorts, aggregation and evaluation on the GPU; FedTune's credits too."""
+    from fedhpo_core.tuners.fedtune import mixture_credits
+
+    partition = partition_of(TrainSettings(clients=4, partition="dirichlet", alpha=0.5).data)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        data = FederatedData.build(load_dataset("digits", "unused"), partition, "mlp", device)
+        federation = Federation(data, TrainSettings(aggregator="fedadam").server, 1.0, 0)
+        runs[device] = federation.run(FixedConfig(ClientConfig(lr=0.1, momentum=0.5)), 2)
+        uploads = [(data.spec.initial_weights(c).to(device), 10 + c) for c in range(3)]
+        runs[device + "-credits"] = mixture_credits(data.spec, uploads, *data.server_val)
+    assert runs["cuda"].state.weights.is_cuda
+    assert (runs["cuda"].state.weights.cpu() - runs["cpu"].state.weights).abs().max() < 1e-4
+    assert runs["cuda-credits"] == pytest.approx(runs["cpu-credits"], abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 def test_cuda_cohort_matches_the_cpu():
     data_cpu = digits_data("mlp")
     data_gpu = FederatedData.build(

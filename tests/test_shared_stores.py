@@ -2,7 +2,6 @@
 and one MLflow tracking server (itself on PostgreSQL), all on 127.0.0.1."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +10,10 @@ import servers
 import sqlalchemy
 from mlflow import MlflowClient
 
-BUDGET, CONFIGS = 48, 12  # 4 rounds per trial: enough work that both processes, started together, get some
+BUDGET, CONFIGS = 48, 12  # 4 rounds per trial
+# Enough work per round (LeNet-5, 3 local epochs: ~0.1 s) that the study outlasts the second or two
+# between the two processes' starts, so both get trials.
+WORK = ["--model", "lenet5", "--local-epochs", "3"]
 
 
 def create_database(url: str, name: str) -> str:
@@ -29,25 +31,8 @@ def test_two_tuner_processes_share_a_postgres_study_and_an_mlflow_server(postgre
         command = [str(Path(sys.executable).with_name("fedhpo")), "tune", "--method", "tpe", "--join"]
         command += ["--budget", str(BUDGET), "--n-configs", str(CONFIGS), "--final-rounds", "0"]
         command += ["--storage", postgres_url, "--study-name", "shared", "--clients", "6", "--experiment", "shared"]
-        processes = [
-            subprocess.Popen(
-                command + ["--workers", str(workers)],
-                cwd=tmp_path,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-            )
-            for workers in (1, 2)
-        ]
-        try:
-            outputs = [process.communicate(timeout=400)[0] for process in processes]
-        finally:
-            for process in processes:
-                process.kill()
-        for process, output in zip(processes, outputs, strict=True):
-            assert process.returncode == 0, output[-3000:]
+        command += WORK
+        outputs = servers.run_together([command + ["--workers", str(workers)] for workers in (1, 2)], tmp_path, env)
 
         study = optuna.load_study(study_name="shared", storage=postgres_url)
         complete = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import servers
 
 from flows import warm
 
@@ -17,16 +18,9 @@ FEDHPO = str(Path(sys.executable).with_name("fedhpo"))
 SMALL = ["--clients", "3", "--experiment", "startup"]
 
 
-def fedhpo(*args: str, env=None, cwd=None, **popen) -> subprocess.Popen:
+def fedhpo(*args: str, cwd=None) -> subprocess.Popen:
     return subprocess.Popen(
-        [FEDHPO, *args],
-        env=env,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        **popen,
+        [FEDHPO, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
 
 
@@ -62,17 +56,9 @@ def test_two_commands_started_together_on_a_fresh_machine_both_run(tmp_path):
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }
-    processes = [fedhpo("train", "--rounds", "1", *SMALL, env=env, cwd=tmp_path) for _ in range(2)]
-    try:
-        outputs = [process.communicate(timeout=400)[0] for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-    for process, output in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, output[-3000:]
-    runs = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
-        [mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("startup").experiment_id]
-    )
+    servers.run_together([[FEDHPO, "train", "--rounds", "1", *SMALL]] * 2, tmp_path, env)
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("startup").experiment_id])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
 
     state = tmp_path / "prefect-home" / "fedhpo-server.json"

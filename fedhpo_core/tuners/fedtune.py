@@ -46,10 +46,10 @@ def mixture_credits(
     spec: ModelSpec, uploads: Sequence[tuple[torch.Tensor, int]], x: torch.Tensor, y: torch.Tensor
 ) -> np.ndarray:
     """R_i = -dL/d1_i at 1 = (1, ..., 1) for L = CE(sum_i (D_i/D) 1_i theta_i(x), y) (eqs. 5, 12)."""
-    shares = torch.tensor([n for _, n in uploads], dtype=torch.float32)
+    shares = torch.tensor([n for _, n in uploads], dtype=torch.float32, device=x.device)
     shares = shares / shares.sum()
-    ones = torch.ones(len(uploads), requires_grad=True)
-    model = spec.build()
+    ones = torch.ones(len(uploads), requires_grad=True, device=x.device)
+    model = spec.build().to(x.device)
     model.eval()
     outputs = []
     with torch.no_grad():
@@ -59,7 +59,7 @@ def mixture_credits(
     stacked = torch.stack(outputs)  # (clients, samples, classes)
     mixture = torch.einsum("c,cnk->nk", shares * ones, stacked)
     F.cross_entropy(mixture, y).backward()
-    return (-ones.grad).numpy()
+    return (-ones.grad).cpu().numpy()
 
 
 class FedTune(Tuner):
