@@ -36,6 +36,7 @@ Kernels (measured with `bench/bench_cohort.py`; `KERNELS` holds each model's win
 import functools
 import math
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -61,10 +62,11 @@ def gather(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 class CohortSGD:
     """torch.optim.SGD with FedProx's proximal term over a cohort's stacked parameters, each client
-    with its own lr, momentum, weight decay and mu; `rates` gives the step's learning rates.
+    with its own lr, momentum, weight decay and mu.
 
-    Call `begin(k, lrs)` before each step on the first k clients, then `update` for every parameter;
-    `changes` holds the step's change of each parameter (by index) when FedHyper's schedule needs them."""
+    Call `begin(k, lrs)` before each step of the first k clients (with their learning rates for
+    the step), then `update` or `update_product` once for every parameter; `changes` then holds the
+    step's change of each parameter (by index) where FedHyper's schedule needs them."""
 
     def __init__(self, jobs: Sequence[ClientJob], anchors: list[torch.Tensor], keep_changes: bool):
         device = anchors[0].device
@@ -74,11 +76,10 @@ class CohortSGD:
 
         self.momentum, self.weight_decay, self.mu = setting("momentum"), setting("weight_decay"), setting("mu")
         self.anchors, self.keep_changes = anchors, keep_changes
-        self.buffers = [torch.zeros(len(jobs), *a.shape[1:], device=device) for a in anchors]
         self.with_momentum = bool((self.momentum > 0).any())
         self.with_decay, self.with_prox = bool((self.weight_decay > 0).any()), bool((self.mu > 0).any())
-        if not self.with_momentum:
-            self.buffers = []
+        shapes = [a.shape[1:] for a in anchors] if self.with_momentum else []
+        self.buffers = [torch.zeros(len(jobs), *shape, device=device) for shape in shapes]
 
     def begin(self, k: int, lrs: torch.Tensor) -> None:
         self.k, self.lr, self.changes = k, lrs, {}
@@ -110,15 +111,16 @@ class CohortSGD:
         w.baddbmm_(left.transpose(1, 2), right * column(-self.lr, right))
 
 
-class Kernel:
+class Kernel(ABC):
     """A model's batched forward (`forward`) and training step (`step`: default, autograd through
     the forward). Parameters are (k, *shape); inputs (k, b, *input_shape); logits (k, b, classes)."""
 
     def __init__(self, module: nn.Module):
         self.module = module
 
+    @abstractmethod
     def forward(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Every client's logits for its inputs."""
 
     def step(self, params, x, y, sample_weights, sgd: CohortSGD) -> torch.Tensor:
         """One SGD step of every client on its batch; returns each client's batch mean loss."""
