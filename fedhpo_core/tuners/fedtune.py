@@ -108,6 +108,7 @@ class FedTune(Tuner):
     def observe(self, report):
         self.buffer[self.key()] = report.weights_after
         if report.diverged:
+            self.credits = {}
             return
         uploads = [(u.weights, u.num_samples) for u in report.updates]
         credits = mixture_credits(self.spec, uploads, *self.server_val)
@@ -126,12 +127,13 @@ class FedTune(Tuner):
         }
 
     def client_state(self):
-        """Each client's pi_i over the candidates and its last credit R_i."""
+        """The round's clients' pi_i over the candidates and credits R_i (eq. 11 moves no other pi_i,
+        so a client's distribution is its latest row: the table grows with the clients per round,
+        not with the federation)."""
         pi = self.pi
         return {
-            c: {f"fedtune/pi/h_{k}": float(pi[c, k]) for k in range(pi.shape[1])}
-            | ({"fedtune/credit": self.credits[c]} if c in self.credits else {})
-            for c in range(len(pi))
+            c: {f"fedtune/pi/h_{k}": float(pi[c, k]) for k in range(pi.shape[1])} | {"fedtune/credit": credit}
+            for c, credit in self.credits.items()
         }
 
     def chosen(self):
