@@ -4,6 +4,7 @@ engine's kernels (`fedhpo_core.cohort`): which kernel `KERNELS` should name for 
 MNIST, 10 IID clients (their first `--samples` training samples each), 1 local epoch, batch 32,
 lr 0.05, in this process; each timing the median of `--repeats` after one untimed run. The cohort
 kernels are checked against the sequential engine (largest weight difference after the round).
+`--device cuda` trains the cohorts on the GPU (the sequential engine stays on the CPU).
 
     python bench/bench_cohort.py --data-root ../shared/data
 """
@@ -28,10 +29,17 @@ def median_time(train, arguments: tuple, repeats: int) -> tuple[float, list]:
     updates = train(*arguments)
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         updates = train(*arguments)
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times), updates
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -41,12 +49,15 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024, help="training samples per client")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=list(KERNELS_OF))
+    parser.add_argument("--device", default="cpu", help="where the cohorts train: cpu or cuda")
     args = parser.parse_args()
     settings = TrainSettings(dataset="mnist", data_root=args.data_root, clients=args.clients)
     dataset = load_dataset("mnist", args.data_root)
     chosen = dict(cohort.KERNELS)
     threads = torch.get_num_threads()
-    print(f"MNIST, {args.clients} clients x {args.samples} samples, 1 epoch, batch 32, {threads} threads")
+    print(
+        f"MNIST, {args.clients} clients x {args.samples} samples, 1 epoch, batch 32, {threads} threads, {args.device}"
+    )
     print("| model | engine | kernel | seconds | speed-up | largest weight difference |")
     print("|---|---|---|---|---|---|")
     for model in args.models:
@@ -56,11 +67,14 @@ def main() -> None:
         arguments = (data.spec, data.spec.initial_weights(0), jobs, clients)
         sequential, reference = median_time(train_sequentially, arguments, args.repeats)
         print(f"| {model} | sequential | | {sequential:.2f} | 1.00x | |")
+        device_data = FederatedData.build(dataset, partition_of(settings.data), model, args.device)
+        device_clients = [ClientData(c.x, c.y, c.train[: args.samples], c.val) for c in device_data.clients]
+        on_device = (data.spec, arguments[1].to(args.device), jobs, device_clients)
         for kernel in KERNELS_OF[model]:
             cohort.KERNELS[model] = kernel
-            seconds, updates = median_time(cohort.train_cohort, arguments, args.repeats)
+            seconds, updates = median_time(cohort.train_cohort, on_device, args.repeats)
             difference = max(
-                float((a.weights - b.weights).abs().max()) for a, b in zip(reference, updates, strict=True)
+                float((a.weights - b.weights.cpu()).abs().max()) for a, b in zip(reference, updates, strict=True)
             )
             name = f"{kernel} (chosen)" if kernel == chosen[model] else kernel
             print(f"| {model} | cohort | {name} | {seconds:.2f} | {sequential / seconds:.2f}x | {difference:.1e} |")

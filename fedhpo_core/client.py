@@ -85,6 +85,7 @@ class ClientUpdate:
     val_loss: float  # on the client's local validation split, after training; nan when it has none
     val_acc: float
     num_val: int
+    val_loss_before: float = math.nan  # the received global model on the same split (FedEx's "before")
 
     @property
     def diverged(self) -> bool:
@@ -208,6 +209,7 @@ def local_update(spec: ModelSpec, global_weights: torch.Tensor, data: ClientData
     """One client's round: train from the global weights, then validate locally, single-threaded."""
     with one_intra_op_thread():
         model = workspace_model(spec, global_weights)
+        val_loss_before, _ = evaluate(model, data.x_val, data.y_val)
         train_loss = train_locally(model, data, job.config, job.generator, job.global_update, job.clients_in_round)
         finite = math.isfinite(train_loss)
         val_loss, val_acc = evaluate(model, data.x_val, data.y_val) if finite else (math.nan, math.nan)
@@ -219,4 +221,5 @@ def local_update(spec: ModelSpec, global_weights: torch.Tensor, data: ClientData
         val_loss=val_loss,
         val_acc=val_acc,
         num_val=data.num_val,
+        val_loss_before=val_loss_before,
     )

@@ -341,6 +341,7 @@ class Cohort:
         k_all = len(self.jobs)
         anchors = self.initial_parameters()
         params = [a.expand(k_all, *a.shape[1:]).clone() for a in anchors]
+        val_loss_before, _ = self.validate(params)
         lr = torch.tensor([job.config.lr for job in self.jobs], device=self.start.device)
         rates = HypergradientRates(self.jobs, anchors, lr)
         sgd = CohortSGD(self.jobs, anchors, keep_changes=rates.active)
@@ -369,6 +370,7 @@ class Cohort:
                 val_loss=val_loss[slot] if finite else math.nan,
                 val_acc=val_acc[slot] if finite else math.nan,
                 num_val=data.num_val,
+                val_loss_before=val_loss_before[slot],
             )
         return [updates[i] for i in range(k_all)]
 

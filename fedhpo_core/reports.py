@@ -8,6 +8,7 @@ import numpy as np
 import optuna
 import pandas as pd
 from matplotlib.figure import Figure
+from scipy import stats
 
 from fedhpo_core.federation import Evaluation, RoundReport
 from fedhpo_core.partition import Partition
@@ -186,13 +187,71 @@ def study_figures(table: pd.DataFrame, parameters: dict, most: int = 6) -> dict[
     return {"best_so_far.png": progress, "configs_vs_score.png": configs}
 
 
-def comparison_table(results: pd.DataFrame) -> pd.DataFrame:
+def paired_differences(results: pd.DataFrame, reference: str, level: float = 0.95) -> pd.DataFrame:
+    """Each method against `reference` on the same seeds (the studies of a seed share its partition
+    and initial model): per budget, the per-seed differences of `final_test_acc` (method minus
+    reference), their mean, a Student-t confidence interval of the mean at `level`, the exact
+    two-sided Wilcoxon signed-rank p-value, and a verdict. The verdict is `better` or `worse` only
+    when the interval excludes 0, else `tie` (within noise); with one seed there is no interval and
+    the verdict is `one seed`. With n seeds the signed-rank p is at least 2^(1-n) (0.25 for 3 seeds),
+    so the interval, not p, decides."""
+    table = results.pivot_table(index=["budget", "seed"], columns="method", values="final_test_acc")
+    rows = []
+    for method in dict.fromkeys(results.method):
+        if method == reference:
+            continue
+        for budget in dict.fromkeys(results.budget):
+            paired = table.loc[budget, [method, reference]].dropna()
+            differences = (paired[method] - paired[reference]).sort_index()
+            n, mean = len(differences), float(differences.mean())
+            low = high = p_value = math.nan
+            if n > 1:
+                half = float(differences.std()) * stats.t.ppf((1 + level) / 2, n - 1) / math.sqrt(n)
+                low, high = mean - half, mean + half
+                nonzero = differences[differences != 0]
+                p_value = float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) else 1.0
+            if n < 2:
+                verdict = "one seed"
+            elif low > 0:
+                verdict = "better"
+            elif high < 0:
+                verdict = "worse"
+            else:
+                verdict = "tie"
+            rows.append(
+                {
+                    "method": method,
+                    "budget": budget,
+                    "reference": reference,
+                    "differences": " ".join(f"s{seed}:{d:+.4f}" for seed, d in differences.items()),
+                    "mean_difference": mean,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "signed_rank_p": p_value,
+                    "verdict": verdict,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def comparison_table(results: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
     """From one row per (method, budget, seed) with `final_test_acc`: a row per method, a column per
-    budget, "mean ± std" over seeds (the FedTune paper's Table 1 layout)."""
-    stats = results.groupby(["method", "budget"]).final_test_acc.agg(["mean", "std"]).fillna(0.0)
-    cells = stats.apply(lambda r: f"{r['mean']:.4f} ± {r['std']:.4f}", axis=1).unstack("budget")
+    budget, "mean ± std" over seeds (the FedTune paper's Table 1 layout), and beside each budget the
+    paired difference against `reference` (default: the first method) with its 95% interval and
+    verdict (`paired_differences`)."""
+    reference = reference or results.method.iloc[0]
+    stats_ = results.groupby(["method", "budget"]).final_test_acc.agg(["mean", "std"]).fillna(0.0)
+    cells = stats_.apply(lambda r: f"{r['mean']:.4f} ± {r['std']:.4f}", axis=1).unstack("budget")
     order = list(dict.fromkeys(results.method))
-    return cells.loc[order].rename(columns=lambda b: f"budget {b}")
+    table = cells.loc[order].rename(columns=lambda b: f"budget {b}")
+    paired = paired_differences(results, reference)
+    for budget in dict.fromkeys(results.budget):
+        column = f"budget {budget}: vs {reference}"
+        table[column] = "reference"
+        for row in paired[paired.budget == budget].itertuples():
+            interval = "" if math.isnan(row.ci_low) else f" [{row.ci_low:+.4f}, {row.ci_high:+.4f}]"
+            table.loc[row.method, column] = f"{row.mean_difference:+.4f}{interval} {row.verdict}"
+    return table[[c for b in dict.fromkeys(results.budget) for c in (f"budget {b}", f"budget {b}: vs {reference}")]]
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -209,8 +268,8 @@ def comparison_figure(results: pd.DataFrame) -> Figure:
     figure = Figure(figsize=(6, 4))
     axis = figure.subplots()
     for method, rows in results.groupby("method", sort=False):
-        stats = rows.groupby("budget").final_test_acc.agg(["mean", "std"]).fillna(0.0)
-        axis.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=method)
+        summary = rows.groupby("budget").final_test_acc.agg(["mean", "std"]).fillna(0.0)
+        axis.errorbar(summary.index, summary["mean"], yerr=summary["std"], marker="o", capsize=3, label=method)
     axis.set_xlabel("search budget (communication rounds)")
     axis.set_ylabel("final test accuracy")
     axis.legend()

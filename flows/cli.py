@@ -8,7 +8,7 @@ import types
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, fields
 
-from fedhpo_core.search.study import TuneSettings
+from fedhpo_core.search.study import COMPARISON_PRESETS, TuneSettings
 from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
 
 
@@ -124,7 +124,7 @@ def compare_command(args: argparse.Namespace) -> int:
     tune = _settings("compare", TuneSettings, args)
     execution = _settings("compare", ExecutionSettings, args)
     try:
-        check_comparison(args.methods, args.seeds, args.budgets, tune)
+        check_comparison(args.methods, args.seeds, args.budgets, tune, args.reference)
         tune.space()
     except SettingsError as error:
         _fail("compare", str(error))
@@ -138,11 +138,12 @@ def compare_command(args: argparse.Namespace) -> int:
             methods=args.methods,
             seeds=args.seeds,
             budgets=args.budgets,
+            reference=args.reference,
             train=asdict(fixed),
             **tune_values,
             **asdict(execution),
         )
-    print("final_test_acc, mean ± std over seeds:")
+    print("final_test_acc, mean ± std over seeds, and the paired difference from the reference method:")
     print(summary["table"])
     print(
         f"MLflow run {summary['run_id']} in {tracking_uri()}; browse it: mlflow ui --backend-store-uri {tracking_uri()}"
@@ -162,7 +163,8 @@ def _study_present(storage: str, name: str) -> bool:
 COMPARISON_SKIPS = ("method", "budget", "study_name", "resume", "join")  # set per study by the comparison
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
+    """The command line; `preset` (a `COMPARISON_PRESETS` entry) sets defaults of `compare`."""
     parser = argparse.ArgumentParser(prog="fedhpo", description="Federated hyperparameter optimization.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
@@ -195,10 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", type=_csv(int), default=[0, 1, 2], help="seeds, comma-separated (paired across methods)"
     )
     compare.add_argument("--budgets", type=_csv(int), default=[30, 60], help="budgets in rounds, comma-separated")
+    compare.add_argument(
+        "--reference", default=None, help="method the others are compared with seed by seed (default: the first)"
+    )
+    compare.add_argument(
+        "--preset",
+        choices=sorted(COMPARISON_PRESETS),
+        help="named defaults; flags given explicitly still win. fedtune-table1: "
+        + " ".join(
+            f"--{k.replace('_', '-')} {_flag_value(v)}" for k, v in COMPARISON_PRESETS["fedtune-table1"].items()
+        ),
+    )
     _add_settings(compare, TuneSettings, skip=COMPARISON_SKIPS)
     _add_settings(compare.add_argument_group("fixed settings of every trial"), TrainSettings)
     _add_settings(compare.add_argument_group("execution"), ExecutionSettings)
-    compare.set_defaults(handler=compare_command)
+    compare.set_defaults(handler=compare_command, **(preset or {}))
 
     server = commands.add_parser(
         "server",
@@ -259,6 +272,12 @@ def server_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_value(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "preset", None):
+        args = build_parser(COMPARISON_PRESETS[args.preset]).parse_args(argv)
     return args.handler(args)

@@ -7,7 +7,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from fedhpo_core.reports import comparison_figure, comparison_table, markdown_table
+from fedhpo_core.reports import comparison_figure, comparison_table, markdown_table, paired_differences
 from fedhpo_core.search.study import METHODS, TuneSettings
 from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
 from fedhpo_core.tracking import Tracker
@@ -21,10 +21,14 @@ def study_settings(tune: TuneSettings, method: str, budget: int) -> dict:
     return asdict(tune) | {"method": method, "budget": budget, "workers": workers}
 
 
-def check_comparison(methods: list[str], seeds: list[int], budgets: list[int], tune: TuneSettings) -> None:
+def check_comparison(
+    methods: list[str], seeds: list[int], budgets: list[int], tune: TuneSettings, reference: str | None = None
+) -> None:
     """Every study of the comparison is valid, before any of them runs."""
     if not methods or not seeds or not budgets:
         raise SettingsError("methods, seeds and budgets each need at least one value")
+    if reference is not None and reference not in methods:
+        raise SettingsError(f"reference must be one of the compared methods ({', '.join(methods)}), got {reference!r}")
     for method in methods:
         for budget in budgets:
             TuneSettings(**study_settings(tune, method, budget))
@@ -48,6 +52,7 @@ def method_comparison(
     dask_workers: int = 2,
     engine: str = "cohort",
     device: str = "auto",
+    reference: str | None = None,
 ) -> dict:
     """Run every method with every seed and budget on the same partitions, and tabulate the test
     accuracy of each retrained best configuration.
@@ -70,6 +75,7 @@ def method_comparison(
         dask_workers: Worker processes of that local Dask cluster.
         engine: cohort (a round's clients train as one batched computation) or sequential.
         device: cpu, cuda, or auto (cuda when available).
+        reference: The method every other is compared with, seed by seed; default: the first.
     """
     logger = get_run_logger()
     tune = TuneSettings(
@@ -81,7 +87,8 @@ def method_comparison(
         storage=storage,
         workers=workers,
     )
-    check_comparison(methods, seeds, budgets, tune)
+    check_comparison(methods, seeds, budgets, tune, reference)
+    reference = reference or methods[0]
     execution = ExecutionSettings(task_runner, dask_address, dask_workers, engine, device)
     fixed = TrainSettings(**(train or {}))
     tags = {"fedhpo.role": "comparison", "prefect.flow_run_id": str(flow_run.id)}
@@ -95,6 +102,7 @@ def method_comparison(
                 "methods": ",".join(methods),
                 "seeds": ",".join(map(str, seeds)),
                 "budgets": ",".join(map(str, budgets)),
+                "reference": reference,
                 **asdict(tune),
             }
         )
@@ -128,14 +136,17 @@ def method_comparison(
                         len(seeds) * len(budgets) * len(methods),
                     )
         results = pd.DataFrame(rows)
-        table = comparison_table(results)
+        table = comparison_table(results, reference)
         tracker.log_table(results, "comparison/results.csv")
+        tracker.log_table(paired_differences(results, reference), "comparison/paired.csv")
         tracker.log_table(table.reset_index(), "comparison/table.csv")
         tracker.client.log_text(tracker.run_id, markdown_table(table), "comparison/table.md")
         tracker.log_figure(comparison_figure(results), "comparison/accuracy_vs_budget.png")
         create_markdown_artifact(
             f"### Method comparison `{flow_run.name}`\n\nTest accuracy of each study's retrained best configuration, "
-            f"mean ± std over seeds {seeds}; MLflow run `{tracker.run_id}`.\n\n{markdown_table(table)}",
+            f"mean ± std over seeds {seeds}, and each method's difference from {reference} on the same seeds "
+            f"(mean, 95% t-interval; `tie`: the interval holds 0); MLflow run `{tracker.run_id}`.\n\n"
+            f"{markdown_table(table)}",
             key=artifact_key(f"comparison-{flow_run.name}"),
             description="Method comparison",
         )

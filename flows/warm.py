@@ -146,8 +146,11 @@ def connect() -> socket.socket | None:
                 sock = open_connection(path) or start(path)
         if sock is None:
             return None
-        send_message(sock, {"fingerprint": current})
-        reply, _ = receive_message(sock)
+        try:
+            send_message(sock, {"fingerprint": current})
+            reply, _ = receive_message(sock)
+        except OSError:  # a runner exiting as we connected (say, replaced after a code change)
+            reply = None
         if reply == {"ready": True}:
             return sock
         sock.close()  # a stale runner: it has stopped listening; start a current one

@@ -7,53 +7,58 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from fedhpo_core.client import ClientUpdate
+from fedhpo_core.federation import RoundReport
 from fedhpo_core.models import ModelSpec, load_flat_weights
+from fedhpo_core.search.space import SearchSpace
 from fedhpo_core.settings import ClientConfig
 from fedhpo_core.tuners.fedex import FedEx
-from fedhpo_core.tuners.fedtune import FedTune, mixture_credits
+from fedhpo_core.tuners.fedtune import FedTune, mixture_credits, update_credits
+from fedhpo_core.tuners.policy import Factors
+from fedhpo_core.tuners.stepwise import Stepwise
 
 CONFIGS = [ClientConfig(lr=lr) for lr in (0.1, 0.01, 0.001)]
 VALUES = [{"lr": c.lr} for c in CONFIGS]
 SPEC = ModelSpec("mlp", (1, 4, 4), 3)
 
 
-def test_fedex_step_matches_a_hand_computed_exponentiated_gradient_step():
-    fedex = FedEx(CONFIGS, VALUES, seed=0)
-    fedex.draws = {0: 0, 1: 0, 2: 2}  # two clients drew config 0, one drew config 2
+def fedex_report(draws_losses: dict, sizes: dict, before: dict | None = None):
+    """A round report holding only what FedEx reads: clients' local validation losses and sizes."""
+    before = before or {}
+    updates = [
+        ClientUpdate(c, torch.zeros(1), 1, 0.0, loss, 0.0, sizes[c], before.get(c, math.nan))
+        for c, loss in draws_losses.items()
+    ]
+    return RoundReport(1, {}, tuple(updates), 0.0, 0.0, torch.zeros(1), torch.zeros(1))
+
+
+def test_fedex_paper_step_matches_a_hand_computed_exponentiated_gradient_step():
+    fedex = FedEx(CONFIGS, VALUES, seed=0, **FedEx.PAPER)
+    fedex.draws = {0: (0,), 1: (0,), 2: (2,)}  # two clients drew config 0, one drew config 2
     theta = np.full(3, 1 / 3)
     losses, sizes = {0: 0.5, 1: 1.0, 2: 2.0}, {0: 10, 1: 30, 2: 60}
     # By hand, baseline 0 in the first round: g_0 = (0.1 * 0.5 + 0.3 * 1.0) / (1/3), g_2 = 0.6 * 2.0 / (1/3)
-    expected_grad = np.array([(0.05 + 0.3) * 3, 0.0, 1.2 * 3])
-    assert fedex.gradient(losses, sizes, baseline=0.0) == pytest.approx(expected_grad)
+    gradient = np.array([(0.05 + 0.3) * 3, 0.0, 1.2 * 3])
     eta = math.sqrt(2 * math.log(3))  # eta_1 = sqrt(2 log k) / sqrt(1)
-    expected = theta * np.exp(-eta * expected_grad)
+    expected = theta * np.exp(-eta * gradient)
     expected /= expected.sum()
-
-    class Report:
-        updates = [type("U", (), {"client": c, "val_loss": losses[c], "num_val": sizes[c]})() for c in losses]
-
-    fedex.observe(Report)
+    fedex.observe(fedex_report(losses, sizes))
     assert fedex.theta == pytest.approx(expected)
-    assert fedex.previous_loss == pytest.approx(0.1 * 0.5 + 0.3 * 1.0 + 0.6 * 2.0)
-    # The second step subtracts the first round's mean loss as the baseline.
-    assert fedex.gradient({0: 1.0}, {0: 1}, baseline=fedex.previous_loss)[0] == pytest.approx(
-        (1.0 - fedex.previous_loss) / fedex.theta[0]
-    )
-    # With no baseline yet every drawn configuration's loss counts against it: the undrawn one leads.
+    assert fedex.previous == pytest.approx(0.1 * 0.5 + 0.3 * 1.0 + 0.6 * 2.0)
+    # With no baseline in the first round every drawn configuration's loss counted against it.
     assert fedex.chosen() == {"lr": 0.01}
+    # The second step subtracts the first round's mean loss: a loss above it lowers theta_0.
+    fedex.draws = {0: (0,)}
+    theta = fedex.theta
+    fedex.observe(fedex_report({0: 1.0}, {0: 1}))
+    step = eta / math.sqrt(2) * (1.0 - 1.55) / theta[0]
+    assert np.log(fedex.theta / fedex.theta[1]) == pytest.approx(np.log(theta / theta[1]) - [step, 0, 0])
 
 
-def test_fedex_moves_mass_to_the_configuration_with_lower_loss():
-    fedex = FedEx(CONFIGS, VALUES, seed=1)
-    for round in range(1, 60):
-        fedex.configure(round, list(range(8)))
-        losses = {c: (0.2 if j == 1 else 1.0) for c, j in fedex.draws.items()}
-
-        class Report:
-            updates = [type("U", (), {"client": c, "val_loss": losses[c], "num_val": 5})() for c in losses]
-
-        fedex.observe(Report)
-    assert fedex.theta.argmax() == 1 and fedex.theta[1] > 0.9
+def test_fedex_signals_are_after_difference_and_log_ratio():
+    update = ClientUpdate(0, torch.zeros(1), 1, 0.0, 0.5, 0.0, 4, 2.0)
+    signals = {s: FedEx(CONFIGS, VALUES, 0, signal=s).signal_of(update) for s in ("after", "difference", "log-ratio")}
+    assert signals == pytest.approx({"after": 0.5, "difference": -1.5, "log-ratio": math.log(0.25)})
 
 
 def random_uploads(count):
@@ -86,34 +91,55 @@ def test_fedtune_credit_equals_a_finite_difference_of_the_validation_loss():
         assert credits[i] == pytest.approx(-derivative, rel=1e-3, abs=1e-5)
 
 
-def test_fedtune_moves_probability_to_the_configuration_with_better_credit():
-    x, y = torch.zeros(1, 1, 4, 4), torch.zeros(1, dtype=torch.int64)
-    fedtune = FedTune(CONFIGS, VALUES, clients=2, spec=SPEC, server_val=(x, y), seed=0)
-    for round in range(1, 80):
-        fedtune.configure(round, [0, 1])
-        # Client 0 is rewarded for config 2, client 1 for config 0; other draws are penalized.
-        good = {0: 2, 1: 0}
-        fedtune.update({c: (0.5 if k == good[c] else -0.5) for c, k in fedtune.draws.items()})
-    pi = fedtune.pi
-    assert pi[0].argmax() == 2 and pi[1].argmax() == 0 and pi[0, 2] > 0.9 and pi[1, 0] > 0.9
-    assert np.allclose(pi.sum(axis=1), 1.0)
-    assert fedtune.chosen() == {"lr/client_0": 0.001, "lr/client_1": 0.1}
+def test_fedtune_update_credit_equals_a_finite_difference_of_the_aggregate_validation_loss():
+    uploads = random_uploads(3)
+    start = torch.randn(SPEC.size, generator=torch.Generator().manual_seed(2)) * 0.5
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1, 4, 4, generator=generator), torch.randint(0, 3, (64,), generator=generator)
+    credits = update_credits(SPEC, start, uploads, x, y)
+    shares = torch.tensor([0.1, 0.3, 0.6], dtype=torch.float64)
+    model = SPEC.build().double()
+
+    def loss(ones):
+        weights = start.double() + sum(
+            s * o * (w.double() - start.double()) for s, o, (w, _) in zip(shares, ones, uploads, strict=True)
+        )
+        return F.cross_entropy(load_flat_weights(model, weights)(x.double()), y).item()
+
+    step = 1e-5
+    for i in range(3):
+        up, down = [0.0] * 3, [0.0] * 3
+        up[i], down[i] = step, -step
+        assert credits[i] == pytest.approx(-(loss(up) - loss(down)) / (2 * step), rel=1e-3, abs=1e-6)
 
 
-def test_one_fedtune_step_is_eq_11_on_the_logits():
+def test_one_paper_fedtune_step_is_eq_11_on_the_logits():
     x, y = torch.zeros(1, 1, 4, 4), torch.zeros(1, dtype=torch.int64)
-    fedtune = FedTune(CONFIGS, VALUES, clients=1, spec=SPEC, server_val=(x, y), seed=0, eta=0.5)
-    fedtune.draws = {0: 1}
-    fedtune.update({0: 0.3})
+    fedtune = FedTune(
+        CONFIGS, VALUES, clients=1, spec=SPEC, server_val=(x, y), seed=0, **(FedTune.PAPER | {"eta": 0.5})
+    )
+    fedtune.draws = {0: (1,)}
+    fedtune.update(fedtune.advantages({0: 0.3}))
     # a = 0 + 0.5 * 0.3 * (onehot(1) - 1/3): the drawn entry rises by 0.1, the others fall by 0.05.
-    assert fedtune.logits[0] == pytest.approx([-0.05, 0.1, -0.05])
+    assert fedtune.personal[0][0] == pytest.approx([-0.05, 0.1, -0.05])
+    assert fedtune.pi[0] == pytest.approx(np.exp([-0.05, 0.1, -0.05]) / np.exp([-0.05, 0.1, -0.05]).sum())
 
 
-def stepwise(samples, seed=0):
-    from fedhpo_core.search.space import SearchSpace
-    from fedhpo_core.tuners.stepwise import Stepwise
+def test_a_grid_of_candidates_is_drawn_one_setting_at_a_time():
+    values = [{"lr": lr, "weight_decay": wd} for lr in (0.1, 0.01) for wd in (0.0, 0.1, 0.01)]
+    factors = Factors(values, factorized=True)
+    assert factors.factorized and factors.sizes == [2, 3]
+    assert values[factors.candidate((1, 2))] == {"lr": 0.01, "weight_decay": 0.01}
+    probabilities = factors.probabilities([np.array([0.25, 0.75]), np.array([0.5, 0.3, 0.2])])
+    assert probabilities.sum() == pytest.approx(1.0) and probabilities[factors.candidate((1, 0))] == pytest.approx(
+        0.375
+    )
+    assert not Factors(values[:5], factorized=True).factorized  # not a full grid: one categorical
+    assert Factors(values, factorized=False).sizes == [6]
 
-    return Stepwise(SearchSpace.load(None).parameters("global", 1), ClientConfig(), samples, 10, seed)
+
+def stepwise(samples, seed=0, **options):
+    return Stepwise(SearchSpace.load(None).parameters("global", 1), ClientConfig(), samples, 10, seed, **options)
 
 
 def test_straggler_aware_selection_bounds_round_time_and_everyone_takes_part():
@@ -133,7 +159,7 @@ def test_straggler_aware_selection_bounds_round_time_and_everyone_takes_part():
 
 
 def test_stepwise_feedback_combines_global_and_local_improvement():
-    tuner = stepwise([100] * 4)
+    tuner = stepwise([100] * 4, **Stepwise.PAPER)
     tuner.configure(1, [0, 1])
 
     class Report:
@@ -147,6 +173,21 @@ def test_stepwise_feedback_combines_global_and_local_improvement():
     tuner.observe(Report)
     assert tuner.feedback == pytest.approx(0.5 * 0.1 + 0.5 * 0.2)
     assert tuner.chosen() == tuner.study.trials[0].params  # the larger improvement so far
+
+
+def test_stepwise_log_error_feedback_is_the_same_for_the_same_error_ratio():
+    tuner = stepwise([100] * 4, baseline="none")
+    for round, (server, clients) in enumerate([(0.55, 0.55), (0.775, 0.775)], start=1):
+        tuner.configure(round, [0, 1])
+        report = type("Report", (), {"val_acc": server, "client_val_acc": clients, "diverged": False})
+        tuner.observe(report)
+        assert tuner.feedback == pytest.approx(math.log(2))  # the error halves in both rounds
+    # With the window baseline the second round is judged against the first: no better, no worse.
+    windowed = stepwise([100] * 4)
+    for round, accuracy in enumerate([0.55, 0.775], start=1):
+        windowed.configure(round, [0, 1])
+        windowed.observe(type("Report", (), {"val_acc": accuracy, "client_val_acc": accuracy, "diverged": False}))
+    assert windowed.feedback == pytest.approx(0.0, abs=1e-12)
 
 
 def test_fedhyper_hypergradient_sign_moves_the_rates_and_clipping_bounds_them():

@@ -202,10 +202,20 @@ def test_comparison_pairs_methods_on_seeds_and_tabulates_them(mlflow_client, tmp
     run = mlflow_client.get_run(summary["run_id"])
     assert run.data.tags["fedhpo.role"] == "comparison"
     paths = {a.path for a in mlflow_client.list_artifacts(summary["run_id"], "comparison")}
-    assert paths == {f"comparison/{n}" for n in ("results.csv", "table.csv", "table.md", "accuracy_vs_budget.png")}
+    names = ("results.csv", "paired.csv", "table.csv", "table.md", "accuracy_vs_budget.png")
+    assert paths == {f"comparison/{n}" for n in names}
     table = pd.read_csv(mlflow_client.download_artifacts(summary["run_id"], "comparison/table.csv"))
-    assert list(table.columns) == ["method", "budget 4", "budget 6"] and list(table.method) == ["random", "sha"]
+    assert list(table.columns) == ["method", "budget 4", "budget 4: vs random", "budget 6", "budget 6: vs random"]
+    assert list(table.method) == ["random", "sha"]
     assert all("±" in cell for cell in table[["budget 4", "budget 6"]].values.ravel())
+    # sha against random, seed by seed, as the results say.
+    paired = pd.read_csv(mlflow_client.download_artifacts(summary["run_id"], "comparison/paired.csv"))
+    for row in paired.itertuples():
+        rows = results[results.budget == row.budget].set_index(["method", "seed"]).final_test_acc
+        differences = [rows["sha", seed] - rows["random", seed] for seed in (0, 1)]
+        assert row.method == "sha" and row.mean_difference == pytest.approx(np.mean(differences))
+        assert row.verdict == ("tie" if row.ci_low <= 0 <= row.ci_high else "better" if row.ci_low > 0 else "worse")
+    assert table["budget 4: vs random"][0] == "reference"
     studies = mlflow_client.search_runs(
         [summary["experiment_id"]], f"tags.`mlflow.parentRunId` = '{summary['run_id']}'"
     )
@@ -258,9 +268,11 @@ def test_round_level_methods_run_one_tracked_run_within_the_budget(method, mlflo
         pi = state[state.name.str.startswith("fedtune/pi/")]
         assert np.allclose(pi.groupby(["round", "client"]).value.sum(), 1.0) and pi.client.nunique() == 3
         assert len(mlflow_client.get_metric_history(run.info.run_id, "fedtune/pi_entropy")) == 4
-    elif method == "fedex":
-        theta = state[state.name.str.startswith("fedex/theta_")]
-        assert np.allclose(theta.groupby("round").value.sum(), 1.0)
+    elif method == "fedex":  # one distribution per setting (the space is a grid), each summing to one
+        theta = state[state.name.str.startswith("fedex/p/")]
+        setting = theta.name.str.extract(r"fedex/p/(\w+)/", expand=False)
+        assert set(setting) == {"lr", "weight_decay"}
+        assert np.allclose(theta.groupby(["round", setting]).value.sum(), 1.0)
     elif method == "stepwise":
         assert set(state.name) == {"stepwise/feedback", "stepwise/round_time_s"}
     else:

@@ -38,6 +38,11 @@ def candidate_values(parameters, n: int, seed: int) -> list[dict]:
     return [{name: draw(distribution, rng) for name, distribution in parameters.items()} for _ in range(n)]
 
 
+def fixed_values(context: SearchContext, values: list[dict]) -> dict:
+    """The study's fixed values of the settings the candidates vary."""
+    return {name: getattr(context.fixed.client_config, name) for name in (values[0] if values else {})}
+
+
 class OnlineSearch(SearchMethod):
     """A round-level tuner over candidate client configurations (the grid of the space's client
     settings, or n draws from it). Without server settings in the space, the whole budget is one
@@ -82,9 +87,20 @@ class OnlineSearch(SearchMethod):
 class FedTuneSearch(OnlineSearch):
     """FedTune (`fedhpo_core.tuners.fedtune`): a configuration per client."""
 
+    options: dict = {}  # the tuner's defaults
+
     def tuner(self, context, configs, values):
         data = context.data
-        return FedTune(configs, values, len(data.clients), data.spec, data.server_val, context.seed)
+        fixed = fixed_values(context, values)
+        return FedTune(
+            configs, values, len(data.clients), data.spec, data.server_val, context.seed, fixed=fixed, **self.options
+        )
+
+
+class FedTunePaperSearch(FedTuneSearch):
+    """FedTune as the paper writes it (`FedTune.PAPER`)."""
+
+    options = FedTune.PAPER
 
 
 class FedExSearch(OnlineSearch):
@@ -92,19 +108,36 @@ class FedExSearch(OnlineSearch):
     space are searched around it by random search, as Khodak et al. wrap FedEx."""
 
     allows_server_settings = True
+    options: dict = {}
 
     def tuner(self, context, configs, values):
-        return FedEx(configs, values, context.seed)
+        return FedEx(configs, values, context.seed, fixed=fixed_values(context, values), **self.options)
+
+
+class FedExPaperSearch(FedExSearch):
+    """FedEx with the paper's and reference code's defaults (`FedEx.PAPER`)."""
+
+    options = FedEx.PAPER
 
 
 class StepwiseSearch(OnlineSearch):
     """Step-wise adaptive Optuna with straggler-aware selection (`fedhpo_core.tuners.stepwise`)."""
 
+    options: dict = {}
+
     def tuner(self, context, configs, values):
         global_parameters = {n.split("/")[0]: d for n, d in context.parameters.items()}
         data = context.data
         samples = [c.num_train for c in data.clients]
-        return Stepwise(global_parameters, context.fixed.client_config, samples, data.spec.num_classes, context.seed)
+        return Stepwise(
+            global_parameters, context.fixed.client_config, samples, data.spec.num_classes, context.seed, **self.options
+        )
+
+
+class StepwisePaperSearch(StepwiseSearch):
+    """Step-wise with accuracy differences as feedback and the best single round's configuration."""
+
+    options = Stepwise.PAPER
 
 
 class FedHyperSearch(OnlineSearch):

@@ -19,12 +19,15 @@ from fedhpo_core.search.base import (
 from fedhpo_core.search.fixed_budget import GPSearch, GridSearch, MultiObjectiveSearch, RandomSearch, TPESearch
 from fedhpo_core.search.halving import BOHB, Hyperband, SuccessiveHalving
 from fedhpo_core.search.online import (
+    FedExPaperSearch,
     FedExSearch,
     FedHyperClientSearch,
     FedHyperGlobalSearch,
     FedHyperLocalSearch,
     FedHyperSearch,
+    FedTunePaperSearch,
     FedTuneSearch,
+    StepwisePaperSearch,
     StepwiseSearch,
 )
 from fedhpo_core.search.pbt import PopulationBasedTraining
@@ -41,15 +44,36 @@ METHODS: dict[str, type[SearchMethod]] = {
     "bohb": BOHB,
     "multiobjective": MultiObjectiveSearch,
     "fedtune": FedTuneSearch,
+    "fedtune-paper": FedTunePaperSearch,
     "fedex": FedExSearch,
+    "fedex-paper": FedExPaperSearch,
     "pbt": PopulationBasedTraining,
     "stepwise": StepwiseSearch,
+    "stepwise-paper": StepwisePaperSearch,
     "fedhyper": FedHyperSearch,
     "fedhyper-global": FedHyperGlobalSearch,
     "fedhyper-local": FedHyperLocalSearch,
     "fedhyper-client": FedHyperClientSearch,
 }
 OBJECTIVES = ("server", "clients")
+# Named `fedhpo compare` settings. fedtune-table1: the FedTune paper's Table 1 protocol (section
+# 4.1 and appendix C): MLP, 10 clients, Dirichlet alpha 0.1, its lr x weight-decay grid (the default
+# search space), budget 30, 400 final rounds, its four methods (Bayesian optimization: TPE); the
+# paper averages 30 runs, here 3 seeds by default.
+COMPARISON_PRESETS = {
+    "fedtune-table1": {
+        "methods": ["random", "hyperband", "tpe", "fedtune"],
+        "seeds": [0, 1, 2],
+        "budgets": [30],
+        "final_rounds": 400,
+        "n_configs": 30,
+        "dataset": "mnist",
+        "model": "mlp",
+        "clients": 10,
+        "partition": "dirichlet",
+        "alpha": 0.1,
+    }
+}
 SEARCH = 6  # seeding key of the samplers' stream
 SCHEMA_ATTEMPTS = 3  # processes joining a new storage at once race to create its tables
 
