@@ -231,7 +231,8 @@ def paired_differences(results: pd.DataFrame, reference: str, level: float = 0.9
                     "verdict": verdict,
                 }
             )
-    return pd.DataFrame(rows)
+    columns = ["method", "budget", "reference", "differences", "mean_difference", "ci_low", "ci_high"]
+    return pd.DataFrame(rows, columns=[*columns, "signed_rank_p", "verdict"])
 
 
 def comparison_table(results: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:

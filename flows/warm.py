@@ -285,6 +285,9 @@ class Runner:
         for conn in self.children:
             conn.close()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # Ctrl-C interrupts the command, as in a foreground interpreter, even where the runner was
+        # started with SIGINT ignored (a background job of a shell without job control).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.setpgid(0, 0)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)

@@ -48,3 +48,9 @@ def test_one_seed_gives_no_interval_and_the_table_says_so():
 def test_identical_results_are_a_tie_with_p_one():
     paired = paired_differences(results({"random": [0.9, 0.8], "same": [0.9, 0.8]}), "random")
     assert paired.verdict.tolist() == ["tie"] and paired.signed_rank_p.tolist() == [1.0]
+
+
+def test_a_comparison_of_one_method_has_no_pairs_and_still_a_table():
+    table = results({"random": [0.9, 0.8]})
+    assert paired_differences(table, "random").empty
+    assert comparison_table(table, "random").loc["random", "budget 30: vs random"] == "reference"
