@@ -48,9 +48,6 @@ class Factors:
     def candidate(self, draw: Sequence[int]) -> int:
         return self.candidate_of[tuple(draw)]
 
-    def draw_of(self, candidate: int) -> tuple[int, ...]:
-        return next(d for d, k in self.candidate_of.items() if k == candidate)
-
     def probabilities(self, per_factor: Sequence[np.ndarray]) -> np.ndarray:
         """The probability of every candidate under independent factors."""
         result = np.zeros(len(self.candidate_of))
