@@ -8,7 +8,7 @@ FedAdam and FedYogi from Reddi et al. 2021, "Adaptive Federated Optimization", A
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -76,6 +76,9 @@ DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadagrad": 0.01, "fedadam
 def aggregate(
     server: ServerSettings, x: torch.Tensor, uploads: Sequence[tuple[torch.Tensor, int]], state: State
 ) -> tuple[torch.Tensor, State]:
-    """New global weights and server state from (weights, num_samples) uploads."""
+    """New global weights and server state from (weights, num_samples) uploads. The hyperparameters
+    are taken at the weights' precision: beyond its range (tau 1e308) they are inf, and the run
+    diverges where torch would refuse the double."""
     mean = weighted_mean([w for w, _ in uploads], [n for _, n in uploads])
-    return AGGREGATORS[server.aggregator](x, mean, state, server)
+    at_precision = {k: torch.tensor(getattr(server, k), dtype=x.dtype).item() for k in ("lr", "beta1", "beta2", "tau")}
+    return AGGREGATORS[server.aggregator](x, mean, state, replace(server, **at_precision))

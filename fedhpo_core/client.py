@@ -141,6 +141,11 @@ def flat_weights_of(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
+def as_float32(value: float) -> float:
+    """`value` rounded to float32 (inf beyond its range)."""
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
 def train_locally(
     model: nn.Module,
     data: ClientData,
@@ -155,12 +160,15 @@ def train_locally(
     gradient mu (w - w_global) is added to each parameter's gradient directly. With
     `lr_hypergradient` and a global update, `HypergradientLR` adapts the learning rate each step.
     Training stops at the first non-finite loss; the returned mean loss is then non-finite too.
+    Hyperparameters are taken at float32, the weights' precision: a value beyond its range (lr
+    1e308) becomes inf and the run diverges, where torch would refuse the double as an overflow.
     """
     params = list(model.parameters())
-    anchor = [p.detach().clone() for p in params] if config.mu > 0 else None
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    lr, weight_decay, mu = (as_float32(v) for v in (config.lr, config.weight_decay, config.mu))
+    anchor = [p.detach().clone() for p in params] if mu > 0 else None
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=weight_decay)
     schedule = (
-        HypergradientLR(params, optimizer, config.lr, global_update, clients_in_round)
+        HypergradientLR(params, optimizer, lr, global_update, clients_in_round)
         if config.lr_hypergradient and global_update is not None
         else None
     )
@@ -176,7 +184,7 @@ def train_locally(
             loss.backward()
             if anchor is not None:
                 for p, p0 in zip(params, anchor, strict=True):
-                    p.grad.add_(p.detach() - p0, alpha=config.mu)
+                    p.grad.add_(p.detach() - p0, alpha=mu)
             optimizer.step()
             if schedule:
                 schedule.after_step()

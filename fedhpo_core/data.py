@@ -2,9 +2,11 @@
 CIFAR-10 through torchvision from a folder in torchvision's layout (downloaded only when missing).
 """
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -66,14 +68,29 @@ def load_digits(root: str) -> Dataset:
 
 
 def _torchvision_pair(cls, name: str, root: str):
-    """Train and test sets of a torchvision dataset; read from `root`, downloaded if missing."""
+    """Train and test sets of a torchvision dataset; read from `root`, downloaded if missing. A
+    failed download leaves no folders behind; files that are there but do not read are reported
+    as such, not as a failed download."""
+    try:
+        return cls(root, train=True), cls(root, train=False)
+    except Exception as error:  # torchvision raises RuntimeError for missing files, and others for bad ones
+        if "not found" not in str(error).lower():
+            reason = _one_line(error)
+            raise FileNotFoundError(f"{name} under {root!r} does not read (truncated or corrupt?): {reason}") from error
+    created = [p for p in (Path(root), Path(root) / cls.__name__, Path(root) / cls.__name__ / "raw") if not p.exists()]
     try:
         return cls(root, train=True, download=True), cls(root, train=False, download=True)
     except Exception as error:  # torchvision raises URLError, RuntimeError or OSError offline
-        reason = " ".join(str(error).split())  # torchvision's messages span lines; ours is one
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):  # only if still empty
+                folder.rmdir()
         raise FileNotFoundError(
-            f"{name} is not in torchvision's layout under {root!r} and could not be downloaded: {reason}"
+            f"{name} is not in torchvision's layout under {root!r} and could not be downloaded: {_one_line(error)}"
         ) from error
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())  # torchvision's messages span lines; ours is one
 
 
 def _mnist_like(cls, name: str, root: str, mean: float, std: float) -> Dataset:

@@ -28,6 +28,14 @@ def _one_of(name: str, value: str, choices) -> None:
     _check(value in choices, f"unknown {name} {value!r}; choose from {', '.join(sorted(choices))}")
 
 
+def _finite(settings) -> None:
+    """Every float setting is a finite number (inf and nan mean nothing for any of them)."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, float):
+            _check(math.isfinite(value), f"{f.name} must be a finite number, got {value}")
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """One client's local-training hyperparameters for one round."""
@@ -41,7 +49,8 @@ class ClientConfig:
     lr_hypergradient: bool = False  # FedHyper's client-side local scheduler (fedhpo_core.client)
 
     def __post_init__(self):
-        _check(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _finite(self)
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -68,6 +77,9 @@ def setting(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+# Beyond this, Dir(alpha) proportions are uniform to many decimals, and past ~1e300 NumPy's draw
+# degenerates (every proportion 0): IID is the partitioner for that.
+MAX_ALPHA = 1e6
 TASK_RUNNERS = ("thread", "dask")
 ENGINES = ("cohort", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
@@ -139,11 +151,15 @@ class TrainSettings:
     experiment: str = setting("fedhpo", "MLflow experiment name")
 
     def __post_init__(self):
+        _finite(self)
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("model", self.model, MODELS)
         _one_of("partition", self.partition, PARTITIONERS)
         _one_of("aggregator", self.aggregator, AGGREGATORS)
-        _check(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        _check(
+            0 < self.alpha <= MAX_ALPHA,
+            f"alpha must be in (0, {MAX_ALPHA:g}], got {self.alpha} (larger is IID: use --partition iid)",
+        )
         _check(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
         _check(0 < self.participation <= 1, f"participation must be in (0, 1], got {self.participation}")
         _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
@@ -152,7 +168,8 @@ class TrainSettings:
             f"client_val_fraction must be in [0, 1), got {self.client_val_fraction}",
         )
         _check(self.clients >= 1, f"clients must be >= 1, got {self.clients}")
-        pool = split_sizes(DATASETS[self.dataset].num_train, self.val_fraction)[1]
+        held, pool = split_sizes(DATASETS[self.dataset].num_train, self.val_fraction)
+        _check(held >= 1, f"val_fraction {self.val_fraction} leaves the server no validation sample of {self.dataset}")
         _check(
             self.clients <= pool,
             f"clients ({self.clients}) exceeds the {pool} training samples {self.dataset} leaves to clients",
@@ -166,6 +183,7 @@ class TrainSettings:
         _check(self.server_lr is None or self.server_lr > 0, f"server_lr must be > 0, got {self.server_lr}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         _check(self.tau > 0, f"tau must be > 0, got {self.tau}")
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _check(bool(self.experiment.strip()), "experiment must be a non-empty name")
         _ = self.client_config  # ClientConfig checks lr, momentum, weight decay, batch size, epochs, mu
 

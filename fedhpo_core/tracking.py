@@ -7,8 +7,12 @@ to drain at the end than writing as we go. `MLFLOW_TRACKING_URI` chooses the sto
 default is `sqlite:///mlflow.db` in the working directory.
 """
 
+import os
+import socket
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,6 +24,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from fedhpo_core.locking import file_lock
+from fedhpo_core.settings import SettingsError
+from fedhpo_core.stores import CONNECT_TIMEOUT_S, check_database, check_folder, one_line
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 MAX_METRICS_PER_BATCH = 1000
@@ -34,19 +40,78 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def check_tracking_store() -> None:
+    """MLflow's tracking store can be used (`fedhpo_core.stores`): a local folder we can write, a
+    database we can open, or a tracking server that answers its health check."""
+    uri = tracking_uri()
+    what = f"MLflow tracking store {uri}"
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("", "file"):
+        path = Path(urllib.parse.urlparse(uri).path if scheme else uri).expanduser().absolute()
+        if path.exists() and not path.is_dir():
+            raise SettingsError(f"{what}: {path} is a file; a file store is a folder (for SQLite: sqlite:///{path})")
+        check_folder(path, what)
+    elif scheme in ("http", "https"):
+        try:
+            with _direct.open(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S):
+                pass
+        except OSError as error:
+            raise SettingsError(f"{what}: the tracking server does not answer ({one_line(error)})") from error
+    elif scheme.split("+")[0] in DATABASE_SCHEMES:
+        check_database(uri, what)
+    else:
+        raise SettingsError(f"{what}: unknown scheme {scheme!r}; use a folder, sqlite:///, postgresql://, http(s)://")
+
+
 _prepared: set[str] = set()
+PROCESS_TAG = "fedhpo.process"  # host:pid:start time of the process that writes a run
+
+
+def process_identity(pid: int) -> str | None:
+    """host:pid:start time (clock ticks after boot) of a running process; None when none runs.
+    The start time tells a process from a later one given the same pid."""
+    try:
+        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{socket.gethostname()}:{pid}:{started}"
+
+
+def close_orphaned_runs(client: MlflowClient) -> list[str]:
+    """Runs left RUNNING by a process of this machine that no longer runs (killed: SIGKILL, a
+    power cut) end KILLED, tagged `fedhpo.orphaned`; their ids."""
+    host = socket.gethostname()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    running = client.search_runs(
+        experiments, f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAG}` LIKE '{host}:%'", max_results=1000
+    )
+    orphaned = []
+    for run in running:
+        recorded = run.data.tags[PROCESS_TAG]
+        if process_identity(int(recorded.split(":")[1])) != recorded:
+            client.set_tag(run.info.run_id, "fedhpo.orphaned", "true")
+            client.set_terminated(run.info.run_id, "KILLED")
+            orphaned.append(run.info.run_id)
+    return orphaned
 
 
 def prepare_store() -> None:
-    """Open the MLflow store once per process, creating it where missing; for SQLite under a lock
+    """Open the MLflow store once per process, creating it where missing (for SQLite under a lock
     file beside the database: a new SQLite store is migrated at first use, and two processes doing
-    so at once race (one dies)."""
+    so at once race: one dies), and close the runs killed processes left RUNNING."""
     uri = tracking_uri()
     if uri in _prepared:
         return
     if uri.startswith("sqlite:///"):
         with file_lock(Path(uri.removeprefix("sqlite:///") + ".lock")):
             MlflowClient().search_experiments(max_results=1)
+    close_orphaned_runs(MlflowClient())
     _prepared.add(uri)
 
 
@@ -67,9 +132,13 @@ class Tracker:
         if run_id:
             self.run_id, self.experiment_id = run_id, self.client.get_run(run_id).info.experiment_id
             self.client.update_run(run_id, status="RUNNING")
+            if identity := process_identity(os.getpid()):
+                self.client.set_tag(run_id, PROCESS_TAG, identity)
             return
         self.experiment_id = self._experiment_id(experiment)
         tags = dict(tags or {}) | ({"mlflow.parentRunId": parent.run_id} if parent else {})
+        if identity := process_identity(os.getpid()):  # where /proc tells (Linux); else no sweep
+            tags[PROCESS_TAG] = identity
         self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
     def _experiment_id(self, name: str) -> str:
@@ -87,7 +156,12 @@ class Tracker:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        self.finish("FAILED" if error else "FINISHED")
+        """FINISHED; FAILED on an error (an Exception); KILLED when the process is being stopped (a
+        BaseException that is not one: Ctrl-C's KeyboardInterrupt, Prefect's SIGTERM signal)."""
+        if error is None:
+            self.finish("FINISHED")
+        else:
+            self.finish("FAILED" if isinstance(error, Exception) else "KILLED")
 
     def log_params(self, params: Mapping[str, object]) -> None:
         items = [Param(k, str(v)) for k, v in params.items()]

@@ -1,8 +1,11 @@
 """The `fedhpo` command: runs the flows from this machine (a shared local Prefect server, MLflow's store)."""
 
 import argparse
+import contextlib
 import logging
 import os
+import queue
+import signal
 import sys
 import types
 from contextlib import contextmanager
@@ -52,9 +55,23 @@ def _check_data(command: str, settings: TrainSettings) -> None:
         _fail(command, str(error))
 
 
+def _check_stores(command: str, storage: str | None = None) -> None:
+    """MLflow's tracking store, and the Optuna storage if given, can be used (checked in seconds)."""
+    from fedhpo_core.stores import check_database
+    from fedhpo_core.tracking import check_tracking_store
+
+    try:
+        check_tracking_store()
+        if storage:
+            check_database(storage, "Optuna storage")
+    except SettingsError as error:
+        _fail(command, str(error))
+
+
 def train_command(args: argparse.Namespace) -> int:
     settings = _settings("train", TrainSettings, args)
     execution = _settings("train", ExecutionSettings, args)
+    _check_stores("train")
     _check_data("train", settings)
     from fedhpo_core.tracking import tracking_uri
     from flows.training import federated_training
@@ -77,20 +94,25 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    from fedhpo_core.search.study import METHODS, default_storage
+    from fedhpo_core.search.study import METHODS, check_study, default_storage, study_definition
     from fedhpo_core.tracking import tracking_uri
 
     fixed = _settings("tune", TrainSettings, args)
     tune = _settings("tune", TuneSettings, args)
     execution = _settings("tune", ExecutionSettings, args)
+    method = METHODS[tune.method]()
     try:
         space = tune.space()
-        METHODS[tune.method]().sampler(space.parameters(tune.scope, fixed.clients), 0)  # grid needs categoricals
+        space.check(fixed)
+        method.sampler(space.parameters(tune.scope, fixed.clients), 0)  # grid needs categoricals
     except SettingsError as error:
         _fail("tune", str(error))
     storage = tune.storage or default_storage(tracking_uri())
-    if tune.resume and not _study_present(storage, tune.name_for(fixed)):
-        _fail("tune", f"--resume: no study named {tune.name_for(fixed)!r} in {storage}")
+    _check_stores("tune", storage)
+    try:
+        check_study(storage, tune.name_for(fixed), method, study_definition(tune, fixed), tune.resume, tune.join)
+    except SettingsError as error:
+        _fail("tune", str(error))
     _check_data("tune", fixed)
     from flows.study import hpo_study
 
@@ -124,10 +146,13 @@ def compare_command(args: argparse.Namespace) -> int:
     tune = _settings("compare", TuneSettings, args)
     execution = _settings("compare", ExecutionSettings, args)
     try:
-        check_comparison(args.methods, args.seeds, args.budgets, tune, args.reference)
-        tune.space()
+        check_comparison(args.methods, args.seeds, args.budgets, tune, fixed, args.reference)
     except SettingsError as error:
         _fail("compare", str(error))
+    from fedhpo_core.search.study import default_storage
+    from fedhpo_core.tracking import tracking_uri
+
+    _check_stores("compare", tune.storage or default_storage(tracking_uri()))
     _check_data("compare", fixed)
     from fedhpo_core.tracking import tracking_uri
     from flows.comparison import method_comparison
@@ -151,15 +176,7 @@ def compare_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study_present(storage: str, name: str) -> bool:
-    """Whether the study exists, without creating an SQLite file that is not there."""
-    from fedhpo_core.search.study import study_exists
-
-    if storage.startswith("sqlite:///") and not os.path.exists(storage.removeprefix("sqlite:///")):
-        return False
-    return study_exists(storage, name)
-
-
+LOCAL_SERVER_RETRIES = 1
 COMPARISON_SKIPS = ("method", "budget", "study_name", "resume", "join")  # set per study by the comparison
 
 
@@ -235,12 +252,15 @@ def local_prefect():
     from prefect.events.worker import EventsWorker
     from prefect.settings import (
         PREFECT_API_URL,
+        PREFECT_CLIENT_MAX_RETRIES,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
         get_current_settings,
         temporary_settings,
     )
 
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)  # one line per round, not per task
+    if not os.environ.get("FEDHPO_DEBUG"):
+        _console_without_tracebacks()
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")  # and so on Dask workers
     if get_current_settings().api.url is not None:
         yield
@@ -248,11 +268,60 @@ def local_prefect():
     from flows import local_server
 
     # Heartbeats let a server mark crashed runs, but joining the heartbeat thread added up to a
-    # second to every flow run; runs against a server of the user's own keep them.
-    updates = {PREFECT_API_URL: local_server.api_url(), PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    # second to every flow run; runs against a server of the user's own keep them. A server on
+    # this machine that refuses a connection is gone, not slow: one retry, not five with backoff
+    # (which held a run whose server was stopped for ~3 minutes of retries).
+    updates = {
+        PREFECT_API_URL: local_server.api_url(),
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+        PREFECT_CLIENT_MAX_RETRIES: LOCAL_SERVER_RETRIES,
+    }
     with temporary_settings(updates=updates):
-        yield
-        EventsWorker.drain_all()  # deliver the last task-run events before this process ends
+        try:
+            yield
+        finally:
+            if local_server.status():
+                EventsWorker.drain_all()  # deliver the last task-run events before this process ends
+            else:
+                _abandon_deliveries()
+
+
+def _abandon_deliveries() -> None:
+    """Drop Prefect's undelivered events and logs: the server that would take them is gone, and at
+    exit Prefect would try each again, one failed connection at a time (minutes for a few
+    thousand events; a `fedhpo train` whose server was stopped took 10 minutes to exit)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (EventsWorker, APILogWorker):
+        for worker in list(service._instances.values()):
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    worker._queue.get_nowait()
+            worker._stop()
+
+
+class WithoutTraceback(logging.Formatter):
+    """A console formatter that leaves out a record's traceback: a failure is one line in the
+    terminal (`main`); the traceback stays in the flow run's log in Prefect."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text:
+            record = logging.makeLogRecord(record.__dict__ | {"exc_info": None, "exc_text": None})
+        return self.inner.format(record)
+
+
+def _console_without_tracebacks() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values() if hasattr(v, "handlers"))]
+    for handler in {h for logger in loggers for h in logger.handlers}:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, WithoutTraceback):
+            handler.setFormatter(WithoutTraceback(handler.formatter))
 
 
 def server_command(args: argparse.Namespace) -> int:
@@ -276,8 +345,47 @@ def _flag_value(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, unwound like Ctrl-C so that what finished is recorded and the rest marked."""
+
+    def __init__(self, number: int):
+        super().__init__(signal.Signals(number).name)
+        self.number = number
+
+
+def _terminate(number: int, _frame) -> None:
+    raise Terminated(number)
+
+
+# What an interrupted command leaves, for its one line.
+INTERRUPTED = {
+    "train": "its MLflow run is marked KILLED",
+    "tune": "trials that finished training are told to the study, the one in training is marked FAIL in Optuna "
+    "and KILLED in MLflow; the same command with --resume continues the study",
+    "compare": "finished studies are recorded; the study in progress is marked as `fedhpo tune` marks one",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; an interrupt (Ctrl-C, SIGTERM, SIGHUP) or a failure mid-run ends it with one line
+    (the traceback with FEDHPO_DEBUG=1) and exit status 128 + the signal's number, or 1."""
     args = build_parser().parse_args(argv)
     if getattr(args, "preset", None):
         args = build_parser(COMPARISON_PRESETS[args.preset]).parse_args(argv)
-    return args.handler(args)
+    previous = {number: signal.signal(number, _terminate) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt as interrupt:
+        number = interrupt.number if isinstance(interrupt, Terminated) else signal.SIGINT
+        print(f"fedhpo {args.command}: interrupted; {INTERRUPTED.get(args.command, 'stopped')}", file=sys.stderr)
+        return 128 + number
+    except Exception as error:
+        if os.environ.get("FEDHPO_DEBUG"):
+            raise
+        from fedhpo_core.stores import one_line
+
+        print(f"fedhpo {args.command}: failed: {type(error).__name__}: {one_line(error)}", file=sys.stderr)
+        return 1
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

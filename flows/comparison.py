@@ -22,13 +22,24 @@ def study_settings(tune: TuneSettings, method: str, budget: int) -> dict:
 
 
 def check_comparison(
-    methods: list[str], seeds: list[int], budgets: list[int], tune: TuneSettings, reference: str | None = None
+    methods: list[str],
+    seeds: list[int],
+    budgets: list[int],
+    tune: TuneSettings,
+    fixed: TrainSettings,
+    reference: str | None = None,
 ) -> None:
     """Every study of the comparison is valid, before any of them runs."""
-    if not methods or not seeds or not budgets:
-        raise SettingsError("methods, seeds and budgets each need at least one value")
+    for name, values in (("methods", methods), ("seeds", seeds), ("budgets", budgets)):
+        if not values:
+            raise SettingsError(f"{name} need at least one value")
+        if len(set(values)) < len(values):
+            raise SettingsError(f"{name} repeat a value: {','.join(map(str, values))}")
     if reference is not None and reference not in methods:
         raise SettingsError(f"reference must be one of the compared methods ({', '.join(methods)}), got {reference!r}")
+    for seed in seeds:
+        replace(fixed, seed=seed)
+    tune.space().check(fixed)
     for method in methods:
         for budget in budgets:
             TuneSettings(**study_settings(tune, method, budget))
@@ -87,10 +98,10 @@ def method_comparison(
         storage=storage,
         workers=workers,
     )
-    check_comparison(methods, seeds, budgets, tune, reference)
-    reference = reference or methods[0]
     execution = ExecutionSettings(task_runner, dask_address, dask_workers, engine, device)
     fixed = TrainSettings(**(train or {}))
+    check_comparison(methods, seeds, budgets, tune, fixed, reference)
+    reference = reference or methods[0]
     tags = {"fedhpo.role": "comparison", "prefect.flow_run_id": str(flow_run.id)}
     rows = []
     with (

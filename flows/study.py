@@ -24,9 +24,26 @@ from fedhpo_core.reports import (
     study_table,
     trajectory_figure,
 )
-from fedhpo_core.search.base import TrialResult, configuration_of, finished_trials, rounds_spent
+from fedhpo_core.search.base import (
+    RESULT_ATTR,
+    Interrupted,
+    TrialResult,
+    configuration_of,
+    finished_trials,
+    record_result,
+    rounds_spent,
+    score_of,
+)
 from fedhpo_core.search.space import Configuration
-from fedhpo_core.search.study import METHODS, TuneSettings, best_trial, default_storage, open_study, run_search
+from fedhpo_core.search.study import (
+    METHODS,
+    TuneSettings,
+    best_trial,
+    default_storage,
+    open_study,
+    run_search,
+    study_definition,
+)
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
 from fedhpo_core.tracking import Tracker, tracking_uri
 from fedhpo_core.tuners import PerClientConfig, Tuner
@@ -127,7 +144,8 @@ class StudyProgress:
 
 class TrialTrainer:
     """Trains configurations for a search method: each trial an MLflow run nested under the study's,
-    its clients Prefect task runs; a continued trial (successive halving) reopens its own run."""
+    its clients Prefect task runs; a continued trial (successive halving) reopens its own run.
+    Once `stop` is set, a trial in training ends at the end of its round (`Interrupted`)."""
 
     def __init__(
         self,
@@ -142,9 +160,17 @@ class TrialTrainer:
         self.data, self.fixed, self.tune, self.study_run, self.name = data, fixed, tune, study_run, name
         self.steps, self.progress = steps, progress
         self.runs: dict[int, str] = {}
+        self.trained: dict[int, int] = {}  # rounds each trial's run trained
+        self.stop = threading.Event()
         self.logger = get_run_logger()
 
-    def __call__(self, number: int, configuration: Configuration, rounds: int, start, tuner=None) -> TrialResult:
+    def round(self) -> None:
+        self.progress.round()
+        if self.stop.is_set():
+            raise Interrupted
+
+    def __call__(self, trial, configuration: Configuration, rounds: int, start, tuner=None) -> TrialResult:
+        number = trial.number
         if number in self.runs:
             tracker = Tracker(self.fixed.experiment, run_id=self.runs[number])
         else:
@@ -153,45 +179,65 @@ class TrialTrainer:
             tracker.log_params({"trial": number, **configuration.values})
             self.runs[number] = tracker.run_id
         with tracker:
-            result, reports, trajectory = train_configuration(
-                self.data, self.fixed, configuration, rounds, tracker, self.steps, start, tuner, self.progress.round
+            outcome, reports, trajectory = train_configuration(
+                self.data, self.fixed, configuration, rounds, tracker, self.steps, start, tuner, self.round
             )
+            last = reports[-1]
+            result = TrialResult(
+                score=last.val_acc if self.tune.objective == "server" else last.client_val_acc,
+                rounds=len(outcome.evaluations),
+                state=outcome.state,
+                diverged=outcome.diverged,
+                objectives=system_objectives(reports, self.data.spec.size),
+                chosen=tuner.chosen() if tuner else {},
+            )
+            record_result(trial, result)
+            self.trained[number] = self.trained.get(number, 0) + result.rounds  # over a promoted trial's rungs
+            tracker.log_metrics(trial_metrics(result, self.trained[number]))
             if trajectory:
                 table = pd.DataFrame(trajectory)
                 tracker.log_table(table, "trajectory/tuner_state.csv")
                 tracker.log_figure(trajectory_figure(table, type(tuner).__name__), "trajectory/tuner_state.png")
-            last = reports[-1]
-            score = last.val_acc if self.tune.objective == "server" else last.client_val_acc
-            tracker.log_weights(result.state.weights, "checkpoint/weights.pt")
-            tracker.log_metrics({"score": score, "rounds_used": result.state.round, "diverged": float(result.diverged)})
+            tracker.log_weights(outcome.state.weights, "checkpoint/weights.pt")
+        ending = f"diverged at round {outcome.diverged_round}" if outcome.diverged else f"{outcome.state.round} rounds"
         self.logger.info(
-            "trial %d: %d rounds -> val score %.4f %s %s",
+            "trial %d: %s -> val score %.4f %s %s",
             number,
-            result.state.round,
-            score,
+            ending,
+            score_of(result),
             configuration.values,
             self.progress.trial(),
         )
-        return TrialResult(
-            score=score,
-            rounds=len(result.evaluations),
-            state=result.state,
-            diverged=result.diverged,
-            objectives=system_objectives(reports, self.data.spec.size),
-        )
+        return result
 
 
-def close_interrupted_runs(tracker: Tracker, study: optuna.Study, name: str) -> None:
-    """Trial runs a killed process left RUNNING end KILLED, as their trials (RUNNING until the search
-    marks them FAIL) do."""
-    interrupted = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL)
-    failed = {str(t.number) for t in study.trials if t.state in interrupted}
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id], f"tags.`fedhpo.study` = '{name}' and attributes.status = 'RUNNING'"
-    )
+def trial_metrics(result: TrialResult, rounds_used: int) -> dict[str, float]:
+    """A trial run's summary metrics: `score` is the value the study is told (0 for a diverged
+    trial), `rounds_used` the rounds the run trained (a promoted trial's over all its rungs)."""
+    objectives = {f"objective/{k}": v for k, v in result.objectives.items()}
+    return {"score": score_of(result), "rounds_used": rounds_used, "diverged": float(result.diverged)} | objectives
+
+
+def align_trial_runs(tracker: Tracker, study: optuna.Study, name: str) -> None:
+    """Trial runs end as their trials did: FINISHED for a told trial (a trial told from its recorded
+    result after an interrupt gets its summary metrics here if its run had not logged them),
+    KILLED for a failed one (interrupted, or left by a killed process). Trials still RUNNING (in
+    another process sharing the study) are left alone."""
+    states = {t.number: t for t in study.get_trials(deepcopy=False)}
+    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`fedhpo.study` = '{name}'")
     for run in runs:
-        if run.data.tags.get("fedhpo.trial") in failed:
-            tracker.client.set_terminated(run.info.run_id, "KILLED")
+        trial = states.get(int(run.data.tags.get("fedhpo.trial", -1)))
+        if trial is None or trial.state == optuna.trial.TrialState.RUNNING:
+            continue
+        if trial.state == optuna.trial.TrialState.FAIL:
+            if run.info.status != "KILLED":
+                tracker.client.set_terminated(run.info.run_id, "KILLED")
+        elif run.info.status != "FINISHED":
+            recorded = trial.user_attrs.get(RESULT_ATTR)
+            with Tracker(name, run_id=run.info.run_id) as reopened:  # ends FINISHED
+                if recorded and "score" not in run.data.metrics:
+                    result = TrialResult(state=None, **recorded)
+                    reopened.log_metrics(trial_metrics(result, result.rounds))
 
 
 def retrain(
@@ -249,9 +295,10 @@ def run_study(
     started = time.perf_counter()
     method = METHODS[tune.method]()
     space = tune.space()
+    space.check(fixed)
     storage = tune.storage or default_storage(tracking_uri())
     name = tune.name_for(fixed)
-    study = open_study(method, storage, name, tune.resume, tune.join)
+    study = open_study(method, storage, name, tune.resume, tune.join, study_definition(tune, fixed))
     dataset, partition = load_data(fixed.dataset, fixed.data_root), partition_data(fixed.data)
     data = FederatedData.build(dataset, partition, fixed.model, execution.resolved_device)
 
@@ -272,25 +319,27 @@ def run_study(
                 | {"study_name": name, "seed": fixed.seed}
                 | {f"execution.{k}": v for k, v in asdict(execution).items()}
             )
-        if not tune.join:
-            close_interrupted_runs(tracker, study, name)
         progress = StudyProgress(study, tune.budget)
         trainer = TrialTrainer(data, fixed, tune, tracker, name, steps, progress)
-        budget = run_search(
-            method,
-            study,
-            space,
-            tune.scope,
-            fixed.clients,
-            trainer,
-            tune.budget,
-            tune.n_configs,
-            fixed.seed,
-            fixed,
-            data,
-            tune.workers,
-            tune.join,
-        )
+        try:
+            budget = run_search(
+                method,
+                study,
+                space,
+                tune.scope,
+                fixed.clients,
+                trainer,
+                tune.budget,
+                tune.n_configs,
+                fixed.seed,
+                fixed,
+                data,
+                tune.workers,
+                tune.join,
+                trainer.stop,
+            )
+        finally:
+            align_trial_runs(tracker, study, name)
         progress.finish(budget.spent)
 
         table = study_table(study, method.objectives if len(study.directions) > 1 else ())

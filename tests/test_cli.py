@@ -20,10 +20,13 @@ BAD_INPUTS = {
     "unknown model": (["--model", "resnet"], "unknown model 'resnet'"),
     "unknown partitioner": (["--partition", "zipf"], "unknown partition 'zipf'"),
     "unknown aggregator": (["--aggregator", "fedsgd"], "unknown aggregator 'fedsgd'"),
-    "alpha zero": (["--alpha", "0"], "alpha must be > 0"),
+    "alpha zero": (["--alpha", "0"], "alpha must be in (0, 1e+06]"),
     "unknown task runner": (["--task-runner", "ray"], "unknown task_runner 'ray'"),
     "dask address without dask": (["--dask-address", "127.0.0.1:8786"], "dask_address needs task_runner dask"),
-    "alpha negative": (["--alpha", "-1"], "alpha must be > 0"),
+    "alpha negative": (["--alpha", "-1"], "alpha must be in (0, 1e+06]"),
+    "alpha past IID": (["--alpha", "1e308"], "larger is IID: use --partition iid"),
+    "seed negative": (["--seed", "-1"], "seed must be >= 0, got -1"),
+    "no server validation sample": (["--val-fraction", "0.0001"], "leaves the server no validation sample"),
     "no clients": (["--clients", "0"], "clients must be >= 1"),
     "more clients than samples": (["--clients", "5000"], "clients (5000) exceeds"),
     "no rounds": (["--rounds", "0"], "rounds must be >= 1"),
@@ -53,7 +56,7 @@ def test_the_installed_command_exits_non_zero_on_bad_input():
         [str(Path(sys.executable).with_name("fedhpo")), "train", "--alpha", "0"], capture_output=True, text=True
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == "fedhpo train: error: alpha must be > 0, got 0.0"
+    assert result.stderr.strip().startswith("fedhpo train: error: alpha must be in (0, 1e+06], got 0.0")
 
 
 def test_help_describes_every_setting(capsys):

@@ -145,7 +145,7 @@ def test_parallel_trials_overlap_and_spend_the_budget_once(mlflow_client, tmp_pa
 
 
 def fake_training(delay: float):
-    def evaluate(number, configuration, rounds, start, tuner=None):
+    def evaluate(trial, configuration, rounds, start, tuner=None):
         time.sleep(delay)
         return TrialResult(score=configuration.values["lr"], rounds=rounds, state=FederationState(rounds, None))
 

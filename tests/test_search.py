@@ -9,7 +9,7 @@ import torch
 
 from fedhpo_core.federation import FederationState
 from fedhpo_core.reports import study_table
-from fedhpo_core.search.base import ROUNDS_ATTR, TrialResult, rounds_spent
+from fedhpo_core.search.base import ROUNDS_ATTR, TrialResult, record_result, rounds_spent
 from fedhpo_core.search.halving import Hyperband, plan_cost, plan_rungs
 from fedhpo_core.search.online import OnlineSearch, candidate_values
 from fedhpo_core.search.pbt import POPULATION, READY_ROUNDS, exploit, explore
@@ -28,15 +28,18 @@ class FakeTrainer:
         self.calls: list[tuple[int, int, int]] = []  # (trial, rounds asked, round started from)
         self.interrupt_at = interrupt_at
 
-    def __call__(self, number, configuration, rounds, start):
+    def __call__(self, trial, configuration, rounds, start):
+        number = trial.number
         if number == self.interrupt_at:
-            raise KeyboardInterrupt  # what SIGKILL leaves behind: a trial RUNNING in storage
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a trial's training
         begun = start.round if start else 0
         self.calls.append((number, rounds, begun))
         lr = configuration.values["lr"]
         score = 1 - abs(math.log10(lr) - math.log10(0.05)) / 3 + 0.001 * (begun + rounds)
         objectives = {"bytes_sent": 1e3 * lr, "client_compute_samples": 1.0 / lr, "unfairness": lr}
-        return TrialResult(score, rounds, FederationState(begun + rounds, torch.zeros(1)), objectives=objectives)
+        result = TrialResult(score, rounds, FederationState(begun + rounds, torch.zeros(1)), objectives=objectives)
+        record_result(trial, result)
+        return result
 
 
 def search(method, budget=30, n_configs=30, trainer=None, storage=None, name="s", resume=False):
@@ -233,11 +236,12 @@ def test_pbt_explore_perturbs_within_the_space():
 class MarkingTrainer(FakeTrainer):
     """Its checkpoints carry the number of the trial that produced them."""
 
-    def __call__(self, number, configuration, rounds, start):
+    def __call__(self, trial, configuration, rounds, start):
         self.starts = getattr(self, "starts", {})
-        self.starts[number] = None if start is None else int(start.weights[0])
-        result = super().__call__(number, configuration, rounds, start)
-        return TrialResult(result.score, rounds, FederationState(result.state.round, torch.tensor([float(number)])))
+        self.starts[trial.number] = None if start is None else int(start.weights[0])
+        result = super().__call__(trial, configuration, rounds, start)
+        marked = torch.tensor([float(trial.number)])
+        return TrialResult(result.score, rounds, FederationState(result.state.round, marked))
 
 
 def test_pbt_lineage_continues_each_member_from_its_parents_checkpoint():

@@ -73,9 +73,9 @@ def test_two_commands_started_together_on_a_fresh_machine_both_run(tmp_path):
 
 
 def test_the_runner_passes_on_exit_status_and_signals_and_stops_a_command_whose_client_died(tmp_path):
-    bad = fedhpo("train", "--alpha", "0", cwd=tmp_path)
+    bad = fedhpo("train", "--seed", "-1", cwd=tmp_path)
     output = bad.communicate(timeout=300)[0]
-    assert bad.returncode == 2 and output == "fedhpo train: error: alpha must be > 0, got 0.0\n", output
+    assert bad.returncode == 2 and output == "fedhpo train: error: seed must be >= 0, got -1\n", output
 
     runner_pid = int(__import__("json").loads(warm.address().with_suffix(".json").read_text())["pid"])
     for how in (signal.SIGINT, signal.SIGKILL):

@@ -8,14 +8,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 import optuna
 
-from fedhpo_core.search.base import (
-    ROUNDS_ATTR,
-    SearchContext,
-    SearchMethod,
-    TrialResult,
-    planned_trials,
-    score_of,
-)
+from fedhpo_core.search.base import ROUNDS_ATTR, SearchContext, SearchMethod, finish_trial, planned_trials
 from fedhpo_core.search.space import Configuration, grid_points
 
 
@@ -28,6 +21,8 @@ class FixedBudgetSearch(SearchMethod):
     created before it (failed ones aside), into the budget and the configuration count; the order
     comes from the storage, so every process draws the same line and none overspends.
     A trial that does not fit is failed unstarted with the user attribute `surplus`.
+    Interrupted (Ctrl-C reaches this thread, not the workers), it has the trials in training stop
+    at the end of their round before it lets the interrupt go on.
     """
 
     parallel = True
@@ -36,21 +31,23 @@ class FixedBudgetSearch(SearchMethod):
         rounds = context.budget.total // context.n_configs
         with ThreadPoolExecutor(context.workers) as pool:
             running = set()
-            while True:
-                while len(running) < context.workers and (trial := self.admit(context, rounds)):
-                    running.add(pool.submit(contextvars.copy_context().run, self.train, context, trial, rounds))
-                if not running:
-                    return
-                done, running = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    trial, result = future.result()
-                    context.budget.spend(result.rounds)
-                    trial.set_user_attr(ROUNDS_ATTR, result.rounds)
-                    trial.set_user_attr("diverged", result.diverged)
-                    context.study.tell(trial, self.values(result))
+            try:
+                while True:
+                    while len(running) < context.workers and (trial := self.admit(context, rounds)):
+                        running.add(pool.submit(contextvars.copy_context().run, self.train, context, trial, rounds))
+                    if not running:
+                        return
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        trial, result = future.result()
+                        context.budget.spend(result.rounds)
+                        finish_trial(context.study, trial, result, self)
+            except BaseException:
+                context.stop.set()
+                raise
 
     def train(self, context: SearchContext, trial: optuna.trial.Trial, rounds: int):
-        return trial, context.evaluate(trial.number, Configuration(trial.params), rounds, None)
+        return trial, context.evaluate(trial, Configuration(trial.params), rounds, None)
 
     def admit(self, context: SearchContext, rounds: int) -> optuna.trial.Trial | None:
         """The next trial if it fits the study's plan, else None (the search is done here)."""
@@ -79,9 +76,6 @@ class FixedBudgetSearch(SearchMethod):
 
     def trial_limit(self, context: SearchContext) -> int:
         return context.n_configs
-
-    def values(self, result: TrialResult):
-        return score_of(result)
 
 
 class RandomSearch(FixedBudgetSearch):
@@ -159,6 +153,3 @@ class MultiObjectiveSearch(FixedBudgetSearch):
 
     def sampler(self, parameters, seed):
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
-
-    def values(self, result):
-        return [score_of(result), *(result.objectives[name] for name in self.objectives)]

@@ -57,6 +57,8 @@ def plan_cost(rungs: list[Rung]) -> int:
 class SuccessiveHalving(SearchMethod):
     """One bracket: n configurations, the best 1/eta promoted at every rung."""
 
+    settles_recorded_trials = False  # a trial spans rungs: its last recorded rung is not its end
+
     def sampler(self, parameters, seed):
         return optuna.samplers.RandomSampler(seed=seed)
 
@@ -86,7 +88,7 @@ class SuccessiveHalving(SearchMethod):
         for k, rung in enumerate(rungs):
             for trial in alive:
                 result = context.evaluate(
-                    trial.number,
+                    trial,
                     Configuration(trial.params),
                     rung.rounds - rounds[trial.number],
                     states.get(trial.number),

@@ -3,11 +3,12 @@ client configurations a `Tuner` changes as it goes. One Optuna trial records the
 parameters are the configuration the tuner settles on, retrained from scratch like any other."""
 
 from abc import abstractmethod
+from dataclasses import replace
 
 import numpy as np
 import optuna
 
-from fedhpo_core.search.base import CHOSEN_ATTR, ROUNDS_ATTR, SearchContext, SearchMethod, finished_trials, score_of
+from fedhpo_core.search.base import SearchContext, SearchMethod, finish_trial, finished_trials
 from fedhpo_core.search.space import CLIENT_SETTINGS, Configuration, grid_points
 from fedhpo_core.settings import ClientConfig, SettingsError
 from fedhpo_core.tuners.base import Tuner
@@ -76,12 +77,9 @@ class OnlineSearch(SearchMethod):
         while len(finished_trials(context.study)) < runs and context.budget.remaining >= rounds:
             trial = context.study.ask(server)
             tuner = self.tuner(context, configs, values)
-            result = context.evaluate(trial.number, Configuration(trial.params), rounds, None, tuner)
+            result = context.evaluate(trial, Configuration(trial.params), rounds, None, tuner)
             context.budget.spend(result.rounds)
-            trial.set_user_attr(CHOSEN_ATTR, tuner.chosen())
-            trial.set_user_attr(ROUNDS_ATTR, result.rounds)
-            trial.set_user_attr("diverged", result.diverged)
-            context.study.tell(trial, score_of(result))
+            finish_trial(context.study, trial, replace(result, chosen=tuner.chosen()), self)
 
 
 class FedTuneSearch(OnlineSearch):

@@ -17,7 +17,7 @@ import numpy as np
 import optuna
 
 from fedhpo_core import seeding
-from fedhpo_core.search.base import ROUNDS_ATTR, SearchContext, SearchMethod, score_of
+from fedhpo_core.search.base import SearchContext, SearchMethod, finish_trial, score_of
 from fedhpo_core.search.space import Configuration
 
 POPULATION = 4
@@ -69,13 +69,12 @@ class PopulationBasedTraining(SearchMethod):
             rounds = min(READY_ROUNDS, context.budget.remaining // size)
             scores = {}
             for member, trial in members.items():
-                result = context.evaluate(trial.number, Configuration(values[member]), rounds, states[member])
-                context.budget.spend(result.rounds)
-                states[member], scores[member] = result.state, score_of(result)
-                trial.set_user_attr(ROUNDS_ATTR, result.rounds)
                 trial.set_user_attr("member", member)
                 trial.set_user_attr("generation", generation)
-                context.study.tell(trial, scores[member])
+                result = context.evaluate(trial, Configuration(values[member]), rounds, states[member])
+                context.budget.spend(result.rounds)
+                states[member], scores[member] = result.state, score_of(result)
+                finish_trial(context.study, trial, result, self)
             if context.budget.remaining < size:
                 break
             copies = exploit(scores, rng)

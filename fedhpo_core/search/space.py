@@ -63,7 +63,12 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, declared: Mapping) -> "SearchSpace":
-        if not isinstance(declared, Mapping) or not declared:
+        if declared is not None and not isinstance(declared, Mapping):
+            kind = type(declared).__name__
+            raise SettingsError(
+                f"the search space must map settings to domains (lr: {{type: float, ...}}), got a {kind}"
+            )
+        if not declared:
             raise SettingsError("the search space is empty; declare at least one setting")
         unknown = set(declared) - set(CLIENT_SETTINGS) - set(SERVER_SETTINGS)
         if unknown:
@@ -83,6 +88,28 @@ class SearchSpace:
         except (OSError, yaml.YAMLError) as error:
             raise SettingsError(f"cannot read search space {path}: {' '.join(str(error).split())}") from error
         return cls.from_dict(declared)
+
+    def check(self, fixed: TrainSettings) -> None:
+        """Every value the space can give is one the setting accepts (a domain's ends and every
+        choice, against the same checks as the command line), before any round is spent."""
+        for name, distribution in self.distributions.items():
+            kind = {f.name: f.type for f in fields(ClientConfig) + fields(TrainSettings)}[name]
+            if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+                values = distribution.choices
+            else:
+                values = (distribution.low, distribution.high)
+                if kind is int and isinstance(distribution, optuna.distributions.FloatDistribution):
+                    raise SettingsError(f"search space entry {name!r}: {name} takes integers; use type int")
+            for value in values:
+                if kind is int and not float(value).is_integer():
+                    raise SettingsError(f"search space entry {name!r}: {name} takes integers, got {value}")
+                try:
+                    if name in CLIENT_SETTINGS:
+                        replace(fixed.client_config, **{name: value})
+                    else:
+                        replace(fixed, **{name: value})
+                except SettingsError as error:
+                    raise SettingsError(f"search space entry {name!r}: {error}") from error
 
     def parameters(self, scope: str, clients: int) -> dict[str, optuna.distributions.BaseDistribution]:
         """Optuna parameter names: `lr` in global scope; `lr/client_<i>` per client in personalized."""

@@ -2,8 +2,9 @@
 
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from threading import Event
 
 import optuna
 import sqlalchemy
@@ -13,8 +14,8 @@ from fedhpo_core.search.base import (
     RoundBudget,
     SearchContext,
     SearchMethod,
-    fail_interrupted_trials,
     rounds_spent,
+    settle_interrupted_trials,
 )
 from fedhpo_core.search.fixed_budget import GPSearch, GridSearch, MultiObjectiveSearch, RandomSearch, TPESearch
 from fedhpo_core.search.halving import BOHB, Hyperband, SuccessiveHalving
@@ -33,6 +34,7 @@ from fedhpo_core.search.online import (
 from fedhpo_core.search.pbt import PopulationBasedTraining
 from fedhpo_core.search.space import SCOPES, SearchSpace
 from fedhpo_core.settings import SettingsError, TrainSettings, setting
+from fedhpo_core.stores import one_line
 
 METHODS: dict[str, type[SearchMethod]] = {
     "random": RandomSearch,
@@ -75,6 +77,7 @@ COMPARISON_PRESETS = {
     }
 }
 SEARCH = 6  # seeding key of the samplers' stream
+DEFINITION_ATTR = "definition"  # Optuna study user attribute: `study_definition` at creation
 SCHEMA_ATTEMPTS = 3  # processes joining a new storage at once race to create its tables
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from us, not Optuna's
@@ -134,30 +137,92 @@ def default_storage(tracking_uri: str) -> str:
 
 
 def study_exists(storage: str, name: str) -> bool:
+    """Whether the study exists, without creating an SQLite file that is not there."""
+    if str(storage).startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
+        return False
     return name in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
 
 
-def open_study(method: SearchMethod, storage: str, name: str, resume: bool, join: bool = False) -> optuna.Study:
-    """A new study, or with `resume` the existing one; refuses to silently do the other. With `join`,
-    the study other processes share, whoever creates it first."""
+def study_definition(tune: TuneSettings, fixed: TrainSettings) -> dict:
+    """What a study is: its method, objective, scope, budget, configurations, search space and fixed
+    settings (less where the data lives and `rounds`, which a study does not use). A study keeps
+    it (`DEFINITION_ATTR`); `--resume` and `--join` continue it only with the same."""
+    space = {name: optuna.distributions.distribution_to_json(d) for name, d in tune.space().distributions.items()}
+    fixed_values = {k: v for k, v in asdict(fixed).items() if k not in ("data_root", "rounds")}
+    scalars = {k: getattr(tune, k) for k in ("method", "objective", "scope", "budget", "n_configs")}
+    return scalars | {"search_space": space} | fixed_values
+
+
+def check_continuation(study: optuna.Study, method: SearchMethod, definition: dict | None, flag: str) -> None:
+    """Refuse to continue a study with settings it was not created with (say which, and how)."""
+    directions = [d.name.lower() for d in study.directions]
+    if directions != list(method.directions):
+        kind = "several objectives" if len(directions) > 1 else "one objective"
+        name = type(method).__name__
+        raise SettingsError(f"{flag}: study {study.study_name!r} has {kind}; {name} cannot continue it")
+    recorded = study.user_attrs.get(DEFINITION_ATTR)
+    if not recorded or definition is None:
+        return  # created before studies kept their definition
+    differ = [k for k in definition if recorded.get(k) != definition[k]]
+    if differ:
+        was = " ".join(
+            f"--{k.replace('_', '-')}" + ("" if k == "search_space" else f" {recorded.get(k)}") for k in differ
+        )
+        raise SettingsError(
+            f"{flag}: study {study.study_name!r} was created with other settings ({was}); continue it with "
+            "those, or start a new study with another --study-name"
+        )
+
+
+def check_study(
+    storage: str, name: str, method: SearchMethod, definition: dict | None, resume: bool, join: bool
+) -> None:
+    """Before any work: `resume` needs the study, a new study needs its name free, and a study
+    continued (`resume`, `join`) its own settings."""
+    try:
+        exists = study_exists(storage, name)
+    except Exception as error:
+        raise SettingsError(
+            f"cannot read Optuna storage {storage} ({type(error).__name__}: {one_line(error)})"
+        ) from error
+    if resume and not exists:
+        raise SettingsError(f"--resume: no study named {name!r} in {storage}")
+    if exists and not (resume or join):
+        raise SettingsError(f"a study named {name!r} exists in {storage}; pass --resume or another --study-name")
+    if exists:
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except Exception as error:  # a storage of another Optuna version, or not Optuna's at all
+            raise SettingsError(f"cannot read study {name!r} in {storage} ({one_line(error)})") from error
+        check_continuation(study, method, definition, "--resume" if resume else "--join")
+
+
+def open_study(
+    method: SearchMethod, storage: str, name: str, resume: bool, join: bool = False, definition: dict | None = None
+) -> optuna.Study:
+    """A new study (keeping `definition`), or with `resume` the existing one; refuses to silently
+    do the other, or to continue a study with other settings. With `join`, the study other
+    processes share, whoever creates it first."""
+    check_study(storage, name, method, definition, resume, join)
     if join:
         for attempt in range(SCHEMA_ATTEMPTS):
             try:
-                return optuna.create_study(
+                study = optuna.create_study(
                     storage=storage, study_name=name, directions=list(method.directions), load_if_exists=True
                 )
+                break
             except sqlalchemy.exc.SQLAlchemyError:  # another process was creating Optuna's tables
                 if attempt == SCHEMA_ATTEMPTS - 1:
                     raise
                 time.sleep(1.0)
-    exists = study_exists(storage, name)
-    if resume and not exists:
-        raise SettingsError(f"--resume: no study named {name!r} in {storage}")
-    if exists and not resume:
-        raise SettingsError(f"a study named {name!r} exists in {storage}; pass --resume or another --study-name")
-    if resume:
+    elif resume:
         return optuna.load_study(study_name=name, storage=storage)
-    return optuna.create_study(storage=storage, study_name=name, directions=list(method.directions))
+    else:
+        study = optuna.create_study(storage=storage, study_name=name, directions=list(method.directions))
+    if definition is not None and DEFINITION_ATTR not in study.user_attrs:
+        study.set_user_attr(DEFINITION_ATTR, definition)
+    check_continuation(study, method, definition, "--join")  # a joiner that created it at the same time
+    return study
 
 
 def run_search(
@@ -174,19 +239,34 @@ def run_search(
     data=None,
     workers: int = 1,
     join: bool = False,
+    stop: Event | None = None,
 ) -> RoundBudget:
-    """Fail what a killed run left RUNNING (unless other processes share the study: `join`), charge
-    finished trials to the budget, then search. The sampler is seeded from the seed and the study's
-    length, so a resumed study draws new points. Returns the study's rounds spent, by every process."""
+    """Settle the trials an earlier process left RUNNING (unless other processes share the study:
+    `join`), charge finished trials to the budget, then search. Interrupted, it settles the trials
+    it started before the interrupt goes on: finished training is told, the rest FAIL. The sampler
+    is seeded from the seed and the study's length, so a resumed study draws new points. `stop`,
+    once set, has trials in training end at their round's end. Returns the study's rounds spent, by
+    every process."""
     if not join:
-        fail_interrupted_trials(study)
+        settle_interrupted_trials(study, method)
     parameters = space.parameters(scope, clients)
     # Processes joining one study must not draw the same stream: each adds a key of its own (a
     # shared study's order of trials is not reproducible anyway).
     keys = (SEARCH, len(study.trials), *((secrets.randbits(32),) if join else ()))
     study.sampler = method.sampler(parameters, int(seeding.numpy_rng(seed, *keys).integers(2**31)))
     spent = RoundBudget(budget, rounds_spent(study))
-    method.search(SearchContext(study, parameters, evaluate, spent, n_configs, seed, fixed, data, workers))
+    started: set[int] = set()
+
+    def train(trial, *arguments):
+        started.add(trial.number)
+        return evaluate(trial, *arguments)
+
+    context = SearchContext(study, parameters, train, spent, n_configs, seed, fixed, data, workers, stop or Event())
+    try:
+        method.search(context)
+    except BaseException:
+        settle_interrupted_trials(study, method, started if join else None)
+        raise
     return RoundBudget(budget, rounds_spent(study))
 
 

@@ -1,0 +1,71 @@
+"""Checks that a store (MLflow's tracking store, an Optuna storage) can be used, made in seconds
+before any work: a malformed URL, a folder that is missing or read-only, a file that is not a
+database, or a server that does not answer each give one line (`SettingsError`), not a
+traceback after start-up or minutes of retries."""
+
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import sqlalchemy
+
+from fedhpo_core.settings import SettingsError
+
+CONNECT_TIMEOUT_S = 5
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def check_folder(folder: Path, what: str) -> None:
+    """`folder` (or the nearest part of it that exists) is a folder we can create files in."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SettingsError(f"{what}: {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise SettingsError(f"{what}: cannot write in {existing} ({error.strerror})") from error
+
+
+def check_sqlite(path: Path, what: str) -> None:
+    """An SQLite database file that exists and reads, or one that can be created (SQLite creates
+    the file, not the folders above it)."""
+    check_folder(path.parent, what)
+    if not path.parent.is_dir():
+        raise SettingsError(f"{what}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise SettingsError(f"{what}: {path} is a folder, not a database file")
+    if not path.exists():
+        return
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            db.execute("select count(*) from sqlite_master").fetchone()
+    except sqlite3.Error as error:
+        raise SettingsError(f"{what}: {path} is not a readable SQLite database ({one_line(error)})") from error
+
+
+def check_database(url: str, what: str) -> None:
+    """A SQLAlchemy database URL: SQLite checked on disk, any other database connected to."""
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError as error:
+        raise SettingsError(f"{what}: {url!r} is not a database URL (sqlite:///path or postgresql://...)") from error
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise SettingsError(f"{what}: an in-memory SQLite database would be lost with the process; name a file")
+        check_sqlite(Path(parsed.database).expanduser().absolute(), what)
+        return
+    shown = parsed.render_as_string(hide_password=True)
+    timeout = {"postgresql": {"connect_timeout": CONNECT_TIMEOUT_S}, "mysql": {"connect_timeout": CONNECT_TIMEOUT_S}}
+    try:
+        engine = sqlalchemy.create_engine(parsed, connect_args=timeout.get(parsed.get_backend_name(), {}))
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("select 1"))
+        engine.dispose()
+    except Exception as error:  # a missing driver, an unknown dialect, a refused connection, bad credentials
+        raise SettingsError(f"{what}: cannot use {shown} ({type(error).__name__}: {one_line(error)})") from error
