@@ -11,6 +11,7 @@ import types
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, fields
 
+from fedhpo_core.search.base import Interrupted
 from fedhpo_core.search.study import COMPARISON_PRESETS, TuneSettings
 from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
 
@@ -345,16 +346,9 @@ def _flag_value(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, unwound like Ctrl-C so that what finished is recorded and the rest marked."""
-
-    def __init__(self, number: int):
-        super().__init__(signal.Signals(number).name)
-        self.number = number
-
-
-def _terminate(number: int, _frame) -> None:
-    raise Terminated(number)
+def _interrupt(number: int, _frame) -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C: what finished is recorded and the rest marked."""
+    raise Interrupted(number)
 
 
 # What an interrupted command leaves, for its one line.
@@ -372,11 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "preset", None):
         args = build_parser(COMPARISON_PRESETS[args.preset]).parse_args(argv)
-    previous = {number: signal.signal(number, _terminate) for number in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return args.handler(args)
     except KeyboardInterrupt as interrupt:
-        number = interrupt.number if isinstance(interrupt, Terminated) else signal.SIGINT
+        number = getattr(interrupt, "number", signal.SIGINT)
         print(f"fedhpo {args.command}: interrupted; {INTERRUPTED.get(args.command, 'stopped')}", file=sys.stderr)
         return 128 + number
     except Exception as error:

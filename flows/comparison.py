@@ -11,6 +11,7 @@ from fedhpo_core.reports import comparison_figure, comparison_table, markdown_ta
 from fedhpo_core.search.study import METHODS, TuneSettings
 from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
 from fedhpo_core.tracking import Tracker
+from flows.interrupts import cooperative_interrupts
 from flows.study import artifact_key, hpo_study
 from tasks.training import dask_scheduler
 
@@ -105,6 +106,7 @@ def method_comparison(
     tags = {"fedhpo.role": "comparison", "prefect.flow_run_id": str(flow_run.id)}
     rows = []
     with (
+        cooperative_interrupts() as stop,
         Tracker(fixed.experiment, f"comparison-{flow_run.name}", tags) as tracker,
         dask_scheduler(execution) as address,
     ):
@@ -120,6 +122,7 @@ def method_comparison(
         for seed in seeds:  # paired: every method sees this seed's partition and initial model
             for budget in budgets:
                 for method in methods:
+                    stop.check()
                     name = f"{flow_run.name}-{method}-b{budget}-s{seed}"
                     summary = hpo_study(
                         **(study_settings(tune, method, budget) | {"study_name": name}),

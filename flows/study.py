@@ -26,7 +26,6 @@ from fedhpo_core.reports import (
 )
 from fedhpo_core.search.base import (
     RESULT_ATTR,
-    Interrupted,
     TrialResult,
     configuration_of,
     finished_trials,
@@ -47,6 +46,7 @@ from fedhpo_core.search.study import (
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
 from fedhpo_core.tracking import Tracker, tracking_uri
 from fedhpo_core.tuners import PerClientConfig, Tuner
+from flows.interrupts import StopRequest, cooperative_interrupts
 from tasks.training import load_data, partition_data, round_steps
 
 FLOAT_BYTES = 4
@@ -145,7 +145,7 @@ class StudyProgress:
 class TrialTrainer:
     """Trains configurations for a search method: each trial an MLflow run nested under the study's,
     its clients Prefect task runs; a continued trial (successive halving) reopens its own run.
-    Once `stop` is set, a trial in training ends at the end of its round (`Interrupted`)."""
+    Asked to stop, a trial in training ends at the end of its round (`Interrupted`)."""
 
     def __init__(
         self,
@@ -156,20 +156,20 @@ class TrialTrainer:
         name: str,
         steps: RoundSteps,
         progress: StudyProgress,
+        stop: StopRequest,
     ):
         self.data, self.fixed, self.tune, self.study_run, self.name = data, fixed, tune, study_run, name
-        self.steps, self.progress = steps, progress
+        self.steps, self.progress, self.stop = steps, progress, stop
         self.runs: dict[int, str] = {}
         self.trained: dict[int, int] = {}  # rounds each trial's run trained
-        self.stop = threading.Event()
         self.logger = get_run_logger()
 
     def round(self) -> None:
         self.progress.round()
-        if self.stop.is_set():
-            raise Interrupted
+        self.stop.check()
 
     def __call__(self, trial, configuration: Configuration, rounds: int, start, tuner=None) -> TrialResult:
+        self.stop.check()
         number = trial.number
         if number in self.runs:
             tracker = Tracker(self.fixed.experiment, run_id=self.runs[number])
@@ -248,12 +248,15 @@ def retrain(
     parent: Tracker,
     steps: RoundSteps,
     tuner=None,
+    on_round=None,
 ):
     """The best configuration from scratch for `rounds` rounds (driven by `tuner` if given), scored
     on the test set."""
     with Tracker(fixed.experiment, "final", {"fedhpo.role": "final"}, parent=parent) as tracker:
         tracker.log_params(configuration.values | ({"scheduled_by": type(tuner).__name__} if tuner else {}))
-        result, _, _ = train_configuration(data, fixed, configuration, rounds, tracker, steps, tuner=tuner)
+        result, _, _ = train_configuration(
+            data, fixed, configuration, rounds, tracker, steps, tuner=tuner, on_round=on_round
+        )
         if not result.diverged:
             model = load_flat_weights(data.spec.build(), result.state.weights)
             tracker.log_model(model, input_example=data.test[0][:8].cpu().numpy().astype(np.float32))
@@ -308,6 +311,7 @@ def run_study(
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     with (
+        cooperative_interrupts() as stop,
         Tracker(fixed.experiment, name, tags, run_id=parent_id) as tracker,
         round_steps(execution, fixed.data) as steps,
     ):
@@ -320,7 +324,7 @@ def run_study(
                 | {f"execution.{k}": v for k, v in asdict(execution).items()}
             )
         progress = StudyProgress(study, tune.budget)
-        trainer = TrialTrainer(data, fixed, tune, tracker, name, steps, progress)
+        trainer = TrialTrainer(data, fixed, tune, tracker, name, steps, progress, stop)
         try:
             budget = run_search(
                 method,
@@ -336,7 +340,7 @@ def run_study(
                 data,
                 tune.workers,
                 tune.join,
-                trainer.stop,
+                stop,
             )
         finally:
             align_trial_runs(tracker, study, name)
@@ -365,7 +369,9 @@ def run_study(
             **configuration.values,
         }
         if tune.final_rounds:
-            final = retrain(data, fixed, configuration, tune.final_rounds, tracker, steps, method.final_tuner(fixed))
+            final = retrain(
+                data, fixed, configuration, tune.final_rounds, tracker, steps, method.final_tuner(fixed), stop.check
+            )
             summary["final_test_acc"] = final.evaluations[-1].test_acc
         summary |= {"rounds_used": budget.spent, "wall_time_s": time.perf_counter() - started}
         tracker.log_metrics({k: summary[k] for k in ("final_test_acc", "rounds_used", "wall_time_s") if k in summary})

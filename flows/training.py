@@ -14,6 +14,7 @@ from fedhpo_core.reports import ConfigTrajectory, partition_figure, partition_ta
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
 from fedhpo_core.tracking import Tracker
 from fedhpo_core.tuners import FixedConfig
+from flows.interrupts import cooperative_interrupts
 from tasks.training import load_data, partition_data, round_steps
 
 
@@ -33,7 +34,7 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
     histogram = label_histogram(dataset.y_train.numpy(), partition, dataset.num_classes)
 
     tags = {"fedhpo.role": "train", "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": flow_run.name}
-    with Tracker(settings.experiment, flow_run.name, tags) as tracker:
+    with cooperative_interrupts() as stop, Tracker(settings.experiment, flow_run.name, tags) as tracker:
         tracker.log_params(
             {**asdict(settings), "server_lr": settings.server.lr, "model_parameters": data.spec.size}
             | {
@@ -55,6 +56,7 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
                 evaluation.val_acc,
                 evaluation.test_acc,
             )
+            stop.check()  # Ctrl-C ends the run here, between rounds
 
         with round_steps(execution, settings.data) as steps:
             result = federation.run(FixedConfig(settings.client_config), settings.rounds, steps, observe=observe)

@@ -5,6 +5,7 @@ section 4.1): the budget is spent as rounds run and never exceeded.
 """
 
 import math
+import signal
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -51,14 +52,19 @@ class TrialResult:
 
 
 # (trial, configuration, rounds to train, state to continue from or None[, tuner]) -> result; with a
-# tuner, the tuner chooses client configurations and `configuration` only fixes the rest. It records
-# the result on the trial (`record_result`) as soon as training ends, and stops at the end of a round
-# once `SearchContext.stop` is set.
+# tuner, the tuner chooses client configurations, `configuration` only fixes the rest, and the
+# result's `chosen` is `tuner.chosen()`. It records the result on the trial (`record_result`) as
+# soon as training ends, and stops at the end of a round once `SearchContext.stop` is set.
 Evaluate = Callable[..., TrialResult]
 
 
 class Interrupted(KeyboardInterrupt):
-    """Training stopped at the end of a round because the search was interrupted."""
+    """The work was asked to stop (by the signal `number`: Ctrl-C's SIGINT, SIGTERM, SIGHUP) and
+    left from a safe point: the end of a round, or between trials."""
+
+    def __init__(self, number: int = signal.SIGINT):
+        super().__init__(signal.Signals(number).name)
+        self.number = number
 
 
 @dataclass

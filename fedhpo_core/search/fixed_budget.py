@@ -8,8 +8,17 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 import optuna
 
-from fedhpo_core.search.base import ROUNDS_ATTR, SearchContext, SearchMethod, finish_trial, planned_trials
+from fedhpo_core.search.base import (
+    ROUNDS_ATTR,
+    Interrupted,
+    SearchContext,
+    SearchMethod,
+    finish_trial,
+    planned_trials,
+)
 from fedhpo_core.search.space import Configuration, grid_points
+
+POLL_S = 0.2  # how often the search looks for a stop request while trials train
 
 
 class FixedBudgetSearch(SearchMethod):
@@ -21,8 +30,8 @@ class FixedBudgetSearch(SearchMethod):
     created before it (failed ones aside), into the budget and the configuration count; the order
     comes from the storage, so every process draws the same line and none overspends.
     A trial that does not fit is failed unstarted with the user attribute `surplus`.
-    Interrupted (Ctrl-C reaches this thread, not the workers), it has the trials in training stop
-    at the end of their round before it lets the interrupt go on.
+    Asked to stop (`context.stop`), it starts no trial more; those in training end at their
+    round's end (`Interrupted`). An interrupt raised in this thread stops them the same way.
     """
 
     parallel = True
@@ -33,11 +42,17 @@ class FixedBudgetSearch(SearchMethod):
             running = set()
             try:
                 while True:
-                    while len(running) < context.workers and (trial := self.admit(context, rounds)):
+                    while (
+                        not context.stop.is_set()
+                        and len(running) < context.workers
+                        and (trial := self.admit(context, rounds))
+                    ):
                         running.add(pool.submit(contextvars.copy_context().run, self.train, context, trial, rounds))
                     if not running:
+                        if context.stop.is_set():
+                            raise Interrupted
                         return
-                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    done, running = wait(running, timeout=POLL_S, return_when=FIRST_COMPLETED)
                     for future in done:
                         trial, result = future.result()
                         context.budget.spend(result.rounds)

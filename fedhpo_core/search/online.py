@@ -3,7 +3,6 @@ client configurations a `Tuner` changes as it goes. One Optuna trial records the
 parameters are the configuration the tuner settles on, retrained from scratch like any other."""
 
 from abc import abstractmethod
-from dataclasses import replace
 
 import numpy as np
 import optuna
@@ -79,7 +78,7 @@ class OnlineSearch(SearchMethod):
             tuner = self.tuner(context, configs, values)
             result = context.evaluate(trial, Configuration(trial.params), rounds, None, tuner)
             context.budget.spend(result.rounds)
-            finish_trial(context.study, trial, replace(result, chosen=tuner.chosen()), self)
+            finish_trial(context.study, trial, result, self)
 
 
 class FedTuneSearch(OnlineSearch):

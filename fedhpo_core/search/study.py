@@ -136,6 +136,18 @@ def default_storage(tracking_uri: str) -> str:
     return "sqlite:///optuna.db"
 
 
+def while_schema_settles(call):
+    """`call()`, tried again a second later while it fails because another process is creating
+    Optuna's tables in the same storage at the same moment (processes joining a new storage)."""
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            return call()
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == SCHEMA_ATTEMPTS - 1:
+                raise
+            time.sleep(1.0)
+
+
 def study_exists(storage: str, name: str) -> bool:
     """Whether the study exists, without creating an SQLite file that is not there."""
     if str(storage).startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
@@ -180,7 +192,7 @@ def check_study(
     """Before any work: `resume` needs the study, a new study needs its name free, and a study
     continued (`resume`, `join`) its own settings."""
     try:
-        exists = study_exists(storage, name)
+        exists = while_schema_settles(lambda: study_exists(storage, name))
     except Exception as error:
         raise SettingsError(
             f"cannot read Optuna storage {storage} ({type(error).__name__}: {one_line(error)})"
@@ -205,16 +217,11 @@ def open_study(
     processes share, whoever creates it first."""
     check_study(storage, name, method, definition, resume, join)
     if join:
-        for attempt in range(SCHEMA_ATTEMPTS):
-            try:
-                study = optuna.create_study(
-                    storage=storage, study_name=name, directions=list(method.directions), load_if_exists=True
-                )
-                break
-            except sqlalchemy.exc.SQLAlchemyError:  # another process was creating Optuna's tables
-                if attempt == SCHEMA_ATTEMPTS - 1:
-                    raise
-                time.sleep(1.0)
+        study = while_schema_settles(
+            lambda: optuna.create_study(
+                storage=storage, study_name=name, directions=list(method.directions), load_if_exists=True
+            )
+        )
     elif resume:
         return optuna.load_study(study_name=name, storage=storage)
     else:
