@@ -24,13 +24,13 @@ TRIAL_METHODS = sorted(m for m, kind in METHODS.items() if not issubclass(kind, 
 class FakeTrainer:
     """Scores a configuration by how close lr is to 0.05; records every call."""
 
-    def __init__(self, interrupt_at: int | None = None):
+    def __init__(self, interrupt_at: int | None = None, interrupt_after_training: bool = False):
         self.calls: list[tuple[int, int, int]] = []  # (trial, rounds asked, round started from)
-        self.interrupt_at = interrupt_at
+        self.interrupt_at, self.after_training = interrupt_at, interrupt_after_training
 
     def __call__(self, trial, configuration, rounds, start):
         number = trial.number
-        if number == self.interrupt_at:
+        if number == self.interrupt_at and not self.after_training:
             raise KeyboardInterrupt  # Ctrl-C in the middle of a trial's training
         begun = start.round if start else 0
         self.calls.append((number, rounds, begun))
@@ -39,6 +39,8 @@ class FakeTrainer:
         objectives = {"bytes_sent": 1e3 * lr, "client_compute_samples": 1.0 / lr, "unfairness": lr}
         result = TrialResult(score, rounds, FederationState(begun + rounds, torch.zeros(1)), objectives=objectives)
         record_result(trial, result)
+        if number == self.interrupt_at:
+            raise KeyboardInterrupt  # Ctrl-C after its result was recorded, before it was told
         return result
 
 
@@ -134,6 +136,20 @@ def test_an_interrupted_study_resumes_without_losing_or_repeating_a_trial(method
     assert spent.spent == sum(t.user_attrs[ROUNDS_ATTR] for t in finished) <= 30
     if method in ("random", "tpe", "grid"):
         assert len([t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]) == 10
+
+
+@pytest.mark.parametrize("method", ["random", "grid", "multiobjective", "pbt"])
+def test_a_trial_interrupted_after_its_training_is_told_its_result_and_not_trained_again(method, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    interrupted = FakeTrainer(interrupt_at=2, interrupt_after_training=True)
+    with pytest.raises(KeyboardInterrupt):
+        search(method, budget=30, n_configs=10, trainer=interrupted, storage=storage)
+    told = optuna.load_study(study_name="s", storage=storage).trials[2]
+    assert told.state == optuna.trial.TrialState.COMPLETE and told.user_attrs[ROUNDS_ATTR] == interrupted.calls[-1][1]
+
+    study, spent, resumed = search(method, budget=30, n_configs=10, storage=storage, resume=True)
+    assert 2 not in {n for n, _, _ in resumed.calls} and study.trials[2].values == told.values
+    assert spent.spent == sum(r for _, r, _ in interrupted.calls + resumed.calls) <= 30
 
 
 def test_resume_without_a_study_and_a_second_study_of_the_same_name_are_refused(tmp_path):

@@ -160,13 +160,10 @@ def finish_trial(study: optuna.Study, trial: optuna.trial.Trial, result: TrialRe
     study.tell(trial, method.values(result))
 
 
-def settle_interrupted_trials(
-    study: optuna.Study, method: SearchMethod, numbers: set[int] | None = None
-) -> tuple[list[int], list[int]]:
+def settle_interrupted_trials(study: optuna.Study, method: SearchMethod, numbers: set[int] | None = None) -> None:
     """Trials left RUNNING by an interrupted or killed process (only `numbers`, if given): those
     whose training had finished are told with their recorded result, the others marked FAIL (asked
-    again, not charged). Returns (told, failed) trial numbers."""
-    told, failed = [], []
+    again, not charged)."""
     for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if numbers is not None and frozen.number not in numbers:
             continue
@@ -174,11 +171,8 @@ def settle_interrupted_trials(
         if recorded and method.settles_recorded_trials:
             result = TrialResult(state=None, **recorded)
             finish_trial(study, optuna.trial.Trial(study, frozen._trial_id), result, method)
-            told.append(frozen.number)
         else:
             study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
-            failed.append(frozen.number)
-    return told, failed
 
 
 def score_of(result: TrialResult) -> float:
