@@ -26,8 +26,7 @@ def check_folder(folder: Path, what: str) -> None:
     if not existing.is_dir():
         raise SettingsError(f"{what}: {existing} is not a folder")
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        tempfile.TemporaryFile(dir=existing).close()  # created and removed: writing works there
     except OSError as error:
         raise SettingsError(f"{what}: cannot write in {existing} ({error.strerror})") from error
 

@@ -41,7 +41,6 @@ def tracking_uri() -> str:
 
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
-_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def check_tracking_store() -> None:
@@ -56,9 +55,8 @@ def check_tracking_store() -> None:
             raise SettingsError(f"{what}: {path} is a file; a file store is a folder (for SQLite: sqlite:///{path})")
         check_folder(path, what)
     elif scheme in ("http", "https"):
-        try:
-            with _direct.open(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S):
-                pass
+        try:  # through the proxies the environment names, as MLflow's own client goes
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S).close()
         except OSError as error:
             raise SettingsError(f"{what}: the tracking server does not answer ({one_line(error)})") from error
     elif scheme.split("+")[0] in DATABASE_SCHEMES:

@@ -92,8 +92,9 @@ class SearchSpace:
     def check(self, fixed: TrainSettings) -> None:
         """Every value the space can give is one the setting accepts (a domain's ends and every
         choice, against the same checks as the command line), before any round is spent."""
+        kinds = {f.name: f.type for f in fields(ClientConfig) + fields(TrainSettings)}
         for name, distribution in self.distributions.items():
-            kind = {f.name: f.type for f in fields(ClientConfig) + fields(TrainSettings)}[name]
+            kind = kinds[name]
             if isinstance(distribution, optuna.distributions.CategoricalDistribution):
                 values = distribution.choices
             else:
