@@ -1,7 +1,8 @@
 """A client's round: local SGD (or FedProx) from the global model, then local validation."""
 
 import math
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -58,6 +59,38 @@ class ClientData:
         return self.y[self.val]
 
 
+class RunningSchedules(ABC):
+    """The local schedules of k clients during one local training, their state stacked along a
+    leading client axis (`LocalSchedule.start` makes them)."""
+
+    @abstractmethod
+    def step(self, step: int, changes: torch.Tensor) -> torch.Tensor:
+        """The rates of local step `step` + 1, (j,), of the first j clients (the others have
+        finished), from their flat weights' changes over local step `step` (0, 1, ...), (j, P)."""
+
+
+class LocalSchedule(ABC):
+    """A learning rate that a client changes step by step during its local training, put on its
+    job by the tuner (`Tuner.local_schedule`); without one, the configured `lr` holds throughout.
+
+    A schedule is a value that training never changes: an engine starts it afresh each time it
+    trains the job, so a job trains the same twice (another engine, a retried task). Both engines
+    apply schedules to k clients at once, stacked along a leading axis: the sequential engine to
+    its one client, the cohort engine to the cohort's clients whose schedules share a class.
+
+    1. ``type(schedule).start(schedules, lr)`` before the first local step, with the clients'
+       configured rates, (k,), returns their `RunningSchedules`.
+    2. After each local step s = 0, 1, ... its ``step(s, changes)`` gets the change of each
+       still-training client's flat weights over step s, (j, P) (clients finish in stack order, so
+       they are the first j), and returns their rates for step s + 1, (j,).
+    """
+
+    @classmethod
+    @abstractmethod
+    def start(cls, schedules: Sequence["LocalSchedule"], lr: torch.Tensor) -> RunningSchedules:
+        """The running schedules of k clients of configured rates `lr`, (k,), before their first step."""
+
+
 @dataclass(frozen=True, eq=False)
 class ClientJob:
     """What the server sends a client for one round, apart from the weights."""
@@ -66,8 +99,7 @@ class ClientJob:
     round: int
     config: ClientConfig
     seed: int
-    global_update: torch.Tensor | None = None  # the last round's global update, for lr_hypergradient
-    clients_in_round: int = 1
+    schedule: LocalSchedule | None = None  # the tuner's learning rate per local step, if any
 
     @property
     def generator(self) -> torch.Generator:
@@ -107,40 +139,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return loss_sum / len(y), correct / len(y)
 
 
-GAMMA_BETA = 10.0  # FedHyper's bound on the client-side learning-rate multiplier
-
-
-class HypergradientLR:
-    """FedHyper's client-side local scheduler (arXiv 2310.03156; reference code ATP-1010/FedHyper,
-    `update.py`). After each local step k >= 1 with parameter change u_k, the learning rate is
-    multiplied by gamma = min(1.1, 1 + 0.1 <u_k, Delta> / m + <u_k, u_{k-1}>), the cumulative
-    multiplier clipped to [1 / gamma_beta, gamma_beta]: Delta is the last global update, m the
-    round's clients, and u_0's predecessor is Delta itself (the reference's choices)."""
-
-    def __init__(self, params, optimizer, base_lr: float, global_update: torch.Tensor, clients: int):
-        self.params, self.optimizer, self.base_lr = params, optimizer, base_lr
-        self.global_update, self.clients = global_update, clients
-        self.previous_step, self.multiplier, self.steps = global_update, 1.0, 0
-        self.before = flat_weights_of(params)
-
-    def after_step(self) -> None:
-        now = flat_weights_of(self.params)
-        step, self.before = now - self.before, now
-        self.steps += 1
-        if self.steps == 1:
-            return
-        alignment = 0.1 * float(step @ self.global_update) / self.clients + float(step @ self.previous_step)
-        gamma = min(1.1, 1.0 + alignment)
-        self.multiplier = min(GAMMA_BETA, max(1 / GAMMA_BETA, gamma * self.multiplier))
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.base_lr * self.multiplier
-        self.previous_step = step
-
-
-def flat_weights_of(params) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])
-
-
 def as_float32(value: float) -> float:
     """`value` rounded to float32 (inf beyond its range)."""
     return torch.tensor(value, dtype=torch.float32).item()
@@ -151,14 +149,13 @@ def train_locally(
     data: ClientData,
     config: ClientConfig,
     generator: torch.Generator,
-    global_update: torch.Tensor | None = None,
-    clients_in_round: int = 1,
+    schedule: LocalSchedule | None = None,
 ) -> float:
     """`local_epochs` passes of mini-batch SGD over the client's shuffled training data.
 
     FedProx (Li et al. 2020, eq. 2) adds mu/2 ||w - w_global||^2 to the local objective; its
-    gradient mu (w - w_global) is added to each parameter's gradient directly. With
-    `lr_hypergradient` and a global update, `HypergradientLR` adapts the learning rate each step.
+    gradient mu (w - w_global) is added to each parameter's gradient directly. A `schedule` sets
+    the learning rate of every step after the first from the steps' weight changes.
     Training stops at the first non-finite loss; the returned mean loss is then non-finite too.
     Hyperparameters are taken at float32, the weights' precision: a value beyond its range (lr
     1e308) becomes inf and the run diverges, where torch would refuse the double as an overflow.
@@ -167,11 +164,8 @@ def train_locally(
     lr, weight_decay, mu = (as_float32(v) for v in (config.lr, config.weight_decay, config.mu))
     anchor = [p.detach().clone() for p in params] if mu > 0 else None
     optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=weight_decay)
-    schedule = (
-        HypergradientLR(params, optimizer, lr, global_update, clients_in_round)
-        if config.lr_hypergradient and global_update is not None
-        else None
-    )
+    running = type(schedule).start([schedule], torch.tensor([lr], device=params[0].device)) if schedule else None
+    before = flat_weights(model) if running else None
     model.train()
     loss_sum = torch.zeros((), device=data.x.device)
     steps = 0
@@ -186,8 +180,12 @@ def train_locally(
                 for p, p0 in zip(params, anchor, strict=True):
                     p.grad.add_(p.detach() - p0, alpha=mu)
             optimizer.step()
-            if schedule:
-                schedule.after_step()
+            if running:
+                now = flat_weights(model)
+                rate = float(running.step(steps, (now - before).unsqueeze(0))[0])
+                before = now
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
             loss_sum += loss.detach()
             steps += 1
         if not torch.isfinite(loss_sum):
@@ -218,7 +216,7 @@ def local_update(spec: ModelSpec, global_weights: torch.Tensor, data: ClientData
     with one_intra_op_thread():
         model = workspace_model(spec, global_weights)
         val_loss_before, _ = evaluate(model, data.x_val, data.y_val)
-        train_loss = train_locally(model, data, job.config, job.generator, job.global_update, job.clients_in_round)
+        train_loss = train_locally(model, data, job.config, job.generator, job.schedule)
         finite = math.isfinite(train_loss)
         val_loss, val_acc = evaluate(model, data.x_val, data.y_val) if finite else (math.nan, math.nan)
     return ClientUpdate(

@@ -10,7 +10,8 @@ SGD settings as per-client columns. It is the sequential engine's algorithm
 - the same loss: each client's batch mean (a partial last batch is padded with weight-0 samples);
 - torch.optim.SGD's update with FedProx's term (Li et al. 2020, eq. 2):
   g = grad + mu (w - w_global) + wd w,  b = momentum b + g (b = g without momentum),  w -= lr b;
-- FedHyper's client-side learning rate (`HypergradientLR`), per client.
+- each client's `LocalSchedule` (a tuner's learning rate per local step), run for all clients
+  whose schedules share a class at once.
 
 Clients whose datasets or local epochs differ take different numbers of steps: the cohort is
 ordered by steps, so the clients still training are always a prefix of the stack and a finished
@@ -33,6 +34,7 @@ Kernels (measured with `bench/bench_cohort.py`; `KERNELS` holds each model's win
   `baddbmm_`), never materialized.
 """
 
+import bisect
 import functools
 import math
 import threading
@@ -43,7 +45,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedhpo_core.client import GAMMA_BETA, ClientData, ClientJob, ClientUpdate
+from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, RunningSchedules
 from fedhpo_core.models import ModelSpec
 
 COHORT_BYTES = 2 * 2**30  # memory one cohort may take (parameters, optimizer state, activations)
@@ -66,7 +68,7 @@ class CohortSGD:
 
     Call `begin(k, lrs)` before each step of the first k clients (with their learning rates for
     the step), then `update` or `update_product` once for every parameter; `changes` then holds the
-    step's change of each parameter (by index) where FedHyper's schedule needs them."""
+    step's change of each parameter (by index) where local schedules need them."""
 
     def __init__(self, jobs: Sequence[ClientJob], anchors: list[torch.Tensor], keep_changes: bool):
         device = anchors[0].device
@@ -257,12 +259,12 @@ def activations_per_sample(spec: ModelSpec) -> int:
 
 def clients_per_cohort(spec: ModelSpec, batch_size: int) -> int:
     """How many clients fit `COHORT_BYTES`: per client, its parameters, gradients, momentum and
-    FedHyper state (4 copies) and its batch's activations with their gradients (2 copies)."""
+    a local schedule's state (4 copies) and its batch's activations with their gradients (2 copies)."""
     per_client = 4 * (4 * spec.size + 2 * batch_size * activations_per_sample(spec))
     return max(1, COHORT_BYTES // per_client)
 
 
-def schedule(data: ClientData, job: ClientJob) -> tuple[torch.Tensor, torch.Tensor]:
+def batches(data: ClientData, job: ClientJob) -> tuple[torch.Tensor, torch.Tensor]:
     """The client's batches as (steps, batch_size) pool rows, and each sample's loss weight: 1 / (the
     step's sample count), 0 where a partial last batch is padded (with its first row)."""
     n, size = data.num_train, job.config.batch_size
@@ -316,17 +318,17 @@ class Cohort:
     """Clients of one batch size over one data pool, trained together from the same weights."""
 
     def __init__(self, spec: ModelSpec, start: torch.Tensor, jobs: Sequence[ClientJob], data: Sequence[ClientData]):
-        schedules = [schedule(d, job) for d, job in zip(data, jobs, strict=True)]
+        plans = [batches(d, job) for d, job in zip(data, jobs, strict=True)]
         # Most steps first (stable), so the clients still training are a prefix of the stack.
-        self.order = sorted(range(len(jobs)), key=lambda i: -len(schedules[i][0]))
+        self.order = sorted(range(len(jobs)), key=lambda i: -len(plans[i][0]))
         self.jobs, self.data = [jobs[i] for i in self.order], [data[i] for i in self.order]
         self.kernel, self.spec, self.start = kernel_for(spec), spec, start
         device, k, size = start.device, len(jobs), jobs[0].config.batch_size
-        self.steps = torch.tensor([len(schedules[i][0]) for i in self.order])
+        self.steps = torch.tensor([len(plans[i][0]) for i in self.order])
         self.rows = torch.zeros(k, int(self.steps[0]), size, dtype=torch.long, device=device)
         self.sample_weights = torch.zeros(k, int(self.steps[0]), size, device=device)
         for slot, i in enumerate(self.order):
-            rows, weights = schedules[i]
+            rows, weights = plans[i]
             self.rows[slot, : len(rows)], self.sample_weights[slot, : len(rows)] = rows, weights
 
     def initial_parameters(self) -> list[torch.Tensor]:
@@ -343,14 +345,14 @@ class Cohort:
         params = [a.expand(k_all, *a.shape[1:]).clone() for a in anchors]
         val_loss_before, _ = self.validate(params)
         lr = torch.tensor([job.config.lr for job in self.jobs], device=self.start.device)
-        rates = HypergradientRates(self.jobs, anchors, lr)
-        sgd = CohortSGD(self.jobs, anchors, keep_changes=rates.active)
+        rates = CohortRates(self.jobs, lr)
+        sgd = CohortSGD(self.jobs, anchors, keep_changes=bool(rates.scheduled))
         x_pool, y_pool = self.data[0].x, self.data[0].y
         loss_sum = torch.zeros(k_all, device=self.start.device)
         for step in range(int(self.steps[0])):
             k = int((self.steps > step).sum())
             rows = self.rows[:k, step]
-            sgd.begin(k, rates.rates(k))
+            sgd.begin(k, rates.rates[:k])
             loss = self.kernel.step(
                 [p[:k] for p in params], gather(x_pool, rows), y_pool[rows], self.sample_weights[:k, step], sgd
             )
@@ -401,43 +403,28 @@ class Cohort:
         return (loss_sum / n).tolist(), (correct / n).tolist()
 
 
-class HypergradientRates:
-    """Each client's learning rate; where its job asks for FedHyper's client-side scheduler, times
-    the multiplier of `fedhpo_core.client.HypergradientLR`, updated for all clients at once: after
-    each step s >= 1 with change u_s, gamma = min(1.1, 1 + 0.1 <u_s, Delta> / m + <u_s, u_{s-1}>),
-    the multiplier clipped to [1 / gamma_beta, gamma_beta], u_0's predecessor being Delta."""
+class CohortRates:
+    """The cohort's learning rates step by step: each client's configured rate, or its job's
+    `LocalSchedule`'s, run for all the cohort's clients whose schedules share a class at once."""
 
-    def __init__(self, jobs: Sequence[ClientJob], anchors: list[torch.Tensor], lr: torch.Tensor):
-        self.lr = lr
-        self.scheduled = torch.tensor(
-            [job.config.lr_hypergradient and job.global_update is not None for job in jobs], device=lr.device
-        )
-        self.active = bool(self.scheduled.any())
-        if not self.active:
-            return
-        delta = next(job.global_update for job in jobs if job.global_update is not None)
-        self.delta, offset = [], 0
-        for anchor in anchors:
-            self.delta.append(delta[offset : offset + anchor.numel()].view_as(anchor))
-            offset += anchor.numel()
-        self.previous = [d.expand(len(jobs), *d.shape[1:]).clone() for d in self.delta]
-        self.multiplier = torch.ones(len(jobs), dtype=torch.float64, device=lr.device)
-        self.clients = torch.tensor([job.clients_in_round for job in jobs], device=lr.device)
-
-    def rates(self, k: int) -> torch.Tensor:
-        if not self.active:
-            return self.lr[:k]
-        return (self.lr[:k] * self.multiplier[:k]).float()
+    def __init__(self, jobs: Sequence[ClientJob], lr: torch.Tensor):
+        self.rates = lr.clone()
+        members: dict[type, list[int]] = {}
+        for slot, job in enumerate(jobs):
+            if job.schedule is not None:
+                members.setdefault(type(job.schedule), []).append(slot)
+        self.scheduled: list[tuple[list[int], torch.Tensor, RunningSchedules]] = []
+        for kind, slots in members.items():
+            index = torch.tensor(slots, device=lr.device)
+            self.scheduled.append((slots, index, kind.start([jobs[s].schedule for s in slots], lr[index])))
 
     def after_step(self, step: int, k: int, changes: dict[int, torch.Tensor]) -> None:
-        """Update the multipliers from this step's change of each parameter; none after the first step."""
-        if step == 0 or not self.active:
+        """The scheduled clients' next rates from the step's change of each parameter (by index) of
+        the first k clients, those still training."""
+        if not self.scheduled:
             return
-        changes = [changes[i] for i in range(len(self.delta))]
-        along_delta = sum((u * d).flatten(1).sum(1) for u, d in zip(changes, self.delta, strict=True))
-        along_previous = sum((u * p[:k]).flatten(1).sum(1) for u, p in zip(changes, self.previous, strict=True))
-        alignment = (0.1 * along_delta / self.clients[:k] + along_previous).double()
-        stepped = ((1.0 + alignment).clamp(max=1.1) * self.multiplier[:k]).clamp(1 / GAMMA_BETA, GAMMA_BETA)
-        self.multiplier[:k] = torch.where(self.scheduled[:k], stepped, self.multiplier[:k])
-        for previous, u in zip(self.previous, changes, strict=True):
-            previous[:k] = u
+        flat = torch.cat([changes[i].flatten(1) for i in range(len(changes))], dim=1)
+        for slots, index, running in self.scheduled:
+            training = index[: bisect.bisect_left(slots, k)]  # slots ascend: those below k
+            if len(training):
+                self.rates[training] = running.step(step, flat[training]).to(self.rates.dtype)

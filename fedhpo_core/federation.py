@@ -94,7 +94,6 @@ class FederationState:
     round: int  # rounds completed
     weights: torch.Tensor
     server_state: State = field(default_factory=dict)
-    last_update: torch.Tensor | None = None  # the last round's global update (FedHyper's client side)
 
 
 @dataclass(frozen=True)
@@ -243,17 +242,7 @@ class Federation:
             clients = list(tuner.select(t, self.sample_clients(t)))
             configs = tuner.configure(t, clients)
             start_weights = tuner.global_weights(configs, state.weights)
-            jobs = [
-                ClientJob(
-                    c,
-                    t,
-                    configs[c],
-                    self.seed,
-                    state.last_update if configs[c].lr_hypergradient else None,
-                    len(clients),
-                )
-                for c in clients
-            ]
+            jobs = [ClientJob(c, t, configs[c], self.seed, tuner.local_schedule(t, c)) for c in clients]
             updates = steps.train_clients(spec, start_weights, jobs, [self.data.clients[c] for c in clients])
             server = tuner.server_settings(self.server, start_weights, updates)
             weights, server_state = steps.aggregate(server, start_weights, updates, state.server_state)
@@ -262,7 +251,7 @@ class Federation:
             report = RoundReport(
                 t, configs, tuple(updates), evaluation.val_loss, evaluation.val_acc, start_weights, weights
             )
-            state = FederationState(t, weights, server_state, weights - start_weights)
+            state = FederationState(t, weights, server_state)
             evaluations.append(evaluation)
             tuner.observe(report)
             if observe:

@@ -12,7 +12,7 @@ from scipy import stats
 
 from fedhpo_core.federation import Evaluation, RoundReport
 from fedhpo_core.partition import Partition
-from fedhpo_core.search.base import configuration_of
+from fedhpo_core.search.base import LINEAGE, configuration_of
 from fedhpo_core.settings import ClientConfig
 
 
@@ -141,9 +141,6 @@ class ConfigTrajectory:
         return figure
 
 
-LINEAGE = ("member", "generation", "parent_trial")  # population-based training's user attributes
-
-
 def study_table(study: optuna.Study, objectives: tuple[str, ...] = ()) -> pd.DataFrame:
     """A row per finished trial in order of completion: its score (for a pruned trial, its last
     reported one), rounds spent, lineage (PBT), system objectives and configuration as
@@ -185,6 +182,45 @@ def study_figures(table: pd.DataFrame, parameters: dict, most: int = 6) -> dict[
         axis.set_ylabel("validation score")
     configs.tight_layout()
     return {"best_so_far.png": progress, "configs_vs_score.png": configs}
+
+
+def importance_table(study: optuna.Study, seed: int) -> pd.DataFrame:
+    """How much of the variance of the validation score (a multi-objective study's first objective)
+    each parameter that varied explains: Optuna's fANOVA over the complete trials, its random forest
+    seeded by `seed` (the same study and seed, the same table), importances summing to 1, most
+    important first. Empty where that is undefined: fewer than two distinct finite scores, or no
+    parameter that took two values (Optuna would answer the first with equal shares and the second
+    with fANOVA's RuntimeError "zero total variance")."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    scored = [trial for trial in complete if math.isfinite(trial.values[0])]
+    space = optuna.search_space.intersection_search_space(scored)
+    varying = [name for name in space if len({trial.params[name] for trial in scored}) > 1]
+    if len({trial.values[0] for trial in scored}) < 2 or not varying:
+        return pd.DataFrame({"parameter": pd.Series(dtype=str), "importance": pd.Series(dtype=float)})
+    importances = optuna.importance.get_param_importances(
+        study,
+        evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed),
+        params=varying,
+        target=lambda trial: trial.values[0],
+    )
+    return pd.DataFrame({"parameter": list(importances), "importance": [float(v) for v in importances.values()]})
+
+
+def importance_figure(table: pd.DataFrame, title: str, most: int = 20) -> Figure:
+    """The `most` most important parameters of an `importance_table` as horizontal bars, the most
+    important on top; a note where the table is empty."""
+    shown = table.head(most).iloc[::-1]
+    figure = Figure(figsize=(6, 1.5 + 0.3 * max(3, len(shown))))
+    axis = figure.subplots()
+    axis.barh(shown.parameter, shown.importance)
+    axis.set_xlabel("importance (fANOVA, share of the validation score's variance)")
+    axis.set_title(title)
+    if shown.empty:
+        axis.set_axis_off()
+        note = "undefined: fewer than two distinct scores or no parameter varied"
+        axis.text(0.5, 0.5, note, ha="center", va="center", transform=axis.transAxes)
+    figure.tight_layout()
+    return figure
 
 
 def paired_differences(results: pd.DataFrame, reference: str, level: float = 0.95) -> pd.DataFrame:

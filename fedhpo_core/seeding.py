@@ -3,8 +3,17 @@
 import numpy as np
 import torch
 
-# One key per independent stream: adding a stream never shifts the others.
-PARTITION, SAMPLING, CLIENT, INIT, SPLIT = 1, 2, 3, 4, 5
+# One key per independent stream, all of them here: adding a stream never shifts the others.
+PARTITION = 1  # clients' shares of the data
+SAMPLING = 2  # the clients of each round
+CLIENT = 3  # a client's shuffling in a round
+INIT = 4  # the initial weights
+SPLIT = 5  # the validation split of a dataset without one
+SEARCH = 6  # a study's sampler
+FEDEX = 7  # FedEx's configuration draws
+FEDTUNE = 8  # FedTune's Z_i draws
+PBT = 9  # population-based training's exploit and explore, per generation
+STEPWISE = 10  # step-wise Optuna's simulated client speeds
 
 
 def numpy_rng(seed: int, *keys: int) -> np.random.Generator:

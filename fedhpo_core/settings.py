@@ -46,7 +46,6 @@ class ClientConfig:
     batch_size: int = 32
     local_epochs: int = 1
     mu: float = 0.0  # FedProx proximal weight (Li et al. 2020, eq. 2); 0 is FedAvg's local SGD
-    lr_hypergradient: bool = False  # FedHyper's client-side local scheduler (fedhpo_core.client)
 
     def __post_init__(self):
         _finite(self)

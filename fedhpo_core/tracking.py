@@ -66,7 +66,12 @@ def check_tracking_store() -> None:
 
 
 _prepared: set[str] = set()
+# fedhpo's MLflow run tags, all of them here.
+ROLE_TAG = "fedhpo.role"  # what a run is: train, study, trial, final, comparison
+STUDY_TAG = "fedhpo.study"  # the study a study or trial run belongs to
+TRIAL_TAG = "fedhpo.trial"  # a trial run's Optuna trial number
 PROCESS_TAG = "fedhpo.process"  # host:pid:start time of the process that writes a run
+ORPHANED_TAG = "fedhpo.orphaned"  # set on a run closed because its process was gone
 
 
 def process_identity(pid: int) -> str | None:
@@ -93,7 +98,7 @@ def close_orphaned_runs(client: MlflowClient) -> list[str]:
     for run in running:
         recorded = run.data.tags[PROCESS_TAG]
         if process_identity(int(recorded.split(":")[1])) != recorded:
-            client.set_tag(run.info.run_id, "fedhpo.orphaned", "true")
+            client.set_tag(run.info.run_id, ORPHANED_TAG, "true")
             client.set_terminated(run.info.run_id, "KILLED")
             orphaned.append(run.info.run_id)
     return orphaned
@@ -201,12 +206,14 @@ class Tracker:
     def log_figure(self, figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
-    def log_weights(self, weights: torch.Tensor, artifact_file: str) -> None:
-        """A flat weight vector as a torch file (read back with torch.load(..., weights_only=True))."""
+    def log_state(self, state: Mapping[str, object], artifact_file: str) -> str:
+        """Tensors and numbers (a `FederationState`'s fields) as a torch file; returns the URI any
+        process of the study reads it back from (`load_state`)."""
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / Path(artifact_file).name
-            torch.save(weights.cpu(), path)
+            torch.save(dict(state), path)
             self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent))
+        return f"runs:/{self.run_id}/{artifact_file}"
 
     def log_model(self, model, input_example, name: str = "model") -> None:
         """The model through `mlflow.pytorch.log_model` in its default 'pt2' format.
@@ -227,3 +234,10 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+def load_state(uri: str, device: torch.device | str = "cpu") -> dict:
+    """What `Tracker.log_state` stored at `uri`, its tensors on `device`."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder)
+        return torch.load(path, map_location=device, weights_only=True)

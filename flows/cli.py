@@ -75,9 +75,10 @@ def train_command(args: argparse.Namespace) -> int:
     _check_stores("train")
     _check_data("train", settings)
     from fedhpo_core.tracking import tracking_uri
+    from flows.progress import live_bar
     from flows.training import federated_training
 
-    with local_prefect():
+    with local_prefect(), live_bar():
         summary = federated_training(**asdict(settings), **asdict(execution))
     if summary["diverged_round"] is not None:
         print(f"Diverged at round {summary['diverged_round']}: the loss turned non-finite (try a smaller --lr).")
@@ -95,13 +96,13 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    from fedhpo_core.search.study import METHODS, check_study, default_storage, study_definition
+    from fedhpo_core.search.study import check_study, default_storage, study_definition
     from fedhpo_core.tracking import tracking_uri
 
     fixed = _settings("tune", TrainSettings, args)
     tune = _settings("tune", TuneSettings, args)
     execution = _settings("tune", ExecutionSettings, args)
-    method = METHODS[tune.method]()
+    method = tune.search_method()
     try:
         space = tune.space()
         space.check(fixed)
@@ -115,9 +116,10 @@ def tune_command(args: argparse.Namespace) -> int:
     except SettingsError as error:
         _fail("tune", str(error))
     _check_data("tune", fixed)
+    from flows.progress import live_bar
     from flows.study import hpo_study
 
-    with local_prefect():
+    with local_prefect(), live_bar():
         summary = hpo_study(**asdict(tune), **asdict(execution), train=asdict(fixed))
     print(
         f"Study {summary['study_name']}: best trial {summary['best_trial']} "
@@ -157,9 +159,10 @@ def compare_command(args: argparse.Namespace) -> int:
     _check_data("compare", fixed)
     from fedhpo_core.tracking import tracking_uri
     from flows.comparison import method_comparison
+    from flows.progress import live_bar
 
     tune_values = {k: v for k, v in asdict(tune).items() if k not in COMPARISON_SKIPS}
-    with local_prefect():
+    with local_prefect(), live_bar():
         summary = method_comparison(
             methods=args.methods,
             seeds=args.seeds,
@@ -178,7 +181,8 @@ def compare_command(args: argparse.Namespace) -> int:
 
 
 LOCAL_SERVER_RETRIES = 1
-COMPARISON_SKIPS = ("method", "budget", "study_name", "resume", "join")  # set per study by the comparison
+# Set per study by the comparison; fedhyper is compared with all its schedulers.
+COMPARISON_SKIPS = ("method", "budget", "study_name", "resume", "join", "schedulers")
 
 
 def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:

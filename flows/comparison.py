@@ -10,8 +10,9 @@ from prefect.runtime import flow_run
 from fedhpo_core.reports import comparison_figure, comparison_table, markdown_table, paired_differences
 from fedhpo_core.search.study import METHODS, TuneSettings
 from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
-from fedhpo_core.tracking import Tracker
+from fedhpo_core.tracking import ROLE_TAG, Tracker
 from flows.interrupts import cooperative_interrupts
+from flows.progress import bar
 from flows.study import artifact_key, hpo_study
 from tasks.training import dask_scheduler
 
@@ -36,6 +37,8 @@ def check_comparison(
             raise SettingsError(f"{name} need at least one value")
         if len(set(values)) < len(values):
             raise SettingsError(f"{name} repeat a value: {','.join(map(str, values))}")
+    if tune.final_rounds < 1:
+        raise SettingsError("a comparison needs final_rounds >= 1: methods are compared on their best's test accuracy")
     if reference is not None and reference not in methods:
         raise SettingsError(f"reference must be one of the compared methods ({', '.join(methods)}), got {reference!r}")
     for seed in seeds:
@@ -103,8 +106,10 @@ def method_comparison(
     fixed = TrainSettings(**(train or {}))
     check_comparison(methods, seeds, budgets, tune, fixed, reference)
     reference = reference or methods[0]
-    tags = {"fedhpo.role": "comparison", "prefect.flow_run_id": str(flow_run.id)}
+    tags = {ROLE_TAG: "comparison", "prefect.flow_run_id": str(flow_run.id)}
     rows = []
+    studies = len(seeds) * len(budgets) * len(methods)
+    bar().plan(len(seeds) * len(methods) * sum(budgets), trials=0, studies=studies)
     with (
         cooperative_interrupts() as stop,
         Tracker(fixed.experiment, f"comparison-{flow_run.name}", tags) as tracker,
@@ -130,6 +135,7 @@ def method_comparison(
                         parent_run_id=tracker.run_id,
                         **asdict(replace(execution, dask_address=address)),
                     )
+                    bar().advance(studies=1)
                     rows.append(
                         {
                             "method": method,
@@ -147,7 +153,7 @@ def method_comparison(
                         seed,
                         rows[-1]["final_test_acc"],
                         len(rows),
-                        len(seeds) * len(budgets) * len(methods),
+                        studies,
                     )
         results = pd.DataFrame(rows)
         table = comparison_table(results, reference)

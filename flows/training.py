@@ -12,9 +12,10 @@ from fedhpo_core.models import load_flat_weights
 from fedhpo_core.partition import label_histogram, label_skew
 from fedhpo_core.reports import ConfigTrajectory, partition_figure, partition_table, round_metrics
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
-from fedhpo_core.tracking import Tracker
+from fedhpo_core.tracking import ROLE_TAG, Tracker
 from fedhpo_core.tuners import FixedConfig
 from flows.interrupts import cooperative_interrupts
+from flows.progress import bar
 from tasks.training import load_data, partition_data, round_steps
 
 
@@ -33,7 +34,7 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
     federation = Federation(data, settings.server, settings.participation, settings.seed)
     histogram = label_histogram(dataset.y_train.numpy(), partition, dataset.num_classes)
 
-    tags = {"fedhpo.role": "train", "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": flow_run.name}
+    tags = {ROLE_TAG: "train", "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": flow_run.name}
     with cooperative_interrupts() as stop, Tracker(settings.experiment, flow_run.name, tags) as tracker:
         tracker.log_params(
             {**asdict(settings), "server_lr": settings.server.lr, "model_parameters": data.spec.size}
@@ -44,10 +45,12 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
         )
 
         configs = ConfigTrajectory()
+        bar().plan(settings.rounds)
 
         def observe(report: RoundReport, evaluation: Evaluation) -> None:
             configs.record(report)
             tracker.log_metrics(round_metrics(report, evaluation), step=report.round)
+            bar().advance(rounds=1)
             logger.info(
                 "round %d/%d: train_loss %.4f val_acc %.4f test_acc %.4f",
                 report.round,

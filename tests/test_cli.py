@@ -82,3 +82,25 @@ def test_flow_parameters_are_the_settings_with_the_same_defaults():
         for f in settings:
             assert f.default is not MISSING and parameters[f.name].default == f.default, (flow.name, f.name)
             assert described[f.name].get("description"), (flow.name, f.name)
+
+
+@pytest.mark.parametrize("name", ["lr_hypergradient", "depth"])
+def test_a_search_space_naming_an_undocumented_setting_is_refused(name, capsys, tmp_path, monkeypatch):
+    from fedhpo_core.search.space import CLIENT_SETTINGS, SearchSpace
+    from fedhpo_core.settings import ClientConfig, SettingsError
+
+    assert set(CLIENT_SETTINGS) <= {f.name for f in fields(ClientConfig)}  # the documented ones exist
+    declared = {name: {"type": "categorical", "choices": [0, 1]}}
+    with pytest.raises(SettingsError, match=f"unknown settings \\['{name}'\\]"):
+        SearchSpace.from_dict(declared)
+    (tmp_path / "space.yaml").write_text(f"{name}: {{type: categorical, choices: [0, 1]}}\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "--method", "random", "--search-space", str(tmp_path / "space.yaml")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("fedhpo tune: error: search space names unknown settings")
+    assert list(work.iterdir()) == []

@@ -4,13 +4,17 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from fedhpo_core import cohort
-from fedhpo_core.client import ClientData, ClientJob
+from fedhpo_core.aggregators import ServerSettings
+from fedhpo_core.client import ClientData, ClientJob, LocalSchedule, RunningSchedules
 from fedhpo_core.data import load_dataset
-from fedhpo_core.federation import FederatedData, Federation, partition_of, train_sequentially
+from fedhpo_core.federation import FederatedData, Federation, RoundSteps, partition_of, train_sequentially
+from fedhpo_core.models import ModelSpec, flat_weights, load_flat_weights
 from fedhpo_core.settings import ClientConfig, ExecutionSettings, SettingsError, TrainSettings
 from fedhpo_core.tuners import FixedConfig, PerClientConfig
+from fedhpo_core.tuners.fedhyper import FedHyper, HypergradientLR
 
 # Weights after one round, cohort against sequential: measured differences are 1e-8 to 3e-7.
 TOLERANCE = 1e-5
@@ -30,8 +34,32 @@ def digits_data(model: str, clients: int = 6) -> FederatedData:
     return FederatedData.build(load_dataset("digits", "unused"), partition_of(settings.data), model)
 
 
-def jobs_for(configs, round=1, global_update=None):
-    return [ClientJob(c, round, config, 0, global_update, len(configs)) for c, config in enumerate(configs)]
+def jobs_for(configs, round=1, schedules=None):
+    schedules = schedules or [None] * len(configs)
+    return [ClientJob(c, round, config, 0, schedules[c]) for c, config in enumerate(configs)]
+
+
+class HalvingRate(LocalSchedule):
+    """A planted schedule: the rate halves after every local step."""
+
+    @classmethod
+    def start(cls, schedules, lr):
+        return HalvedRates(lr)
+
+
+class HalvedRates(RunningSchedules):
+    def __init__(self, lr):
+        self.lr = lr
+
+    def step(self, step, changes):
+        return self.lr[: len(changes)] / 2 ** (step + 1)
+
+
+class Halving(FixedConfig):
+    """Plain federated training whose clients halve their rate after every local step."""
+
+    def local_schedule(self, round, client):
+        return HalvingRate()
 
 
 def assert_agree(sequential, batched):
@@ -61,20 +89,52 @@ def test_cohort_matches_sequential_with_every_client_configured_differently(mode
     assert not torch.equal(sequential[0].weights, start)
 
 
-def test_fedhyper_client_side_rates_run_in_the_cohort():
-    data = digits_data("mlp", clients=4)
+@pytest.mark.parametrize("engine", ["sequential", "cohort"])
+def test_a_tuners_local_schedule_sets_each_local_steps_rate(engine):
+    spec = ModelSpec("mlp", (1, 4, 4), 3)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 1, 4, 4, generator=generator), torch.randint(0, 3, (24,), generator=generator)
+    client = ClientData.of(x, y, x[:0], y[:0])
+    data = FederatedData((client,), (x, y), (x, y), spec)
+    federation = Federation(data, ServerSettings("fedavg", 1.0, 0.9, 0.99, 1e-3), participation=1.0, seed=7)
+    config = ClientConfig(lr=0.4, batch_size=24, local_epochs=3)
+    result = federation.run(Halving(config), 1, RoundSteps(engine))
+
+    # By hand: three full-batch gradient steps at rates 0.4, 0.2 and 0.1.
+    model = load_flat_weights(spec.build(), spec.initial_weights(7))
+    for lr in (0.4, 0.2, 0.1):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * p.grad
+    assert torch.allclose(result.state.weights, flat_weights(model), atol=1e-6)
+    plain = federation.run(FixedConfig(config), 1, RoundSteps(engine))
+    assert not torch.allclose(result.state.weights, plain.state.weights, atol=1e-4)
+
+
+def test_local_schedules_of_several_kinds_batch_in_one_cohort():
+    data = digits_data("mlp")
     start = data.spec.initial_weights(0)
-    delta = torch.randn(data.spec.size, generator=torch.Generator().manual_seed(1)) * 0.01
-    configs = [ClientConfig(lr=0.1, lr_hypergradient=c % 2 == 0, batch_size=16 + c) for c in range(4)]
-    jobs = jobs_for(configs, global_update=delta)
-    assert_agree(
-        train_sequentially(data.spec, start, jobs, data.clients),
-        cohort.train_cohort(data.spec, start, jobs, data.clients),
-    )
-    plain = jobs_for([ClientConfig(lr=0.1, batch_size=16)], global_update=delta)
-    scheduled = jobs_for([ClientConfig(lr=0.1, batch_size=16, lr_hypergradient=True)], global_update=delta)
-    a, b = (cohort.train_cohort(data.spec, start, j, data.clients[:1])[0] for j in (plain, scheduled))
-    assert not torch.equal(a.weights, b.weights)  # the schedule changed the rates
+    generator = torch.Generator().manual_seed(1)
+    delta, other = (torch.randn(data.spec.size, generator=generator) * 0.01 for _ in range(2))
+    # One batch size: one cohort, its clients of unequal steps, some scheduled by FedHyper (two
+    # global updates), some halving, some not scheduled at all.
+    configs = [ClientConfig(lr=0.1 + 0.01 * c, momentum=0.5 * (c % 2), batch_size=16) for c in range(6)]
+    schedules = [HypergradientLR(delta, 6), None, HalvingRate(), HypergradientLR(other, 6), HalvingRate(), None]
+    jobs = jobs_for(configs, schedules=schedules)
+    sequential = train_sequentially(data.spec, start, jobs, data.clients)
+    assert_agree(sequential, cohort.train_cohort(data.spec, start, jobs, data.clients))
+    plain = train_sequentially(data.spec, start, jobs_for(configs), data.clients)
+    moved = [not torch.allclose(a.weights, b.weights) for a, b in zip(sequential, plain, strict=True)]
+    assert moved == [s is not None for s in schedules]  # the schedules changed the rates
+
+
+def test_engines_agree_over_rounds_of_fedhyper():
+    data = digits_data("mlp")
+    federation = Federation(data, TrainSettings().server, 1.0, seed=3)
+    runs = [federation.run(FedHyper(ClientConfig(lr=0.1)), 4, RoundSteps(e)) for e in ("cohort", "sequential")]
+    assert (runs[0].state.weights - runs[1].state.weights).abs().max() < 100 * TOLERANCE
 
 
 def test_a_cohort_split_by_memory_gives_the_same_weights_to_rounding(monkeypatch):
@@ -104,8 +164,6 @@ def test_clients_with_their_own_tensors_and_no_validation_split():
 
 @pytest.mark.parametrize("engine", ["cohort", "sequential"])
 def test_each_engine_is_deterministic_bit_for_bit(engine):
-    from fedhpo_core.federation import RoundSteps
-
     data = digits_data("mlp")
     federation = Federation(data, TrainSettings().server, 0.5, seed=3)
     tuner = PerClientConfig(CONFIGS)
@@ -114,8 +172,6 @@ def test_each_engine_is_deterministic_bit_for_bit(engine):
 
 
 def test_engines_agree_over_rounds():
-    from fedhpo_core.federation import RoundSteps
-
     data = digits_data("mlp")
     federation = Federation(data, TrainSettings().server, 1.0, seed=3)
     runs = [federation.run(FixedConfig(ClientConfig(lr=0.1)), 5, RoundSteps(e)) for e in ("cohort", "sequential")]

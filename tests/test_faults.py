@@ -21,6 +21,7 @@ import pytest
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, Federation, RoundSteps
 from fedhpo_core.partition import partition_dataset
+from fedhpo_core.search.halving import plan_cost, plan_rungs
 from fedhpo_core.search.study import METHODS, TuneSettings, check_study, open_study, study_definition
 from fedhpo_core.settings import SettingsError, TrainSettings
 from fedhpo_core.tracking import PROCESS_TAG, close_orphaned_runs, process_identity
@@ -184,6 +185,7 @@ def test_resume_refuses_other_settings_and_says_which(flags, message, capsys, tm
         (["--seeds", "0,0"], "seeds repeat a value"),
         (["--seeds", "1,-1"], "seed must be >= 0, got -1"),
         (["--seed", "-1"], "seed must be >= 0, got -1"),
+        (["--final-rounds", "0"], "a comparison needs final_rounds >= 1"),
     ],
 )
 def test_compare_refuses_repeats_and_negative_seeds(flags, message, capsys, tmp_path, monkeypatch):
@@ -236,6 +238,9 @@ def check_stores_agree(study: optuna.Study, client: mlflow.MlflowClient, experim
             assert run.info.status == "FINISHED" and run.data.metrics["score"] == trial.values[0]
             assert trial.number not in trained  # trained once
             trained[trial.number] = int(run.data.metrics["rounds_used"])
+        elif trial.state == optuna.trial.TrialState.PRUNED:
+            assert run.info.status == "FINISHED" and trial.number not in trained
+            trained[trial.number] = int(run.data.metrics["rounds_used"])
         else:
             assert trial.state == optuna.trial.TrialState.FAIL and run.info.status == "KILLED", run.info
     return trained
@@ -276,6 +281,61 @@ def test_an_interrupted_study_ends_in_seconds_and_resumes_charging_what_it_train
     assert {n: after[n] for n in before} == before  # nothing finished was lost or trained again
     charged = sum(t.user_attrs["rounds_used"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
     assert charged == sum(after.values()) <= 30
+
+
+# (method, budget, n_configs, trainings finished before the kill): mid-bracket for sha (9 trainings
+# in its first rung, 3 in its second) and hyperband, mid-generation for pbt (4 members a generation).
+MID_WAY = {"sha": (60, 9, 10), "hyperband": (60, 9, 10), "pbt": (24, 4, 6)}
+
+
+@pytest.mark.parametrize("method", MID_WAY)
+def test_a_study_killed_mid_bracket_or_generation_resumes_from_its_checkpoints(method, tmp_path):
+    budget, n_configs, finished = MID_WAY[method]
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = [FEDHPO, "tune", "--method", method, "--budget", str(budget), "--n-configs", str(n_configs), *SMALL]
+    command += ["--storage", storage, "--study-name", "midway", "--experiment", "midway"]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        wait_for(lambda: trial_lines(log) >= finished)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    before = optuna.load_study(study_name="midway", storage=storage).trials
+    kept = {t.number: (t.params, t.state, t.user_attrs["rounds_used"]) for t in before if t.state.is_finished()}
+    paused = {
+        t.number: t.user_attrs["rounds_used"] for t in before if t.state.name == "RUNNING" and "result" in t.user_attrs
+    }
+    if method != "pbt":
+        assert paused  # surviving configurations between rungs
+
+    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = optuna.load_study(study_name="midway", storage=storage)
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    trained = check_stores_agree(study, client, "midway")  # nothing RUNNING, each run once
+    for number, (params, state, rounds) in kept.items():  # nothing finished lost or trained again
+        trial = study.trials[number]
+        assert (trial.params, trial.state, trial.user_attrs["rounds_used"]) == (params, state, rounds)
+    for number, rounds in paused.items():  # the survivors went on from where they stood
+        assert study.trials[number].state.is_finished() and trained[number] >= rounds
+        run_id = study.trials[number].user_attrs["mlflow_run_id"]
+        steps = {m.step for m in client.get_metric_history(run_id, "val_acc")}
+        first = 1 if method != "pbt" else study.trials[number].user_attrs["generation"] * 2 + 1  # from a parent
+        assert steps == set(range(first, first + trained[number]))  # one run, its rounds numbered on
+    charged = sum(t.user_attrs["rounds_used"] for t in study.trials if t.state.is_finished())
+    assert charged == sum(trained.values()) <= budget
+    if method == "sha":  # no configuration was added: the bracket's own finished, at its planned cost
+        assert len(study.trials) == n_configs and charged == plan_cost(plan_rungs(n_configs, budget))
+    if method == "pbt":
+        generations = [t.user_attrs["generation"] for t in study.trials if t.state.name == "COMPLETE"]
+        assert sorted(generations) == sorted(list(range(budget // 8)) * 4)
+        for trial in study.trials:
+            if trial.state.name == "COMPLETE" and trial.user_attrs["generation"]:
+                parent = study.trials[trial.user_attrs["parent_trial"]]
+                assert parent.user_attrs["generation"] == trial.user_attrs["generation"] - 1
 
 
 def test_a_trial_killed_after_training_is_told_its_recorded_score_not_trained_again(tmp_path):

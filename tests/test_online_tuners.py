@@ -230,15 +230,16 @@ def test_fedhyper_schedulers_work_alone_and_scale_the_server_rate():
 
 def test_fedhyper_client_side_scheduler_matches_a_hand_written_loop():
     from fedhpo_core.client import ClientData, train_locally
+    from fedhpo_core.tuners.fedhyper import HypergradientLR
 
     generator = torch.Generator().manual_seed(3)
     x, y = torch.randn(16, 1, 4, 4, generator=generator), torch.randint(0, 3, (16,), generator=generator)
     data = ClientData.of(x, y, x[:0], y[:0])
     start = SPEC.initial_weights(0)
     delta = torch.randn(SPEC.size, generator=generator) * 0.05
-    config = ClientConfig(lr=0.5, batch_size=16, local_epochs=5, lr_hypergradient=True)
+    config = ClientConfig(lr=0.5, batch_size=16, local_epochs=5)
     model = load_flat_weights(SPEC.build(), start)
-    train_locally(model, data, config, torch.Generator().manual_seed(0), global_update=delta, clients_in_round=4)
+    train_locally(model, data, config, torch.Generator().manual_seed(0), HypergradientLR(delta, clients=4))
     got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     # By hand: full-batch gradient descent, the rate rescaled after every step from the second on.
@@ -261,15 +262,15 @@ def test_fedhyper_client_side_scheduler_matches_a_hand_written_loop():
     assert lr != 0.5  # the schedule moved the rate
 
 
-def test_without_a_global_update_the_client_side_scheduler_is_plain_sgd():
-    from fedhpo_core.client import ClientData, train_locally
+def test_fedhyper_schedules_clients_from_the_last_global_update_from_the_second_round():
+    from fedhpo_core.tuners.fedhyper import FedHyper
 
-    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))
-    data = ClientData.of(x, y, x[:0], y[:0])
-    runs = []
-    for hyper in (True, False):
-        model = load_flat_weights(SPEC.build(), SPEC.initial_weights(0))
-        config = ClientConfig(lr=0.1, batch_size=8, local_epochs=3, lr_hypergradient=hyper)
-        train_locally(model, data, config, torch.Generator().manual_seed(0))
-        runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
-    assert torch.equal(*runs)  # the first round has no previous global update
+    tuner, server_side = FedHyper(ClientConfig(lr=0.1)), FedHyper(ClientConfig(lr=0.1), ("global", "server_local"))
+    for fedhyper in (tuner, server_side):
+        fedhyper.configure(1, [0, 2, 5])
+        assert fedhyper.local_schedule(1, 0) is None  # the first round has no global update
+        fedhyper.observe(RoundReport(1, {}, (), 0.0, 0.0, torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.0])))
+        fedhyper.configure(2, [1, 4])
+    schedule = tuner.local_schedule(2, 4)
+    assert torch.equal(schedule.global_update, torch.tensor([0.5, -1.0])) and schedule.clients == 2
+    assert server_side.local_schedule(2, 4) is None

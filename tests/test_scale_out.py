@@ -11,10 +11,11 @@ import torch
 from fedhpo_core.client import ClientJob, ClientUpdate
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, FederationState, RoundSteps, clients_of, partition_of
-from fedhpo_core.search.base import ROUNDS_ATTR, TrialResult, planned_trials
+from fedhpo_core.search.base import ROUNDS_ATTR, TrialResult, planned_trials, rounds_spent
 from fedhpo_core.search.fixed_budget import GridSearch, RandomSearch
+from fedhpo_core.search.halving import plan_rungs
 from fedhpo_core.search.space import SearchSpace
-from fedhpo_core.search.study import open_study, run_search
+from fedhpo_core.search.study import METHODS, open_study, run_search
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
 from flows.comparison import method_comparison
 from flows.study import artifact_key, hpo_study
@@ -144,12 +145,30 @@ def test_parallel_trials_overlap_and_spend_the_budget_once(mlflow_client, tmp_pa
         assert run.data.metrics["score"] == trial.value and run.info.status == "FINISHED"
 
 
-def fake_training(delay: float):
-    def evaluate(trial, configuration, rounds, start, tuner=None):
-        time.sleep(delay)
-        return TrialResult(score=configuration.values["lr"], rounds=rounds, state=FederationState(rounds, None))
+class FakeTraining:
+    """Scores a configuration by its lr after `delay` seconds a round, reporting every round."""
 
-    return evaluate
+    def __init__(self, delay: float):
+        self.delay, self.calls = delay, []
+
+    def load(self, checkpoint):
+        raise AssertionError("no method here continues a trial")
+
+    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None):
+        trained = 0
+        while trained < rounds:
+            time.sleep(self.delay)
+            trained += 1
+            trial.report(configuration.values["lr"] * trained, trained)
+            if keep_going and not keep_going(trained):
+                break
+        self.calls.append((trial.number, trained))
+        score = configuration.values["lr"] * trained
+        return TrialResult(score=score, rounds=trained, state=FederationState(trained, None))
+
+
+def fake_training(delay: float) -> FakeTraining:
+    return FakeTraining(delay)
 
 
 @pytest.mark.parametrize("method", [RandomSearch, GridSearch])
@@ -180,6 +199,37 @@ def test_processes_sharing_a_study_split_it_without_losing_or_repeating_a_trial(
         assert len(set(points)) == len(points)
     else:  # all three were given seed 0: joined processes still draw different streams
         assert len(set(points[:3])) > 1
+
+
+@pytest.mark.parametrize("method", ["asha", "async-hyperband"])
+def test_asynchronous_halving_shared_by_processes_stays_within_budget_and_runs_nothing_twice(method, tmp_path):
+    """Three searchers on one storage, as separate processes would be, two trials at once each:
+    rounds granted never exceed the budget, every trained round is charged once, and Optuna's
+    pruner stopped some trials at a rung."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    space = SearchSpace.from_dict({"lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True}})
+    trainers = [fake_training(0.005) for _ in range(3)]
+
+    def searcher(trainer):
+        study = open_study(METHODS[method](), storage, "shared", resume=False, join=True)
+        run_search(METHODS[method](), study, space, "global", 4, trainer, 60, 9, 0, workers=2, join=True)
+
+    threads = [threading.Thread(target=searcher, args=(trainer,)) for trainer in trainers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    study = optuna.load_study(study_name="shared", storage=storage)
+    calls = [call for trainer in trainers for call in trainer.calls]
+    assert len({number for number, _ in calls}) == len(calls)  # no trial trained twice
+    assert all(trainer.calls for trainer in trainers)  # each process trained some
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert rounds_spent(study) == sum(rounds for _, rounds in calls) <= 60
+    assert rounds_spent(study) >= 60 - 3 * 2  # the budget put to use, but for trials cut at its end
+    assert study.get_trials(states=[optuna.trial.TrialState.PRUNED])
+    longest = plan_rungs(9, 60)[-1].rounds
+    assert all(t.user_attrs[ROUNDS_ATTR] <= longest for t in planned_trials(study))
 
 
 def test_a_joining_search_leaves_room_for_trials_others_are_running(tmp_path):

@@ -7,57 +7,87 @@ import optuna
 import pytest
 import torch
 
-from fedhpo_core.federation import FederationState
+from fedhpo_core.data import load_dataset
+from fedhpo_core.federation import FederatedData, FederationState, partition_of
 from fedhpo_core.reports import study_table
-from fedhpo_core.search.base import ROUNDS_ATTR, TrialResult, record_result, rounds_spent
+from fedhpo_core.search import study as study_module
+from fedhpo_core.search.base import RESULT_ATTR, ROUNDS_ATTR, SearchContext, TrialResult, rounds_spent
 from fedhpo_core.search.halving import Hyperband, plan_cost, plan_rungs
-from fedhpo_core.search.online import OnlineSearch, candidate_values
+from fedhpo_core.search.online import candidate_values
 from fedhpo_core.search.pbt import POPULATION, READY_ROUNDS, exploit, explore
 from fedhpo_core.search.space import Configuration, SearchSpace
 from fedhpo_core.search.study import METHODS, TuneSettings, best_trial, open_study, run_search
 from fedhpo_core.settings import SettingsError, TrainSettings
 
 SPACE = SearchSpace.load(None)  # the FedTune paper's lr x weight decay grid
-TRIAL_METHODS = sorted(m for m, kind in METHODS.items() if not issubclass(kind, OnlineSearch))
 
 
 class FakeTrainer:
-    """Scores a configuration by how close lr is to 0.05; records every call."""
+    """Scores a configuration by how close lr is to 0.05 (a little better with every round); reports
+    every round and keeps its checkpoints in `store`, like the real trainer; records every call."""
 
-    def __init__(self, interrupt_at: int | None = None, interrupt_after_training: bool = False):
-        self.calls: list[tuple[int, int, int]] = []  # (trial, rounds asked, round started from)
-        self.interrupt_at, self.after_training = interrupt_at, interrupt_after_training
+    def __init__(self, interrupt_at: int | None = None, store: dict | None = None):
+        self.calls: list[tuple[int, int, int]] = []  # (trial, rounds trained, round started from)
+        self.interrupt_at, self.store = interrupt_at, {} if store is None else store  # the call to interrupt
+        self.interrupted: int | None = None  # the trial it interrupted
 
-    def __call__(self, trial, configuration, rounds, start):
-        number = trial.number
-        if number == self.interrupt_at and not self.after_training:
+    def load(self, checkpoint):
+        return self.store[checkpoint]
+
+    def score(self, configuration, round):
+        lr = configuration.values.get("lr", 0.05)  # a round-level method's tuner chooses it
+        return 1 - abs(math.log10(lr) - math.log10(0.05)) / 3 + 0.001 * round
+
+    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None):
+        if len(self.calls) == self.interrupt_at:
+            self.interrupted = trial.number
             raise KeyboardInterrupt  # Ctrl-C in the middle of a trial's training
         begun = start.round if start else 0
-        self.calls.append((number, rounds, begun))
-        lr = configuration.values["lr"]
-        score = 1 - abs(math.log10(lr) - math.log10(0.05)) / 3 + 0.001 * (begun + rounds)
+        trained = 0
+        while trained < rounds:
+            trained += 1
+            if len(trial.study.directions) == 1:
+                trial.report(self.score(configuration, begun + trained), begun + trained)
+            if keep_going and not keep_going(begun + trained):
+                break
+        self.calls.append((trial.number, trained, begun))
+        lr = configuration.values.get("lr", 0.05)
         objectives = {"bytes_sent": 1e3 * lr, "client_compute_samples": 1.0 / lr, "unfairness": lr}
-        result = TrialResult(score, rounds, FederationState(begun + rounds, torch.zeros(1)), objectives=objectives)
-        record_result(trial, result)
-        if number == self.interrupt_at:
-            raise KeyboardInterrupt  # Ctrl-C after its result was recorded, before it was told
-        return result
+        state = self.state(trial, begun + trained)
+        checkpoint = f"fake/{trial.number}/{state.round}"
+        self.store[checkpoint] = state
+        score = self.score(configuration, begun + trained)
+        return TrialResult(score, trained, state, objectives=objectives, checkpoint=checkpoint)  # tuner not run
+
+    def state(self, trial, round):
+        return FederationState(round, torch.zeros(1))
 
 
-def search(method, budget=30, n_configs=30, trainer=None, storage=None, name="s", resume=False):
+def search(method, budget=30, n_configs=30, trainer=None, storage=None, name="s", resume=False, **options):
     trainer = trainer or FakeTrainer()
     study = open_study(METHODS[method](), storage or optuna.storages.InMemoryStorage(), name, resume)
-    spent = run_search(METHODS[method](), study, SPACE, "global", 4, trainer, budget, n_configs, seed=0)
+    spent = run_search(METHODS[method](), study, SPACE, "global", 4, trainer, budget, n_configs, seed=0, **options)
     return study, spent, trainer
 
 
-@pytest.mark.parametrize("method", TRIAL_METHODS)
+@pytest.fixture(scope="module")
+def digits():
+    """What round-level methods build their tuners from: fixed settings and real digits clients."""
+    fixed = TrainSettings(clients=4)
+    return fixed, FederatedData.build(load_dataset("digits", fixed.data_root), partition_of(fixed.data), fixed.model)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("budget", [30, 60, 100])
-def test_rounds_used_never_exceed_the_budget_and_are_all_counted(method, budget):
-    study, spent, trainer = search(method, budget)
+def test_every_method_spends_through_the_driver_within_budget_and_counts_every_round(method, budget, digits):
+    fixed, data = digits
+    study, spent, trainer = search(method, budget, fixed=fixed, data=data)
     used = sum(rounds for _, rounds, _ in trainer.calls)
     assert spent.spent == used == rounds_spent(study) <= budget
     assert used >= budget * 0.8  # the budget is put to use, not left idle
+    trials = {number for number, _, _ in trainer.calls}
+    assert all(t.state.is_finished() for t in study.trials if t.number in trials)  # every trial ended
+    assert sum(t.user_attrs[ROUNDS_ATTR] for t in study.trials if t.number in trials) == used
 
 
 @pytest.mark.parametrize("method", ["random", "grid", "tpe", "gp", "multiobjective"])
@@ -117,39 +147,91 @@ def test_multiobjective_pareto_front_is_the_non_dominated_set():
     assert len(study.directions) == 4
 
 
-@pytest.mark.parametrize("method", ["random", "tpe", "grid", "sha", "pbt"])
+INTERRUPTED_CALL = {"random": 4, "tpe": 4, "grid": 4, "sha": 11, "hyperband": 11, "pbt": 12, "asha": 2}
+
+
+@pytest.mark.parametrize("method", INTERRUPTED_CALL)
 def test_an_interrupted_study_resumes_without_losing_or_repeating_a_trial(method, tmp_path):
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    interrupted = FakeTrainer(interrupt_at=4)
+    storage, store = f"sqlite:///{tmp_path / 'optuna.db'}", {}
+    interrupted = FakeTrainer(interrupt_at=INTERRUPTED_CALL[method], store=store)
     with pytest.raises(KeyboardInterrupt):
-        search(method, budget=30, n_configs=10, trainer=interrupted, storage=storage)
+        search(method, budget=60, n_configs=10, trainer=interrupted, storage=storage)
     before = optuna.load_study(study_name="s", storage=storage)
     finished_before = {t.number: (t.params, t.state) for t in before.trials if t.state.is_finished()}
+    assert rounds_spent(before) == sum(r for _, r, _ in interrupted.calls)
 
-    study, spent, resumed = search(method, budget=30, n_configs=10, storage=storage, resume=True)
-    states = {t.number: t.state for t in study.trials}
-    assert states[4] == optuna.trial.TrialState.FAIL
+    resumed = FakeTrainer(store=store)
+    study, spent, _ = search(method, budget=60, n_configs=10, storage=storage, resume=True, trainer=resumed)
+    cut = study.trials[interrupted.interrupted]
+    if METHODS[method].pauses_trials:  # paused at its last rung, then continued from its checkpoint
+        assert cut.state.is_finished() and min(b for n, _, b in resumed.calls if n == cut.number) > 0
+    else:
+        assert cut.state == optuna.trial.TrialState.FAIL
     for number, (params, state) in finished_before.items():  # nothing finished was lost or rerun
         assert study.trials[number].params == params and study.trials[number].state == state
         assert number not in {n for n, _, _ in resumed.calls}
-    finished = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
-    assert spent.spent == sum(t.user_attrs[ROUNDS_ATTR] for t in finished) <= 30
+    # Every round trained is charged, once.
+    assert spent.spent == rounds_spent(study) == sum(r for _, r, _ in interrupted.calls + resumed.calls) <= 60
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
     if method in ("random", "tpe", "grid"):
-        assert len([t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]) == 10
+        assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 10
 
 
-@pytest.mark.parametrize("method", ["random", "grid", "multiobjective", "pbt"])
-def test_a_trial_interrupted_after_its_training_is_told_its_result_and_not_trained_again(method, tmp_path):
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    interrupted = FakeTrainer(interrupt_at=2, interrupt_after_training=True)
+def test_a_bracket_interrupted_mid_way_ends_as_if_it_had_not_been():
+    storage = optuna.storages.InMemoryStorage()
+    whole, _, _ = search("sha", budget=60, n_configs=9)
+    store = {}
+    interrupted = FakeTrainer(interrupt_at=10, store=store)  # the second training of the second rung
     with pytest.raises(KeyboardInterrupt):
-        search(method, budget=30, n_configs=10, trainer=interrupted, storage=storage)
-    told = optuna.load_study(study_name="s", storage=storage).trials[2]
-    assert told.state == optuna.trial.TrialState.COMPLETE and told.user_attrs[ROUNDS_ATTR] == interrupted.calls[-1][1]
+        search("sha", budget=60, n_configs=9, trainer=interrupted, storage=storage)
+    resumed = FakeTrainer(store=store)
+    study, spent, _ = search("sha", budget=60, n_configs=9, storage=storage, resume=True, trainer=resumed)
+    rungs = plan_rungs(9, 60)
+    # The survivors continue from their rung-1 checkpoints; no configuration starts over, none is added.
+    assert [(r, b) for _, r, b in resumed.calls] == [(4, 2), (4, 2), (12, 6)]
+    assert spent.spent == plan_cost(rungs) == rounds_spent(whole)
+    summary = [(t.params, t.state, t.values, t.user_attrs[ROUNDS_ATTR]) for t in study.trials]
+    assert summary == [(t.params, t.state, t.values, t.user_attrs[ROUNDS_ATTR]) for t in whole.trials]
 
-    study, spent, resumed = search(method, budget=30, n_configs=10, storage=storage, resume=True)
-    assert 2 not in {n for n, _, _ in resumed.calls} and study.trials[2].values == told.values
+
+def test_pbt_interrupted_mid_generation_continues_each_member_from_its_parent():
+    storage, store = optuna.storages.InMemoryStorage(), {}
+    interrupted = MarkingTrainer(interrupt_at=POPULATION + 2, store=store)  # generation 1, member 2
+    with pytest.raises(KeyboardInterrupt):
+        search("pbt", budget=30, trainer=interrupted, storage=storage)
+    resumed = MarkingTrainer(store=store)
+    study, spent, _ = search("pbt", budget=30, trainer=resumed, storage=storage, resume=True)
+    trials = {t.number: t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    generation_1 = [t for t in trials.values() if t.user_attrs["generation"] == 1]
+    assert sorted(t.user_attrs["member"] for t in generation_1) == list(range(POPULATION))
+    for trial in generation_1:  # the members trained after the interrupt too start from their parents
+        starts = {**getattr(interrupted, "starts", {}), **resumed.starts}
+        assert starts[trial.number] == trial.user_attrs["parent_trial"]
     assert spent.spent == sum(r for _, r, _ in interrupted.calls + resumed.calls) <= 30
+
+
+@pytest.mark.parametrize("method", ["random", "grid", "multiobjective", "pbt", "sha"])
+def test_a_trial_killed_between_its_record_and_its_tell_is_told_not_trained_again(method, tmp_path, monkeypatch):
+    storage, store = f"sqlite:///{tmp_path / 'optuna.db'}", {}
+    killed = FakeTrainer(store=store)
+
+    def die(context, trial, result):
+        raise SystemExit(-9)
+
+    with monkeypatch.context() as patch:  # the process dies right after a record: nothing settles
+        patch.setattr(SearchContext, "complete", die)
+        patch.setattr(study_module, "settle_interrupted_trials", lambda *arguments: None)
+        with pytest.raises(SystemExit):
+            search(method, budget=30, n_configs=10, trainer=killed, storage=storage)
+    left = [t for t in optuna.load_study(study_name="s", storage=storage).trials if t.state.name == "RUNNING"]
+    assert len(left) == 1 and left[0].user_attrs[RESULT_ATTR]
+
+    resumed = FakeTrainer(store=store)
+    study, spent, _ = search(method, budget=30, n_configs=10, storage=storage, resume=True, trainer=resumed)
+    told = study.trials[left[0].number]
+    assert told.state == optuna.trial.TrialState.COMPLETE and told.values[0] == left[0].user_attrs[RESULT_ATTR]["score"]
+    assert left[0].number not in {n for n, _, _ in resumed.calls}
+    assert spent.spent == sum(r for _, r, _ in killed.calls + resumed.calls) <= 30
 
 
 def test_resume_without_a_study_and_a_second_study_of_the_same_name_are_refused(tmp_path):
@@ -252,12 +334,13 @@ def test_pbt_explore_perturbs_within_the_space():
 class MarkingTrainer(FakeTrainer):
     """Its checkpoints carry the number of the trial that produced them."""
 
-    def __call__(self, trial, configuration, rounds, start):
+    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None):
         self.starts = getattr(self, "starts", {})
         self.starts[trial.number] = None if start is None else int(start.weights[0])
-        result = super().__call__(trial, configuration, rounds, start)
-        marked = torch.tensor([float(trial.number)])
-        return TrialResult(result.score, rounds, FederationState(result.state.round, marked))
+        return super().__call__(trial, configuration, rounds, start, tuner, keep_going)
+
+    def state(self, trial, round):
+        return FederationState(round, torch.tensor([float(trial.number)]))
 
 
 def test_pbt_lineage_continues_each_member_from_its_parents_checkpoint():

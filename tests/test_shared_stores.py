@@ -57,3 +57,32 @@ def test_two_tuner_processes_share_a_postgres_study_and_an_mlflow_server(postgre
         assert parents == {r.info.run_id for r in studies}, [output[-1500:] for output in outputs]
         for run in studies:  # each process's summary reports the study's rounds, all processes together
             assert run.data.metrics["rounds_used"] <= BUDGET
+
+
+def test_two_asha_processes_share_a_postgres_study_within_budget_training_nothing_twice(postgres_url, tmp_path):
+    """Asynchronous successive halving across processes: Optuna's pruner and the round grants in
+    PostgreSQL (advisory locks), checkpoints through the tracking server."""
+    with servers.mlflow_server(tmp_path / "mlflow-server", create_database(postgres_url, "mlflow")) as tracking:
+        env = os.environ | {"MLFLOW_TRACKING_URI": tracking}
+        command = [str(Path(sys.executable).with_name("fedhpo")), "tune", "--method", "asha", "--join"]
+        command += ["--budget", str(BUDGET), "--n-configs", "9", "--final-rounds", "0", "--storage", postgres_url]
+        command += ["--study-name", "asha", "--clients", "6", "--experiment", "asha", *WORK]
+        outputs = servers.run_together([command, command + ["--workers", "2"]], tmp_path, env)
+
+        study = optuna.load_study(study_name="asha", storage=postgres_url)
+        assert not study.get_trials(states=[optuna.trial.TrialState.RUNNING])
+        trained = study.get_trials(states=[optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED])
+        charged = sum(t.user_attrs["rounds_used"] for t in trained)
+        assert BUDGET - 3 <= charged <= BUDGET  # 3: trials running when the budget ran out end where they stand
+        assert study.get_trials(states=[optuna.trial.TrialState.PRUNED])  # the pruner stopped some at a rung
+
+        client = MlflowClient(tracking_uri=tracking)
+        experiment = client.get_experiment_by_name("asha").experiment_id
+        runs = client.search_runs([experiment], "tags.`fedhpo.role` = 'trial'")
+        by_trial = {int(r.data.tags["fedhpo.trial"]): r for r in runs}
+        assert len(runs) == len(by_trial) == len(trained)  # each trial trained once, in one run
+        assert sum(int(r.data.metrics["rounds_used"]) for r in runs) == charged
+        studies = client.search_runs([experiment], "tags.`fedhpo.role` = 'study'")
+        assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {r.info.run_id for r in studies}, [
+            output[-1500:] for output in outputs
+        ]

@@ -46,13 +46,24 @@ def test_study_leaves_a_parent_run_a_child_per_trial_and_a_final_run(mlflow_clie
             history = mlflow_client.get_metric_history(child.info.run_id, "val_acc")
             assert [m.step for m in history] == [1, 2]
             assert {a.path for a in mlflow_client.list_artifacts(child.info.run_id, "checkpoint")} == {
-                "checkpoint/weights.pt"
+                "checkpoint/state-round2.pt"
             }
+    study = optuna.load_study(study_name=summary["study_name"], storage=storage)
+    trial_runs = {r.data.tags["fedhpo.trial"]: r.info.run_id for r in children if r.data.tags["fedhpo.role"] == "trial"}
+    for trial in study.trials:  # what optuna-dashboard shows: the run, and the score after every round
+        assert trial.user_attrs["mlflow_run_id"] == trial_runs[str(trial.number)]
+        assert sorted(trial.intermediate_values) == [1, 2] and trial.intermediate_values[2] == trial.value
 
     trajectory = mlflow_client.get_metric_history(summary["run_id"], "config/lr")
     assert sorted(m.step for m in trajectory) == [0, 1, 2]
     artifacts = {a.path for a in mlflow_client.list_artifacts(summary["run_id"], "study")}
-    assert artifacts == {"study/trials.csv", "study/best_so_far.png", "study/configs_vs_score.png"}
+    assert artifacts == {
+        "study/trials.csv",
+        "study/best_so_far.png",
+        "study/configs_vs_score.png",
+        "study/param_importances.csv",
+        "study/param_importances.png",
+    }
     table = pd.read_csv(mlflow_client.download_artifacts(summary["run_id"], "study/trials.csv"))
     assert table.rounds_used.sum() == 6 and len(table) == 3
 
@@ -89,6 +100,12 @@ BAD_TUNE = {
     "parallel trials of a sequential method": (["--method", "hyperband", "--workers", "2"], "not hyperband"),
     "join with resume": (["--join", "--resume"], "join and resume exclude each other"),
     "unknown task runner": (["--task-runner", "ray"], "unknown task_runner 'ray'"),
+    "fedhyper's old one-scheduler name": (
+        ["--method", "fedhyper-client"],
+        "method 'fedhyper-client' is now fedhyper with an option: --method fedhyper --schedulers client_local",
+    ),
+    "unknown fedhyper scheduler": (["--method", "fedhyper", "--schedulers", "global,local"], "scheduler 'local'"),
+    "fedhyper's option with another method": (["--schedulers", "global"], "an option of fedhyper, not of tpe"),
 }
 
 
@@ -242,6 +259,22 @@ def test_bad_compare_input_fails_fast_with_one_line(flags, message, capsys, tmp_
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error.count("\n") == 1 and message in error, error
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fedhyper_schedulers_are_an_option_of_its_one_method():
+    from fedhpo_core.search.study import TuneSettings, study_definition
+    from fedhpo_core.settings import TrainSettings
+    from fedhpo_core.tuners.fedhyper import SCHEDULERS
+
+    fixed, default = TrainSettings(), TuneSettings(method="fedhyper")
+    chosen = TuneSettings(method="fedhyper", schedulers="global,client_local")
+    assert chosen.search_method().schedulers == ("global", "client_local")
+    assert default.search_method().schedulers == SCHEDULERS
+    # Another choice of schedulers is another study; the default one keeps the names it had.
+    assert chosen.name_for(fixed).startswith("fedhyper[global,client_local]-")
+    assert default.name_for(fixed).startswith("fedhyper-global-")
+    assert study_definition(chosen, fixed)["schedulers"] == "global,client_local"
+    assert "schedulers" not in study_definition(default, fixed)
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -10,16 +10,28 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import optuna
 
 from fedhpo_core.federation import FederatedData, FederationState
+from fedhpo_core.search.space import Configuration
 from fedhpo_core.settings import SettingsError, TrainSettings
 from fedhpo_core.tuners.base import Tuner
 
-ROUNDS_ATTR = "rounds_used"  # Optuna user attribute: rounds a trial spent, for the budget on resume
+if TYPE_CHECKING:
+    import pandas as pd
+
+ROUNDS_ATTR = "rounds_used"  # Optuna user attribute: rounds a trial spent, charged to the budget
 CHOSEN_ATTR = "chosen"  # Optuna user attribute: the client configuration a round-level tuner settled on
 RESULT_ATTR = "result"  # Optuna user attribute: a trial's result, written the moment its training ends
+CHECKPOINT_ATTR = "checkpoint"  # Optuna user attribute: where the state a trial reached is stored
+RUN_ATTR = "mlflow_run_id"  # Optuna user attribute: the trial's (and the study's) MLflow run
+DIVERGED_ATTR = "diverged"  # Optuna user attribute: whether a trial's training diverged
+SURPLUS_ATTR = "surplus"  # Optuna user attribute: a trial failed unstarted, beyond the study's plan
+BRACKET_ATTR = "bracket"  # Optuna user attribute: a successive-halving trial's bracket
+GRANTED_ATTR = "rounds_granted"  # Optuna user attribute: rounds an asynchronous trial may train
+LINEAGE = ("member", "generation", "parent_trial")  # Optuna user attributes of a PBT trial
 
 
 class RoundBudget:
@@ -44,18 +56,34 @@ class TrialResult:
     federated server sees (never a test metric)."""
 
     score: float
-    rounds: int
-    state: FederationState
+    rounds: int  # rounds this training ran (a continued trial's earlier ones not included)
+    state: FederationState | None  # None for a result read back from the study
     diverged: bool = False
     objectives: Mapping[str, float] = field(default_factory=dict)  # system metrics (multi-objective)
     chosen: Mapping[str, object] = field(default_factory=dict)  # what a round-level tuner settled on
+    checkpoint: str | None = None  # where `state` is stored, for any process of the study to continue from
 
 
-# (trial, configuration, rounds to train, state to continue from or None[, tuner]) -> result; with a
-# tuner, the tuner chooses client configurations, `configuration` only fixes the rest, and the
-# result's `chosen` is `tuner.chosen()`. It records the result on the trial (`record_result`) as
-# soon as training ends, and stops at the end of a round once `SearchContext.stop` is set.
-Evaluate = Callable[..., TrialResult]
+class Trainer(Protocol):
+    """Trains one configuration for a search method; only the driver (`SearchContext.train`) calls it."""
+
+    def __call__(
+        self,
+        trial: optuna.trial.Trial,
+        configuration: Configuration,
+        rounds: int,
+        start: FederationState | None,
+        tuner: Tuner | None,
+        keep_going: Callable[[int], bool] | None,
+    ) -> TrialResult:
+        """Train `rounds` rounds from `start` (None: from scratch); with `tuner`, the tuner chooses
+        the client configurations and `configuration` fixes the rest, and the result's `chosen` is
+        `tuner.chosen()`. Report the validation score to the trial every round (step: the round
+        number), stop after a round where `keep_going(round)` is false, store the state reached
+        (the result's `checkpoint`), and raise `Interrupted` at a round's end when asked to stop."""
+
+    def load(self, checkpoint: str) -> FederationState:
+        """The state a result's `checkpoint` names."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -69,9 +97,14 @@ class Interrupted(KeyboardInterrupt):
 
 @dataclass
 class SearchContext:
+    """What a method searches with, and the driver that owns the budget: `train` charges the rounds
+    a trial trained and records its result on the trial, `complete` and `prune` tell the study.
+    A method decides what to train, for how long, and how each trial ends; nothing more."""
+
     study: optuna.Study
+    method: "SearchMethod"
     parameters: Mapping[str, optuna.distributions.BaseDistribution]
-    evaluate: Evaluate
+    trainer: Trainer
     budget: RoundBudget
     n_configs: int
     seed: int
@@ -79,32 +112,72 @@ class SearchContext:
     data: FederatedData | None = None
     workers: int = 1  # trials trained at once (methods with `parallel`)
     stop: threading.Event = field(default_factory=threading.Event)  # set: trials stop after their round
+    started: set[int] = field(default_factory=set)  # trials this process trained
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def train(
+        self,
+        trial: optuna.trial.Trial,
+        configuration: Configuration,
+        rounds: int,
+        tuner: Tuner | None = None,
+        start_from: optuna.trial.BaseTrial | None = None,
+        keep_going: Callable[[int], bool] | None = None,
+    ) -> TrialResult:
+        """Train the trial for `rounds` rounds (continuing from the state `start_from` reached: the
+        trial itself when promoted, a parent for PBT), charge them and record the result on the
+        trial (`record_result`) before anything else happens to it. Safe in worker threads."""
+        if self.stop.is_set():  # asked to stop: no trial starts
+            raise Interrupted(getattr(self.stop, "number", signal.SIGINT))
+        with self.lock:
+            self.started.add(trial.number)
+        start = self.trainer.load(start_from.user_attrs[CHECKPOINT_ATTR]) if start_from is not None else None
+        result = self.trainer(trial, configuration, rounds, start, tuner, keep_going)
+        with self.lock:
+            self.budget.spend(result.rounds)
+        record_result(trial, result, rounds_used(trial) + result.rounds)
+        return result
+
+    def complete(self, trial: optuna.trial.Trial, result: TrialResult) -> None:
+        """Tell the study a trained trial's values."""
+        finish_trial(self.study, trial, result, self.method)
+
+    def prune(self, trial: optuna.trial.Trial) -> None:
+        """Tell the study the trial stopped early (its rounds stay charged)."""
+        self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
 
 
 class SearchMethod(ABC):
     """A trial-level search method.
 
     Lifecycle: the driver validates the budget with ``check_budget`` before any work, creates or
-    loads the Optuna study with ``directions`` and the sampler from ``sampler``, settles the trials
-    an interrupted or killed process left RUNNING (``settle_interrupted_trials``), charges the
-    rounds of finished trials to the budget, and calls ``search`` once. ``search`` asks the study
-    for trials, has them trained through ``context.evaluate`` (which spends no budget itself) and
-    ends each with ``finish_trial`` (spend its rounds, tell its values), until it is done or the
-    budget is spent. Everything a method needs to continue an interrupted study is in the study, so
-    ``--resume`` just calls ``search`` again. Then the best trial's configuration is retrained from
-    scratch, driven by ``final_tuner`` if it gives one.
+    loads the Optuna study with ``directions``, the sampler from ``sampler`` and the pruner from
+    ``pruner``, settles the trials an interrupted or killed process left RUNNING
+    (``settle_interrupted_trials``), charges the rounds of recorded trials to the budget, and calls
+    ``search`` once. ``search`` asks the study for trials and has them trained through
+    ``context.train`` (which charges the rounds and records the result), then ends each with
+    ``context.complete`` or ``context.prune``, until it is done or the budget is spent. Everything
+    a method needs to continue an interrupted study is in the study (trial attributes, checkpoints
+    in the store), so ``--resume`` just calls ``search`` again. A trial the method left RUNNING is
+    settled when ``search`` returns. Then the best trial's configuration is retrained from
+    scratch, driven by ``final_tuner`` if it gives one; ``reports`` adds the method's own tables
+    and figures to the study's run.
     """
 
     directions: tuple[str, ...] = ("maximize",)
     objectives: tuple[str, ...] = ()  # names of the objectives after accuracy, if several
     parallel = False  # whether trials may train at once and processes may share the study
-    # Whether a trial is one training (trained, then told): an interrupted one whose training had
-    # finished is told with its recorded result. Successive halving's trials span several.
-    settles_recorded_trials = True
+    # Whether a trial spans several trainings (successive halving's rungs): one left RUNNING with a
+    # recorded result is paused, and the method continues it; otherwise it is told that result.
+    pauses_trials = False
 
     @abstractmethod
     def sampler(self, parameters, seed: int) -> optuna.samplers.BaseSampler:
         """The Optuna sampler, seeded from the run's seed (and the study's length on resume)."""
+
+    def pruner(self, context: "SearchContext") -> optuna.pruners.BasePruner:
+        """The Optuna pruner trials consult after each round. Default: none prunes."""
+        return optuna.pruners.NopPruner()
 
     @abstractmethod
     def search(self, context: SearchContext) -> None:
@@ -114,6 +187,11 @@ class SearchMethod(ABC):
         """The tuner of the final retraining, for methods that schedule during training itself.
         Default: none, the best configuration is retrained as it is."""
         return None
+
+    def reports(self, study: optuna.Study, table: "pd.DataFrame") -> dict[str, object]:
+        """The method's own tables (DataFrames) and figures by artifact name, beside the study's
+        table (`reports.study_table`). Default: none."""
+        return {}
 
     def values(self, result: TrialResult):
         """What the study is told: the score (a diverged trial's is 0), then any system objectives."""
@@ -127,7 +205,7 @@ class SearchMethod(ABC):
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that ran to the end (complete or stopped early), whose rounds count against the budget."""
+    """Trials that ran to the end (complete or stopped early)."""
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return [t for t in study.get_trials(deepcopy=False) if t.state in done]
 
@@ -138,23 +216,41 @@ def planned_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if t.state in planned]
 
 
+def recorded_result(trial: optuna.trial.BaseTrial) -> TrialResult | None:
+    """The result `record_result` wrote on the trial, if any."""
+    recorded = trial.user_attrs.get(RESULT_ATTR)
+    if not recorded:
+        return None
+    return TrialResult(state=None, **{k: v for k, v in recorded.items() if k != ROUNDS_ATTR})
+
+
+def rounds_used(trial: optuna.trial.BaseTrial) -> int:
+    """Rounds a trial trained and was charged for, over all its trainings."""
+    recorded = trial.user_attrs.get(RESULT_ATTR) or {}
+    return int(recorded.get(ROUNDS_ATTR, trial.user_attrs.get(ROUNDS_ATTR, 0)))
+
+
 def rounds_spent(study: optuna.Study) -> int:
-    return sum(int(t.user_attrs.get(ROUNDS_ATTR, 0)) for t in finished_trials(study))
+    """The study's charge: every recorded round of trials finished, running or paused (a failed
+    trial's training was interrupted before it was recorded, and is not charged)."""
+    return sum(rounds_used(t) for t in planned_trials(study))
 
 
-def record_result(trial: optuna.trial.Trial, result: TrialResult) -> None:
-    """Write the result on the trial before anything else happens to it: a trial interrupted after
-    this point (Ctrl-C while its run logs artifacts, SIGKILL before it is told) is told with it
-    rather than trained again."""
+def record_result(trial: optuna.trial.Trial, result: TrialResult, used: int) -> None:
+    """Write the result and the trial's rounds so far (`used`) in one storage write, then as
+    attributes of their own: a trial interrupted after this point (Ctrl-C while its run logs
+    artifacts, SIGKILL before it is told) is told with it, or continued from it, never retrained."""
     recorded = {"score": result.score, "rounds": result.rounds, "diverged": result.diverged}
-    trial.set_user_attr(RESULT_ATTR, recorded | {"objectives": dict(result.objectives), "chosen": dict(result.chosen)})
+    recorded |= {"objectives": dict(result.objectives), "chosen": dict(result.chosen)}
+    trial.set_user_attr(RESULT_ATTR, recorded | {"checkpoint": result.checkpoint, ROUNDS_ATTR: used})
+    trial.set_user_attr(ROUNDS_ATTR, used)
+    trial.set_user_attr(DIVERGED_ATTR, result.diverged)
+    if result.checkpoint:
+        trial.set_user_attr(CHECKPOINT_ATTR, result.checkpoint)
 
 
 def finish_trial(study: optuna.Study, trial: optuna.trial.Trial, result: TrialResult, method: SearchMethod) -> None:
-    """Tell the study a trained trial's values, with its rounds, divergence and what its tuner
-    chose, if anything."""
-    trial.set_user_attr(ROUNDS_ATTR, result.rounds)
-    trial.set_user_attr("diverged", result.diverged)
+    """Tell the study a trained trial's values, with what its tuner chose, if anything."""
     if result.chosen:
         trial.set_user_attr(CHOSEN_ATTR, dict(result.chosen))
     study.tell(trial, method.values(result))
@@ -162,17 +258,16 @@ def finish_trial(study: optuna.Study, trial: optuna.trial.Trial, result: TrialRe
 
 def settle_interrupted_trials(study: optuna.Study, method: SearchMethod, numbers: set[int] | None = None) -> None:
     """Trials left RUNNING by an interrupted or killed process (only `numbers`, if given): those
-    whose training had finished are told with their recorded result, the others marked FAIL (asked
-    again, not charged)."""
+    with a recorded result are told it (or, for a method that pauses trials, left to it to
+    continue), the others marked FAIL (asked again, not charged)."""
     for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if numbers is not None and frozen.number not in numbers:
             continue
-        recorded = frozen.user_attrs.get(RESULT_ATTR)
-        if recorded and method.settles_recorded_trials:
-            result = TrialResult(state=None, **recorded)
-            finish_trial(study, optuna.trial.Trial(study, frozen._trial_id), result, method)
-        else:
+        result = recorded_result(frozen)
+        if result is None:
             study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
+        elif not method.pauses_trials:
+            finish_trial(study, optuna.trial.Trial(study, frozen._trial_id), result, method)
 
 
 def score_of(result: TrialResult) -> float:

@@ -9,12 +9,12 @@ import numpy as np
 import optuna
 
 from fedhpo_core.search.base import (
-    ROUNDS_ATTR,
+    SURPLUS_ATTR,
     Interrupted,
     SearchContext,
     SearchMethod,
-    finish_trial,
     planned_trials,
+    rounds_used,
 )
 from fedhpo_core.search.space import Configuration, grid_points
 
@@ -54,15 +54,17 @@ class FixedBudgetSearch(SearchMethod):
                         return
                     done, running = wait(running, timeout=POLL_S, return_when=FIRST_COMPLETED)
                     for future in done:
-                        trial, result = future.result()
-                        context.budget.spend(result.rounds)
-                        finish_trial(context.study, trial, result, self)
+                        self.end(context, *future.result())
             except BaseException:
                 context.stop.set()
                 raise
 
     def train(self, context: SearchContext, trial: optuna.trial.Trial, rounds: int):
-        return trial, context.evaluate(trial, Configuration(trial.params), rounds, None)
+        return trial, context.train(trial, Configuration(trial.params), rounds)
+
+    def end(self, context: SearchContext, trial: optuna.trial.Trial, result) -> None:
+        """How a trained trial ends, in the search's thread. Default: told its values."""
+        context.complete(trial, result)
 
     def admit(self, context: SearchContext, rounds: int) -> optuna.trial.Trial | None:
         """The next trial if it fits the study's plan, else None (the search is done here)."""
@@ -74,13 +76,13 @@ class FixedBudgetSearch(SearchMethod):
         earlier = [t for t in planned_trials(context.study) if t._trial_id < trial._trial_id]
         if self.fits(context, earlier, rounds) and self.admissible(trial, earlier):
             return trial
-        trial.set_user_attr("surplus", True)
+        trial.set_user_attr(SURPLUS_ATTR, True)
         context.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return None
 
     def fits(self, context: SearchContext, trials: list[optuna.trial.FrozenTrial], rounds: int) -> bool:
         """Room for one more trial of `rounds` rounds after `trials` (running ones counted in full)."""
-        planned = sum(int(t.user_attrs.get(ROUNDS_ATTR, rounds)) for t in trials)
+        planned = sum(rounds_used(t) or rounds for t in trials)
         return len(trials) < self.trial_limit(context) and planned + rounds <= context.budget.total
 
     def admissible(self, trial: optuna.trial.Trial, earlier: list[optuna.trial.FrozenTrial]) -> bool:
@@ -165,6 +167,10 @@ class MultiObjectiveSearch(FixedBudgetSearch):
 
     objectives = ("bytes_sent", "client_compute_samples", "unfairness")
     directions = ("maximize", "minimize", "minimize", "minimize")
+
+    def reports(self, study, table):
+        front = [t.number for t in study.best_trials]
+        return {"pareto_front.csv": table[table.number.isin(front)]} if front else {}
 
     def sampler(self, parameters, seed):
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)

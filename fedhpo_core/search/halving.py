@@ -7,9 +7,12 @@ r_k = r_0 eta^k rounds. The minimum resource r_0 is the largest that keeps that 
 bracket's budget. Each configuration is one Optuna trial: it reports its score at every rung it
 reaches and ends COMPLETE in the last rung, PRUNED where it was stopped.
 
-Resume: finished trials (complete or pruned) are kept and counted; a bracket interrupted mid-way
-is planned again with the budget left, from fresh configurations, since checkpoints live in memory.
-Brackets are planned with (total budget) // (brackets) and run with what is actually left.
+Everything a bracket needs is in the study, so any process can continue it: its plan (a study user
+attribute, written when it starts), each trial's bracket, the rounds it trained and its result
+(recorded by the driver), and the state it reached (a checkpoint in the store). Between rungs a
+trial stays RUNNING, paused; an interrupted or killed bracket resumes where it stood: finished
+rungs are not trained again, the surviving configurations continue from their checkpoints, and a
+trial cut off in its first rung is replaced by a fresh configuration.
 """
 
 import math
@@ -17,11 +20,17 @@ from dataclasses import dataclass
 
 import optuna
 
-from fedhpo_core.search.base import ROUNDS_ATTR, SearchContext, SearchMethod, finished_trials, score_of
+from fedhpo_core.search.base import (
+    BRACKET_ATTR,
+    SearchContext,
+    SearchMethod,
+    recorded_result,
+    rounds_used,
+    score_of,
+)
 from fedhpo_core.search.space import Configuration
 
 ETA = 3
-BRACKET_ATTR = "bracket"
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,7 @@ def plan_cost(rungs: list[Rung]) -> int:
 class SuccessiveHalving(SearchMethod):
     """One bracket: n configurations, the best 1/eta promoted at every rung."""
 
-    settles_recorded_trials = False  # a trial spans rungs: its last recorded rung is not its end
+    pauses_trials = True
 
     def sampler(self, parameters, seed):
         return optuna.samplers.RandomSampler(seed=seed)
@@ -68,43 +77,57 @@ class SuccessiveHalving(SearchMethod):
 
     def search(self, context: SearchContext) -> None:
         """Brackets not yet complete, each with an equal part of what is left (rounds a bracket's
-        integer rungs leave unused go to the next)."""
-        complete = optuna.trial.TrialState.COMPLETE
-        done = {t.user_attrs.get(BRACKET_ATTR) for t in finished_trials(context.study) if t.state == complete}
+        integer rungs leave unused go to the next), or with its recorded plan if it had begun."""
+        trials = context.study.get_trials(deepcopy=False)
+        complete = {t.user_attrs.get(BRACKET_ATTR) for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
+        running = {t.user_attrs.get(BRACKET_ATTR) for t in trials if t.state == optuna.trial.TrialState.RUNNING}
+        done = complete - running
         pending = [
             (i, n) for i, (n, _) in enumerate(self.brackets(context.n_configs, context.budget.total)) if i not in done
         ]
         for left, (index, n) in zip(range(len(pending), 0, -1), pending, strict=True):
-            rungs = plan_rungs(n, context.budget.remaining // left)
+            rungs = self.plan(context.study, index, n, context.budget.remaining // left)
             if rungs:
                 self.run_bracket(context, index, rungs)
 
+    def plan(self, study: optuna.Study, index: int, n: int, budget: int) -> list[Rung]:
+        """The bracket's rungs: as recorded when it began, else planned now and recorded."""
+        key = f"{BRACKET_ATTR}_{index}"
+        if key in study.user_attrs:
+            return [Rung(*rung) for rung in study.user_attrs[key]]
+        rungs = plan_rungs(n, budget)
+        if rungs:
+            study.set_user_attr(key, [[r.configs, r.rounds] for r in rungs])
+        return rungs
+
     def run_bracket(self, context: SearchContext, index: int, rungs: list[Rung]) -> None:
-        trials = [context.study.ask(dict(context.parameters)) for _ in range(rungs[0].configs)]
-        for trial in trials:
-            trial.set_user_attr(BRACKET_ATTR, index)
-        states, rounds, scores = {}, dict.fromkeys((t.number for t in trials), 0), {}
-        alive = trials
+        """Every rung in turn: its members not yet trained to it are (from their checkpoints), then
+        the best `configs` of the next rung go on and the others are pruned. Members already past a
+        rung (a resumed bracket) are exactly its survivors, so nothing is decided twice."""
+        study = context.study
+        members = {t.number: t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BRACKET_ATTR) == index}
+        alive = [t for t in members.values() if t.state == optuna.trial.TrialState.RUNNING]
+        if not any(t.state == optuna.trial.TrialState.PRUNED for t in members.values()):
+            for _ in range(rungs[0].configs - len(alive)):
+                trial = study.ask(dict(context.parameters))
+                trial.set_user_attr(BRACKET_ATTR, index)
+                alive.append(trial)
+        trials = {t.number: optuna.trial.Trial(study, t._trial_id) for t in alive}
         for k, rung in enumerate(rungs):
-            for trial in alive:
-                result = context.evaluate(
-                    trial,
-                    Configuration(trial.params),
-                    rung.rounds - rounds[trial.number],
-                    states.get(trial.number),
-                )
-                context.budget.spend(result.rounds)
-                rounds[trial.number] += result.rounds
-                states[trial.number], scores[trial.number] = result.state, score_of(result)
-                trial.report(scores[trial.number], step=rounds[trial.number])
-                trial.set_user_attr(ROUNDS_ATTR, rounds[trial.number])
-            ranked = sorted(alive, key=lambda t: -scores[t.number])
-            keep = rungs[k + 1].configs if k + 1 < len(rungs) else len(ranked)
-            for trial in ranked[keep:]:
-                context.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            alive = ranked[:keep]
-        for trial in alive:
-            context.study.tell(trial, scores[trial.number])
+            for trial in trials.values():
+                recorded = recorded_result(trial)
+                reached = rounds_used(trial)
+                if reached < rung.rounds and not (recorded and recorded.diverged):
+                    start_from = trial if reached else None
+                    context.train(trial, Configuration(trial.params), rung.rounds - reached, start_from=start_from)
+            scores = {n: score_of(recorded_result(t)) for n, t in trials.items()}
+            ranked = sorted(trials, key=lambda n: -scores[n])
+            if k + 1 == len(rungs):
+                for number in ranked:
+                    context.complete(trials[number], recorded_result(trials[number]))
+                return
+            for number in ranked[rungs[k + 1].configs :]:
+                context.prune(trials.pop(number))
 
 
 class Hyperband(SuccessiveHalving):

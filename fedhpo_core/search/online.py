@@ -7,12 +7,12 @@ from abc import abstractmethod
 import numpy as np
 import optuna
 
-from fedhpo_core.search.base import SearchContext, SearchMethod, finish_trial, finished_trials
-from fedhpo_core.search.space import CLIENT_SETTINGS, Configuration, grid_points
+from fedhpo_core.search.base import SearchContext, SearchMethod, finished_trials
+from fedhpo_core.search.space import CLIENT_SETTINGS, Configuration, grid_points, setting_of
 from fedhpo_core.settings import ClientConfig, SettingsError
 from fedhpo_core.tuners.base import Tuner
 from fedhpo_core.tuners.fedex import FedEx
-from fedhpo_core.tuners.fedhyper import FedHyper
+from fedhpo_core.tuners.fedhyper import SCHEDULERS, FedHyper
 from fedhpo_core.tuners.fedtune import FedTune
 from fedhpo_core.tuners.stepwise import Stepwise
 
@@ -53,7 +53,7 @@ class OnlineSearch(SearchMethod):
     allows_server_settings = False
 
     def sampler(self, parameters, seed):
-        server = [n for n in parameters if n.split("/")[0] not in CLIENT_SETTINGS]
+        server = [n for n in parameters if setting_of(n) not in CLIENT_SETTINGS]
         if server and not self.allows_server_settings:
             raise SettingsError(f"{type(self).__name__} tunes client settings only; drop {', '.join(server)}")
         return optuna.samplers.RandomSampler(seed=seed)
@@ -67,8 +67,8 @@ class OnlineSearch(SearchMethod):
         """The round-level tuner over these candidate configurations."""
 
     def search(self, context: SearchContext) -> None:
-        client = {n.split("/")[0]: d for n, d in context.parameters.items() if n.split("/")[0] in CLIENT_SETTINGS}
-        server = {n: d for n, d in context.parameters.items() if n.split("/")[0] not in CLIENT_SETTINGS}
+        client = {setting_of(n): d for n, d in context.parameters.items() if setting_of(n) in CLIENT_SETTINGS}
+        server = {n: d for n, d in context.parameters.items() if setting_of(n) not in CLIENT_SETTINGS}
         values = candidate_values(client, context.n_configs, context.seed)
         configs = [Configuration(v).settings(context.fixed).client_config for v in values]
         runs = OUTER_CONFIGS if server else 1
@@ -76,9 +76,7 @@ class OnlineSearch(SearchMethod):
         while len(finished_trials(context.study)) < runs and context.budget.remaining >= rounds:
             trial = context.study.ask(server)
             tuner = self.tuner(context, configs, values)
-            result = context.evaluate(trial, Configuration(trial.params), rounds, None, tuner)
-            context.budget.spend(result.rounds)
-            finish_trial(context.study, trial, result, self)
+            context.complete(trial, context.train(trial, Configuration(trial.params), rounds, tuner))
 
 
 class FedTuneSearch(OnlineSearch):
@@ -123,7 +121,7 @@ class StepwiseSearch(OnlineSearch):
     options: dict = {}
 
     def tuner(self, context, configs, values):
-        global_parameters = {n.split("/")[0]: d for n, d in context.parameters.items()}
+        global_parameters = {setting_of(n): d for n, d in context.parameters.items()}
         data = context.data
         samples = [c.num_train for c in data.clients]
         return Stepwise(
@@ -138,10 +136,11 @@ class StepwisePaperSearch(StepwiseSearch):
 
 
 class FedHyperSearch(OnlineSearch):
-    """FedHyper's three schedulers (`fedhpo_core.tuners.fedhyper`), from the fixed settings' learning
-    rate; the search space is not sampled."""
+    """FedHyper (`fedhpo_core.tuners.fedhyper`) with the named schedulers, from the fixed settings'
+    learning rate; the search space is not sampled."""
 
-    schedulers = ("global", "server_local", "client_local")
+    def __init__(self, schedulers: tuple[str, ...] = SCHEDULERS):
+        self.schedulers = schedulers
 
     def tuner(self, context, configs, values):
         return FedHyper(context.fixed.client_config, self.schedulers)
@@ -149,15 +148,3 @@ class FedHyperSearch(OnlineSearch):
     def final_tuner(self, fixed):
         """FedHyper schedules during training itself: the final run is a scheduled run again."""
         return FedHyper(fixed.client_config, self.schedulers)
-
-
-class FedHyperGlobalSearch(FedHyperSearch):
-    schedulers = ("global",)
-
-
-class FedHyperLocalSearch(FedHyperSearch):
-    schedulers = ("server_local",)
-
-
-class FedHyperClientSearch(FedHyperSearch):
-    schedulers = ("client_local",)

@@ -7,8 +7,11 @@ and clipped to their range, categorical choices moved to a neighbouring choice. 
 population counts as P rounds of budget.
 
 Each member's generation is one Optuna trial (told with its score), with user attributes for its
-member, generation and parent trial: the lineage. Resume: finished generations are kept and
-counted; an interrupted population restarts from fresh configurations with the budget left.
+member, generation and parent trial: the lineage. Everything else is in the study too: each
+trial's state is a checkpoint in the store, and a generation's configurations and parents follow
+from the one before and the seed. So an interrupted population resumes mid-generation: members
+told are kept, the others train from their parents' checkpoints; only a member cut off in the
+first generation starts from a fresh configuration.
 """
 
 import math
@@ -17,12 +20,13 @@ import numpy as np
 import optuna
 
 from fedhpo_core import seeding
-from fedhpo_core.search.base import SearchContext, SearchMethod, finish_trial, score_of
+from fedhpo_core.reports import lineage_figure
+from fedhpo_core.search.base import LINEAGE, ROUNDS_ATTR, SearchContext, SearchMethod
 from fedhpo_core.search.space import Configuration
 
 POPULATION = 4
 READY_ROUNDS = 2  # k: rounds per generation
-PBT = 9  # seeding key of exploit and explore
+MEMBER, GENERATION, PARENT = LINEAGE
 
 
 def exploit(scores: dict[int, float], rng: np.random.Generator, fraction: float = 0.25) -> dict[int, int]:
@@ -55,36 +59,52 @@ class PopulationBasedTraining(SearchMethod):
     def check_budget(self, budget, n_configs):
         super().check_budget(budget, POPULATION)
 
+    def reports(self, study, table):
+        return {"pbt_lineage.png": lineage_figure(table)} if not table.empty else {}
+
     def search(self, context: SearchContext) -> None:
-        size = min(POPULATION, context.budget.remaining)
-        if size < 1:
-            return
-        rng = seeding.numpy_rng(context.seed, PBT, len(context.study.trials))
-        parameters = dict(context.parameters)
-        members = {m: context.study.ask(parameters) for m in range(size)}
-        values = {m: dict(t.params) for m, t in members.items()}
-        states = dict.fromkeys(members)
-        generation = 0
-        while context.budget.remaining >= size:
-            rounds = min(READY_ROUNDS, context.budget.remaining // size)
-            scores = {}
-            for member, trial in members.items():
-                trial.set_user_attr("member", member)
-                trial.set_user_attr("generation", generation)
-                result = context.evaluate(trial, Configuration(values[member]), rounds, states[member])
-                context.budget.spend(result.rounds)
-                states[member], scores[member] = result.state, score_of(result)
-                finish_trial(context.study, trial, result, self)
-            if context.budget.remaining < size:
-                break
-            copies = exploit(scores, rng)
-            parents = {m: members[copies.get(m, m)].number for m in members}
-            for loser, winner in copies.items():
-                states[loser] = states[winner]
-                values[loser] = explore(values[winner], parameters, rng)
+        study, parameters = context.study, dict(context.parameters)
+        generations = {}
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            generations.setdefault(trial.user_attrs[GENERATION], {})[trial.user_attrs[MEMBER]] = trial
+        generation = max(generations, default=0)
+        while True:
+            done = generations.get(generation, {})
+            plan = self.offspring(context, generations[generation - 1], generation) if generation else {}
+            trained = [t.user_attrs[ROUNDS_ATTR] for t in done.values()]  # a resumed generation's rounds
+            rounds = max(trained) if trained else min(READY_ROUNDS, context.budget.remaining // POPULATION)
+            missing = [m for m in range(POPULATION) if m not in done]
+            if missing and context.budget.remaining < len(missing) * max(rounds, 1):
+                return
+            for member in missing:
+                values, parent = plan.get(member, (None, None))
+                trial = self.ask(study, parameters, values, member, generation, parent)
+                result = context.train(trial, Configuration(trial.params), rounds, start_from=parent)
+                context.complete(trial, result)
+                done[member] = trial
+            generations[generation] = {m: study.trials[t.number] for m, t in done.items()}
+            if context.budget.remaining < POPULATION:
+                return
             generation += 1
-            members = {}
-            for member in sorted(values):
-                context.study.enqueue_trial(values[member])
-                members[member] = context.study.ask(parameters)
-                members[member].set_user_attr("parent_trial", parents[member])
+
+    def offspring(self, context: SearchContext, previous: dict, generation: int) -> dict:
+        """{member: (configuration, parent trial)} of a generation from the one before: the worst
+        quarter exploit the best and explore; the rest continue their own run as they were."""
+        rng = seeding.numpy_rng(context.seed, seeding.PBT, generation)
+        copies = exploit({m: t.value for m, t in previous.items()}, rng)
+        plan = {m: (dict(t.params), t) for m, t in previous.items()}
+        for loser, winner in copies.items():
+            plan[loser] = (explore(previous[winner].params, dict(context.parameters), rng), previous[winner])
+        return plan
+
+    def ask(self, study, parameters, values, member: int, generation: int, parent) -> optuna.trial.Trial:
+        """The member's trial of this generation: with `values` (enqueued, unless a process killed
+        between enqueueing and asking left it waiting), else drawn by the sampler."""
+        lineage = {MEMBER: member, GENERATION: generation} | ({PARENT: parent.number} if parent is not None else {})
+        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        if values is not None and not any(t.user_attrs == lineage for t in waiting):
+            study.enqueue_trial(values, user_attrs=lineage)
+        trial = study.ask(parameters)
+        for key, value in lineage.items():
+            trial.set_user_attr(key, value)
+        return trial

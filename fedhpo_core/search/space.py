@@ -6,8 +6,8 @@ Declared as a dict or a YAML file mapping a setting to its domain:
     local_epochs: {type: int, low: 1, high: 5}
     weight_decay: {type: categorical, choices: [0, 1.0e-4, 1.0e-2]}
 
-Client settings (those of `ClientConfig`) can be `personalized`: one value per client, so the
-space is H^N as for the FedTune paper's baselines. Server settings stay global.
+Client settings (`CLIENT_SETTINGS`, fields of `ClientConfig`) can be `personalized`: one value per
+client, so the space is H^N as for the FedTune paper's baselines. Server settings stay global.
 """
 
 from collections.abc import Mapping
@@ -20,7 +20,8 @@ import yaml
 
 from fedhpo_core.settings import ClientConfig, SettingsError, TrainSettings
 
-CLIENT_SETTINGS = tuple(f.name for f in fields(ClientConfig))
+# The documented tunable settings (README, Tune): a new ClientConfig field is not tunable until listed.
+CLIENT_SETTINGS = ("lr", "momentum", "weight_decay", "batch_size", "local_epochs", "mu")
 SERVER_SETTINGS = ("server_lr", "beta1", "participation")
 SCOPES = ("global", "personalized")
 
@@ -117,10 +118,21 @@ class SearchSpace:
         names = {}
         for name, distribution in self.distributions.items():
             if scope == "personalized" and name in CLIENT_SETTINGS:
-                names.update({f"{name}/client_{c}": distribution for c in range(clients)})
+                names.update({client_key(name, c): distribution for c in range(clients)})
             else:
                 names[name] = distribution
         return names
+
+
+def client_key(name: str, client: int) -> str:
+    """The per-client name of a setting, `lr/client_3`: Optuna's parameters of personalized
+    studies and what round-level tuners settle on per client."""
+    return f"{name}/client_{client}"
+
+
+def setting_of(key: str) -> str:
+    """The setting a name is of: `lr/client_3` and `lr` are both `lr`."""
+    return key.split("/")[0]
 
 
 def grid_points(parameters: Mapping[str, optuna.distributions.BaseDistribution]) -> list[dict]:
@@ -148,6 +160,6 @@ class Configuration:
         base = self.settings(fixed).client_config
         configs = []
         for client in range(fixed.clients):
-            own = {k.split("/")[0]: v for k, v in self.values.items() if k.endswith(f"/client_{client}")}
+            own = {setting_of(k): v for k, v in self.values.items() if k == client_key(setting_of(k), client)}
             configs.append(replace(base, **own))
         return configs

@@ -10,10 +10,12 @@ import optuna
 import sqlalchemy
 
 from fedhpo_core import seeding
+from fedhpo_core.search.asynchronous import AsynchronousHalving, AsynchronousHyperband
 from fedhpo_core.search.base import (
     RoundBudget,
     SearchContext,
     SearchMethod,
+    Trainer,
     rounds_spent,
     settle_interrupted_trials,
 )
@@ -22,9 +24,6 @@ from fedhpo_core.search.halving import BOHB, Hyperband, SuccessiveHalving
 from fedhpo_core.search.online import (
     FedExPaperSearch,
     FedExSearch,
-    FedHyperClientSearch,
-    FedHyperGlobalSearch,
-    FedHyperLocalSearch,
     FedHyperSearch,
     FedTunePaperSearch,
     FedTuneSearch,
@@ -35,6 +34,7 @@ from fedhpo_core.search.pbt import PopulationBasedTraining
 from fedhpo_core.search.space import SCOPES, SearchSpace
 from fedhpo_core.settings import SettingsError, TrainSettings, setting
 from fedhpo_core.stores import one_line
+from fedhpo_core.tuners.fedhyper import SCHEDULERS
 
 METHODS: dict[str, type[SearchMethod]] = {
     "random": RandomSearch,
@@ -44,6 +44,8 @@ METHODS: dict[str, type[SearchMethod]] = {
     "sha": SuccessiveHalving,
     "hyperband": Hyperband,
     "bohb": BOHB,
+    "asha": AsynchronousHalving,
+    "async-hyperband": AsynchronousHyperband,
     "multiobjective": MultiObjectiveSearch,
     "fedtune": FedTuneSearch,
     "fedtune-paper": FedTunePaperSearch,
@@ -53,10 +55,14 @@ METHODS: dict[str, type[SearchMethod]] = {
     "stepwise": StepwiseSearch,
     "stepwise-paper": StepwisePaperSearch,
     "fedhyper": FedHyperSearch,
-    "fedhyper-global": FedHyperGlobalSearch,
-    "fedhyper-local": FedHyperLocalSearch,
-    "fedhyper-client": FedHyperClientSearch,
 }
+# Methods that became an option of another: old name -> (method, its option as flags).
+RENAMED = {
+    "fedhyper-global": ("fedhyper", "--schedulers global"),
+    "fedhyper-local": ("fedhyper", "--schedulers server_local"),
+    "fedhyper-client": ("fedhyper", "--schedulers client_local"),
+}
+DEFAULT_SCHEDULERS = ",".join(SCHEDULERS)
 OBJECTIVES = ("server", "clients")
 # Named `fedhpo compare` settings. fedtune-table1: the FedTune paper's Table 1 protocol (section
 # 4.1 and appendix C): MLP, 10 clients, Dirichlet alpha 0.1, its lr x weight-decay grid (the default
@@ -76,7 +82,6 @@ COMPARISON_PRESETS = {
         "alpha": 0.1,
     }
 }
-SEARCH = 6  # seeding key of the samplers' stream
 DEFINITION_ATTR = "definition"  # Optuna study user attribute: `study_definition` at creation
 SCHEMA_ATTEMPTS = 3  # processes joining a new storage at once race to create its tables
 
@@ -89,7 +94,7 @@ class TuneSettings:
 
     method: str = setting("tpe", "search method: " + ", ".join(METHODS))
     budget: int = setting(30, "communication rounds the search may spend, every round of every trial")
-    n_configs: int = setting(30, "configurations to try (random, grid, tpe, gp, multiobjective; sha's first rung)")
+    n_configs: int = setting(30, "configurations to try (random, grid, tpe, gp, multiobjective); sets (a)sha's rungs")
     final_rounds: int = setting(20, "rounds to retrain the best configuration from scratch (the paper uses 400)")
     scope: str = setting("global", "global: one configuration for all clients; personalized: one per client")
     search_space: str | None = setting(None, "YAML search space (default: the FedTune paper's lr x weight decay)")
@@ -97,10 +102,14 @@ class TuneSettings:
     storage: str | None = setting(None, "Optuna storage URL (default: optuna.db beside the MLflow store)")
     study_name: str | None = setting(None, "Optuna study name (default: derived from the settings)")
     resume: bool = setting(False, "continue the interrupted study of that name")
-    workers: int = setting(1, "trials trained at once (random, grid, tpe, gp, multiobjective)")
+    workers: int = setting(1, "trials trained at once (random, grid, tpe, gp, multiobjective, asha, async-hyperband)")
     join: bool = setting(False, "share the study with other processes on the same --storage (created if missing)")
+    schedulers: str = setting(DEFAULT_SCHEDULERS, "fedhyper's schedulers, comma-separated: " + ", ".join(SCHEDULERS))
 
     def __post_init__(self):
+        if self.method in RENAMED:
+            method, flags = RENAMED[self.method]
+            raise SettingsError(f"method {self.method!r} is now {method} with an option: --method {method} {flags}")
         if self.method not in METHODS:
             raise SettingsError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.scope not in SCOPES:
@@ -118,14 +127,33 @@ class TuneSettings:
             raise SettingsError(f"parallel trials (workers > 1, join) need one of {parallel}; not {self.method}")
         if self.join and self.resume:
             raise SettingsError("join and resume exclude each other: resume fails trials that others may be running")
-        METHODS[self.method]().check_budget(self.budget, self.n_configs)
+        unknown = [name for name in self.schedulers.split(",") if name not in SCHEDULERS]
+        if unknown:
+            raise SettingsError(
+                f"unknown FedHyper scheduler {unknown[0]!r}; choose from {', '.join(SCHEDULERS)}, comma-separated"
+            )
+        if self.options and self.method != "fedhyper":
+            raise SettingsError(f"schedulers is an option of fedhyper, not of {self.method}")
+        self.search_method().check_budget(self.budget, self.n_configs)
+
+    @property
+    def options(self) -> dict:
+        """The method's options that differ from their defaults (FedHyper's schedulers)."""
+        return {"schedulers": self.schedulers} if self.schedulers != DEFAULT_SCHEDULERS else {}
+
+    def search_method(self) -> SearchMethod:
+        """The method, with its options."""
+        if self.method == "fedhyper":
+            return FedHyperSearch(tuple(self.schedulers.split(",")))
+        return METHODS[self.method]()
 
     def space(self) -> SearchSpace:
         return SearchSpace.load(self.search_space)
 
     def name_for(self, fixed: TrainSettings) -> str:
+        method = f"{self.method}[{self.schedulers}]" if self.options else self.method
         return self.study_name or (
-            f"{self.method}-{self.scope}-{fixed.dataset}-{fixed.partition}-{fixed.clients}c-b{self.budget}-s{fixed.seed}"
+            f"{method}-{self.scope}-{fixed.dataset}-{fixed.partition}-{fixed.clients}c-b{self.budget}-s{fixed.seed}"
         )
 
 
@@ -156,13 +184,13 @@ def study_exists(storage: str, name: str) -> bool:
 
 
 def study_definition(tune: TuneSettings, fixed: TrainSettings) -> dict:
-    """What a study is: its method, objective, scope, budget, configurations, search space and fixed
-    settings (less where the data lives and `rounds`, which a study does not use). A study keeps
-    it (`DEFINITION_ATTR`); `--resume` and `--join` continue it only with the same."""
+    """What a study is: its method and options, objective, scope, budget, configurations, search
+    space and fixed settings (less where the data lives and `rounds`, which a study does not use).
+    A study keeps it (`DEFINITION_ATTR`); `--resume` and `--join` continue it only with the same."""
     space = {name: optuna.distributions.distribution_to_json(d) for name, d in tune.space().distributions.items()}
     fixed_values = {k: v for k, v in asdict(fixed).items() if k not in ("data_root", "rounds")}
     scalars = {k: getattr(tune, k) for k in ("method", "objective", "scope", "budget", "n_configs")}
-    return scalars | {"search_space": space} | fixed_values
+    return scalars | tune.options | {"search_space": space} | fixed_values
 
 
 def check_continuation(study: optuna.Study, method: SearchMethod, definition: dict | None, flag: str) -> None:
@@ -238,7 +266,7 @@ def run_search(
     space: SearchSpace,
     scope: str,
     clients: int,
-    evaluate,
+    trainer: Trainer,
     budget: int,
     n_configs: int,
     seed: int,
@@ -249,31 +277,28 @@ def run_search(
     stop: Event | None = None,
 ) -> RoundBudget:
     """Settle the trials an earlier process left RUNNING (unless other processes share the study:
-    `join`), charge finished trials to the budget, then search. Interrupted, it settles the trials
-    it started before the interrupt goes on: finished training is told, the rest FAIL. The sampler
-    is seeded from the seed and the study's length, so a resumed study draws new points. `stop`,
-    once set, has trials in training end at their round's end. Returns the study's rounds spent, by
-    every process."""
+    `join`), charge recorded trials to the budget, then search, the budget owned by the driver
+    (`SearchContext`). Interrupted, it settles the trials it started before the interrupt goes on:
+    finished training is told (or paused, for a method that pauses trials), the rest FAIL; a trial
+    the method left RUNNING is settled the same way. The sampler is seeded from the seed and the
+    study's length, so a resumed study draws new points. `stop`, once set, has trials in training
+    end at their round's end. Returns the study's rounds spent, by every process."""
     if not join:
         settle_interrupted_trials(study, method)
     parameters = space.parameters(scope, clients)
     # Processes joining one study must not draw the same stream: each adds a key of its own (a
     # shared study's order of trials is not reproducible anyway).
-    keys = (SEARCH, len(study.trials), *((secrets.randbits(32),) if join else ()))
+    keys = (seeding.SEARCH, len(study.trials), *((secrets.randbits(32),) if join else ()))
     study.sampler = method.sampler(parameters, int(seeding.numpy_rng(seed, *keys).integers(2**31)))
     spent = RoundBudget(budget, rounds_spent(study))
-    started: set[int] = set()
-
-    def train(trial, *arguments):
-        started.add(trial.number)
-        return evaluate(trial, *arguments)
-
-    context = SearchContext(study, parameters, train, spent, n_configs, seed, fixed, data, workers, stop or Event())
+    context = SearchContext(
+        study, method, parameters, trainer, spent, n_configs, seed, fixed, data, workers, stop or Event()
+    )
+    study.pruner = method.pruner(context)
     try:
         method.search(context)
-    except BaseException:
-        settle_interrupted_trials(study, method, started if join else None)
-        raise
+    finally:
+        settle_interrupted_trials(study, method, context.started if join else None)
     return RoundBudget(budget, rounds_spent(study))
 
 

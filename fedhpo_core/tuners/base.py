@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from fedhpo_core.aggregators import ServerSettings
+    from fedhpo_core.client import LocalSchedule
     from fedhpo_core.federation import RoundReport
 
 
@@ -24,7 +25,9 @@ class Tuner(ABC):
 
     1. The loop samples the round's clients and lets ``select(t, clients)`` keep some of them
        (default: all), then calls ``configure(t, clients)`` once; the tuner returns a
-       `ClientConfig` for every selected client (they may all differ).
+       `ClientConfig` for every selected client (they may all differ). Then, for each of them,
+       ``local_schedule(t, client)`` may give a `LocalSchedule`, which sets the client's learning
+       rate step by step during its local training (default: none, the configured rate throughout).
     2. The loop asks ``global_weights(configs, weights)`` which global model the round starts
        from (default: the latest), trains the clients from it, asks
        ``server_settings(server, weights, updates)`` how to aggregate (default: as configured),
@@ -46,6 +49,10 @@ class Tuner(ABC):
     def select(self, round: int, clients: Sequence[int]) -> Sequence[int]:
         """The sampled clients that take part in this round. Default: all of them."""
         return clients
+
+    def local_schedule(self, round: int, client: int) -> "LocalSchedule | None":
+        """The learning-rate schedule of the client's local training this round. Default: none."""
+        return None
 
     def global_weights(self, configs: Mapping[int, ClientConfig], weights: "torch.Tensor") -> "torch.Tensor":
         """The global model this round's clients start from. Default: the latest aggregate."""

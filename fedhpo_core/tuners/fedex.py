@@ -49,7 +49,6 @@ from fedhpo_core.settings import ClientConfig
 from fedhpo_core.tuners.base import Tuner
 from fedhpo_core.tuners.policy import Factors, FittedBaseline, entropy
 
-FEDEX = 7  # seeding key of the configuration draws
 SIGNALS, BASELINES = ("after", "difference", "log-ratio"), ("previous", "round", "fitted")
 SCHEDULES = ("auto", "adaptive", "aggressive", "constant")
 
@@ -89,7 +88,7 @@ class FedEx(Tuner):
         return self.factors.probabilities([np.exp(z) for z in self.log_theta])
 
     def configure(self, round, clients):
-        rng = seeding.numpy_rng(self.seed, FEDEX, round)
+        rng = seeding.numpy_rng(self.seed, seeding.FEDEX, round)
         self.draws = {
             c: tuple(int(rng.choice(len(z), p=np.exp(z) / np.exp(z).sum())) for z in self.log_theta) for c in clients
         }

@@ -56,11 +56,11 @@ from torch.nn import functional as F
 
 from fedhpo_core import seeding
 from fedhpo_core.models import ModelSpec, load_flat_weights
+from fedhpo_core.search.space import client_key
 from fedhpo_core.settings import ClientConfig
 from fedhpo_core.tuners.base import Tuner
 from fedhpo_core.tuners.policy import Factors, FittedBaseline, entropy, softmax
 
-FEDTUNE = 8  # seeding key of the Z_i draws
 VAL_BATCH = 4096
 CREDITS, ADVANTAGES = ("mixture", "update", "local"), ("credit", "fitted")
 RMS_DECAY = 0.9  # of the running mean square of the residuals (the fitted advantage's unit)
@@ -147,7 +147,7 @@ class FedTune(Tuner):
         return np.stack([self.factors.probabilities(self.factor_pi(i)) for i in range(self.clients)])
 
     def configure(self, round, clients):
-        rng = seeding.numpy_rng(self.seed, FEDTUNE, round)
+        rng = seeding.numpy_rng(self.seed, seeding.FEDTUNE, round)
         self.draws = {c: tuple(int(rng.choice(len(p), p=p)) for p in self.factor_pi(c)) for c in clients}
         return {c: self.candidates[self.factors.candidate(d)] for c, d in self.draws.items()}
 
@@ -243,4 +243,4 @@ class FedTune(Tuner):
                 c: self.factors.candidate(tuple(int(np.argmax(p)) for p in self.factor_pi(c)))
                 for c in range(self.clients)
             }
-        return {f"{name}/client_{c}": value for c, k in best.items() for name, value in self.values[k].items()}
+        return {client_key(name, c): value for c, k in best.items() for name, value in self.values[k].items()}

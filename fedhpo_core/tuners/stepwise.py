@@ -39,7 +39,6 @@ from fedhpo_core import seeding
 from fedhpo_core.settings import ClientConfig
 from fedhpo_core.tuners.base import Tuner
 
-STEPWISE = 10  # seeding key of the simulated speeds
 ALPHA = 0.5
 FEEDBACKS, BASELINES, CHOICES = ("difference", "log-error"), ("none", "window"), ("best", "mean")
 WINDOW = 3  # previous rounds whose mean gain is the baseline
@@ -69,7 +68,7 @@ class Stepwise(Tuner):
             sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=False),
         )
         self.samples = np.asarray(client_samples, dtype=float)
-        self.speeds = seeding.numpy_rng(seed, STEPWISE).lognormal(0.0, 0.5, len(self.samples))
+        self.speeds = seeding.numpy_rng(seed, seeding.STEPWISE).lognormal(0.0, 0.5, len(self.samples))
         self.deadline = float(np.median(self.seconds(range(len(self.samples)), base.local_epochs)))
         self.last_seen = dict.fromkeys(range(len(self.samples)), 0)
         self.previous = (1 / num_classes, 1 / num_classes)

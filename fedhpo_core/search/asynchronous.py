@@ -1,0 +1,135 @@
+"""Asynchronous successive halving (ASHA: Li et al., "A System for Massively Parallel
+Hyperparameter Tuning", MLSys 2020, Algorithm 2) and asynchronous Hyperband, on Optuna's pruners
+with communication rounds as the step.
+
+Each configuration is one trial trained towards R rounds. It reports its validation score every
+round, and Optuna's pruner stops it at a rung r_0 eta^k where it is not in the top 1/eta of the
+trials that reached that rung so far (`SuccessiveHalvingPruner`; `HyperbandPruner` runs several
+such brackets, each trial in one). No trial waits for a rung to fill, so workers never idle, and
+the pruner keeps its rungs in the storage, so `--workers` threads and `--join` processes share one
+study. r_0 and R are the rungs successive halving plans for `n_configs` configurations within the
+budget (`halving.plan_rungs`), so `asha` and `sha` compare at equal rungs; configurations are drawn
+until the budget is spent.
+
+The budget stays exact across processes by grants: a trial trains a round only once the study
+granted it (`RoundGrants`, under a lock on the storage).
+"""
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+
+from fedhpo_core.locking import file_lock
+from fedhpo_core.search.base import GRANTED_ATTR, SURPLUS_ATTR, SearchContext, rounds_used
+from fedhpo_core.search.fixed_budget import RandomSearch
+from fedhpo_core.search.halving import ETA, plan_rungs
+from fedhpo_core.search.space import Configuration
+
+_local_lock = threading.Lock()  # for storages that live in this process (tests' in-memory ones)
+
+
+@contextlib.contextmanager
+def study_lock(study: optuna.Study) -> Iterator[None]:
+    """Exclusive, for every thread and process of the study: a lock file beside an SQLite storage,
+    an advisory lock in PostgreSQL; a lock of this process for a storage in memory."""
+    backend = getattr(study._storage, "_backend", study._storage)  # Optuna wraps RDB storages in a cache
+    url = getattr(backend, "url", None)
+    if url is None:
+        with _local_lock:
+            yield
+    elif url.startswith("sqlite:///"):
+        with file_lock(Path(f"{url.removeprefix('sqlite:///')}.study-{study._study_id}.lock")):
+            yield
+    elif url.startswith("postgresql"):
+        with backend.engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": study._study_id})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": study._study_id})
+    else:
+        raise NotImplementedError(f"asynchronous methods need an SQLite or PostgreSQL storage, not {url}")
+
+
+class RoundGrants:
+    """Rounds the study allows its trials, counted in the storage: a finished trial holds the rounds
+    it used, a running one those it was granted."""
+
+    def __init__(self, study: optuna.Study, total: int):
+        self.study, self.total = study, total
+
+    def committed(self) -> int:
+        running = optuna.trial.TrialState.RUNNING
+        return sum(
+            max(t.user_attrs.get(GRANTED_ATTR, 0), rounds_used(t)) if t.state == running else rounds_used(t)
+            for t in self.study.get_trials(deepcopy=False)
+        )
+
+    def grant(self, trial: optuna.trial.Trial, rounds: int = 1) -> bool:
+        """Whether `trial` may train `rounds` more rounds within the budget (recorded if so)."""
+        with study_lock(self.study):
+            if self.committed() + rounds > self.total:
+                return False
+            trial.set_user_attr(GRANTED_ATTR, trial.user_attrs.get(GRANTED_ATTR, 0) + rounds)
+            return True
+
+
+class AsynchronousHalving(RandomSearch):
+    """ASHA: random configurations, each trained towards R rounds and pruned at its rungs by
+    Optuna's `SuccessiveHalvingPruner`; trials train in parallel and processes may share the study."""
+
+    def rungs(self, context: SearchContext) -> tuple[int, int]:
+        """(r_0, R): the first and last rung successive halving plans for n_configs configurations."""
+        rungs = plan_rungs(context.n_configs, context.budget.total)
+        return rungs[0].rounds, rungs[-1].rounds
+
+    def pruner(self, context):
+        minimum, _ = self.rungs(context)
+        return optuna.pruners.SuccessiveHalvingPruner(minimum, ETA, min_early_stopping_rate=0)
+
+    def search(self, context):
+        self.grants, self.pruned = RoundGrants(context.study, context.budget.total), set()
+        super().search(context)
+
+    def admit(self, context, rounds):
+        """A new trial once a first round is granted to it; None when the budget is spent."""
+        if self.grants.committed() >= context.budget.total:
+            return None
+        trial = self.ask(context)
+        if self.grants.grant(trial):
+            return trial
+        trial.set_user_attr(SURPLUS_ATTR, True)
+        context.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return None
+
+    def train(self, context, trial, rounds):
+        _, longest = self.rungs(context)
+
+        def keep_going(round: int) -> bool:
+            if round >= longest:
+                return False
+            if trial.should_prune():
+                self.pruned.add(trial.number)
+                return False
+            return self.grants.grant(trial)
+
+        return trial, context.train(trial, Configuration(trial.params), longest, keep_going=keep_going)
+
+    def end(self, context, trial, result):
+        if trial.number in self.pruned:
+            context.prune(trial)
+        else:  # trained to R, diverged, or stopped where the budget ran out
+            context.complete(trial, result)
+
+
+class AsynchronousHyperband(AsynchronousHalving):
+    """Asynchronous Hyperband: Optuna's `HyperbandPruner` puts each trial in one of several ASHA
+    brackets of different first rungs between r_0 and R."""
+
+    def pruner(self, context):
+        minimum, longest = self.rungs(context)
+        return optuna.pruners.HyperbandPruner(minimum, longest, ETA)

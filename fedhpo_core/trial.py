@@ -1,0 +1,227 @@
+"""One configuration trained and scored, Prefect-free: the trial trainer a search method's driver
+calls (`search.base.Trainer`), the final retraining of the best configuration, and the MLflow runs
+they write. How a round's steps execute (`RoundSteps`) and what happens after each round
+(`on_round`: progress, stop requests) are given by the caller."""
+
+import math
+from collections.abc import Callable
+from dataclasses import fields
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from fedhpo_core.federation import FederatedData, Federation, FederationResult, FederationState, RoundReport, RoundSteps
+from fedhpo_core.models import load_flat_weights
+from fedhpo_core.reports import ConfigTrajectory, round_metrics, trajectory_figure
+from fedhpo_core.search.base import (
+    RUN_ATTR,
+    TrialResult,
+    recorded_result,
+    rounds_used,
+    score_of,
+)
+from fedhpo_core.search.space import Configuration
+from fedhpo_core.settings import TrainSettings
+from fedhpo_core.tracking import ROLE_TAG, STUDY_TAG, TRIAL_TAG, Tracker, load_state
+from fedhpo_core.tuners import PerClientConfig, Tuner
+
+FLOAT_BYTES = 4
+
+
+def system_objectives(reports: list[RoundReport], model_size: int) -> dict[str, float]:
+    """What a run cost the system: bytes sent (the model down and up for every sampled client and
+    round), client compute (training samples processed), and unfairness (spread of the clients'
+    last reported validation accuracies)."""
+    uploads = [u for r in reports for u in r.updates]
+    last = [u.val_acc for u in reports[-1].updates if math.isfinite(u.val_acc)] if reports else []
+    return {
+        "bytes_sent": float(2 * len(uploads) * model_size * FLOAT_BYTES),
+        "client_compute_samples": float(
+            sum(u.num_samples * r.configs[u.client].local_epochs for r in reports for u in r.updates)
+        ),
+        "unfairness": float(np.std(last)) if len(last) > 1 else 0.0,
+    }
+
+
+def round_score(report: RoundReport, objective: str) -> float:
+    """A round's validation score: the server's split, or the clients' sample-weighted reports."""
+    return report.val_acc if objective == "server" else report.client_val_acc
+
+
+def train_configuration(
+    data: FederatedData,
+    fixed: TrainSettings,
+    configuration: Configuration,
+    rounds: int,
+    tracker: Tracker,
+    steps: RoundSteps,
+    start: FederationState | None = None,
+    tuner: Tuner | None = None,
+    on_round: Callable[[RoundReport], None] | None = None,
+    keep_going: Callable[[int], bool] | None = None,
+) -> tuple[FederationResult, list[RoundReport], list[dict]]:
+    """`rounds` rounds of the configuration (from `start` if given), or of `tuner`'s choices with
+    the configuration's other settings, ending early after a round where `keep_going(round)` is
+    false; each round's metrics and tuner state tracked."""
+    settings = configuration.settings(fixed)
+    federation = Federation(data, settings.server, settings.participation, settings.seed)
+    tuner = tuner or PerClientConfig(configuration.client_configs(fixed))
+    reports: list[RoundReport] = []
+    trajectory: list[dict] = []
+    configs = ConfigTrajectory()
+
+    def observe(report, evaluation):
+        reports.append(report)
+        configs.record(report)
+        state = tuner.state()
+        trajectory.extend({"round": report.round, "name": k, "value": v} for k, v in state.items())
+        trajectory.extend(
+            {"round": report.round, "client": client, "name": k, "value": v}
+            for client, values in tuner.client_state().items()
+            for k, v in values.items()
+        )
+        tracker.log_metrics(round_metrics(report, evaluation) | state, report.round)
+        if on_round:
+            on_round(report)
+
+    if keep_going is None:
+        result = federation.run(tuner, rounds, steps, start=start, observe=observe)
+    else:  # a round at a time, asking after each
+        result = FederationResult(start or federation.initial_state(), [], None)
+        for _ in range(rounds):
+            step = federation.run(tuner, 1, steps, start=result.state, observe=observe)
+            result = FederationResult(step.state, result.evaluations + step.evaluations, step.diverged_round)
+            if result.diverged or not keep_going(result.state.round):
+                break
+    tracker.log_client_configs(configs)
+    return result, reports, trajectory
+
+
+def trial_metrics(result: TrialResult, rounds: int) -> dict[str, float]:
+    """A trial run's summary metrics: `score` is the value the study is told (0 for a diverged
+    trial), `rounds_used` the rounds the trial trained (a promoted trial's over all its rungs)."""
+    objectives = {f"objective/{k}": v for k, v in result.objectives.items()}
+    return {"score": score_of(result), "rounds_used": rounds, "diverged": float(result.diverged)} | objectives
+
+
+class TrialTrainer:
+    """Trains configurations for a search method's driver (`search.base.Trainer`): each trial an
+    MLflow run nested under the study's (a continued trial reopens its own: `RUN_ATTR` on the
+    trial), its validation score reported to the trial every round (what pruners and
+    optuna-dashboard read), the state it reaches stored as an artifact of its run."""
+
+    def __init__(
+        self,
+        data: FederatedData,
+        fixed: TrainSettings,
+        objective: str,
+        study_run: Tracker,
+        study_name: str,
+        steps: RoundSteps,
+        on_round: Callable[[], None] | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.data, self.fixed, self.objective, self.study_run, self.study_name = (
+            data,
+            fixed,
+            objective,
+            study_run,
+            study_name,
+        )
+        self.steps, self.on_round, self.log = steps, on_round, log
+
+    def load(self, checkpoint: str) -> FederationState:
+        return FederationState(**load_state(checkpoint, self.data.device))
+
+    def run_of(self, trial: optuna.trial.Trial, configuration: Configuration) -> Tracker:
+        """The trial's MLflow run: reopened if it has one, else a new one named on the trial."""
+        if run_id := trial.user_attrs.get(RUN_ATTR):
+            return Tracker(self.fixed.experiment, run_id=run_id)
+        tags = {ROLE_TAG: "trial", TRIAL_TAG: str(trial.number), STUDY_TAG: self.study_name}
+        tracker = Tracker(self.fixed.experiment, f"trial-{trial.number}", tags, parent=self.study_run)
+        tracker.log_params({"trial": trial.number, **configuration.values})
+        trial.set_user_attr(RUN_ATTR, tracker.run_id)
+        return tracker
+
+    def __call__(self, trial, configuration, rounds, start=None, tuner=None, keep_going=None) -> TrialResult:
+        tracker = self.run_of(trial, configuration)
+        reporting = len(trial.study.directions) == 1  # Optuna keeps intermediate values for one objective
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+        reported = set(frozen.intermediate_values)  # steps a killed attempt of this training reported
+
+        def on_round(report: RoundReport) -> None:
+            score = round_score(report, self.objective)
+            if reporting and report.round not in reported:
+                trial.report(score if math.isfinite(score) else 0.0, report.round)
+            if self.on_round:
+                self.on_round()
+
+        with tracker:
+            outcome, reports, trajectory = train_configuration(
+                self.data, self.fixed, configuration, rounds, tracker, self.steps, start, tuner, on_round, keep_going
+            )
+            state = outcome.state
+            stored = {f.name: getattr(state, f.name) for f in fields(state)}
+            result = TrialResult(
+                score=round_score(reports[-1], self.objective),
+                rounds=len(outcome.evaluations),
+                state=state,
+                diverged=outcome.diverged,
+                objectives=system_objectives(reports, self.data.spec.size),
+                chosen=tuner.chosen() if tuner else {},
+                checkpoint=tracker.log_state(stored, f"checkpoint/state-round{state.round}.pt"),
+            )
+            tracker.log_metrics(trial_metrics(result, rounds_used(trial) + result.rounds))
+            if trajectory:
+                table = pd.DataFrame(trajectory)
+                tracker.log_table(table, "trajectory/tuner_state.csv")
+                tracker.log_figure(trajectory_figure(table, type(tuner).__name__), "trajectory/tuner_state.png")
+        if self.log:
+            ending = f"diverged at round {outcome.diverged_round}" if outcome.diverged else f"{state.round} rounds"
+            values = configuration.values
+            self.log(f"trial {trial.number}: {ending} -> val score {score_of(result):.4f} {values}")
+        return result
+
+
+def align_trial_runs(tracker: Tracker, study: optuna.Study, name: str) -> None:
+    """Trial runs end as their trials did: FINISHED for a told trial (a trial told from its recorded
+    result after an interrupt gets its summary metrics here if its run had not logged them),
+    KILLED for a failed one (interrupted, or left by a killed process). Trials still RUNNING (in
+    another process sharing the study, or paused between rungs) are left alone."""
+    states = {t.number: t for t in study.get_trials(deepcopy=False)}
+    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`{STUDY_TAG}` = '{name}'")
+    for run in runs:
+        trial = states.get(int(run.data.tags.get(TRIAL_TAG, -1)))
+        if trial is None or trial.state == optuna.trial.TrialState.RUNNING:
+            continue
+        if trial.state == optuna.trial.TrialState.FAIL:
+            if run.info.status != "KILLED":
+                tracker.client.set_terminated(run.info.run_id, "KILLED")
+        elif run.info.status != "FINISHED":
+            with Tracker(name, run_id=run.info.run_id) as reopened:  # ends FINISHED
+                if (result := recorded_result(trial)) and "score" not in run.data.metrics:
+                    reopened.log_metrics(trial_metrics(result, rounds_used(trial)))
+
+
+def retrain(
+    data: FederatedData,
+    fixed: TrainSettings,
+    configuration: Configuration,
+    rounds: int,
+    parent: Tracker,
+    steps: RoundSteps,
+    tuner: Tuner | None = None,
+    on_round: Callable[[RoundReport], None] | None = None,
+) -> FederationResult:
+    """The best configuration from scratch for `rounds` rounds (driven by `tuner` if given), scored
+    on the test set; its model logged unless it diverged."""
+    with Tracker(fixed.experiment, "final", {ROLE_TAG: "final"}, parent=parent) as tracker:
+        tracker.log_params(configuration.values | ({"scheduled_by": type(tuner).__name__} if tuner else {}))
+        result, _, _ = train_configuration(
+            data, fixed, configuration, rounds, tracker, steps, tuner=tuner, on_round=on_round
+        )
+        if not result.diverged:
+            model = load_flat_weights(data.spec.build(), result.state.weights)
+            tracker.log_model(model, input_example=data.test[0][:8].cpu().numpy().astype(np.float32))
+    return result
