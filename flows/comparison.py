@@ -82,7 +82,7 @@ def method_comparison(
         search_space: Path of a YAML search space; default: the FedTune paper's.
         objective: Score trials on the server's validation split (server) or clients' reports (clients).
         storage: Optuna storage URL; default: optuna.db beside the MLflow store.
-        workers: Trials trained at once in each study (random, grid, tpe, gp, multiobjective).
+        workers: Trials trained at once in each study (random, grid, tpe, gp, multiobjective, asha, async-hyperband).
         train: Fixed training settings (any parameter of federated-training).
         task_runner: thread (the round's clients in the flow's process) or dask (shares on a cluster).
         dask_address: Scheduler address of a running Dask cluster; default: start one local cluster

@@ -219,7 +219,7 @@ def hpo_study(
         storage: Optuna storage URL (sqlite:///..., postgresql://...); default: optuna.db beside the MLflow store.
         study_name: Optuna study name; default: derived from the settings.
         resume: Continue the interrupted study of that name.
-        workers: Trials trained at once (random, grid, tpe, gp, multiobjective).
+        workers: Trials trained at once (random, grid, tpe, gp, multiobjective, asha, async-hyperband).
         join: Share the study with other processes using the same storage (created if missing).
         schedulers: FedHyper's schedulers (method fedhyper), comma-separated: global, server_local, client_local.
         train: Fixed training settings (any parameter of federated-training).
