@@ -129,6 +129,7 @@ def tune_command(args: argparse.Namespace) -> int:
         print(f"Best configuration retrained for {tune.final_rounds} rounds: test_acc {summary['final_test_acc']:.4f}")
     print(f"Optuna study in {summary['storage']}; MLflow run {summary['run_id']} in {tracking_uri()}")
     print(f"Browse it: mlflow ui --backend-store-uri {tracking_uri()}")
+    print(f"  and its trials, round by round: optuna-dashboard {summary['storage']} --host 127.0.0.1")
     return 0
 
 

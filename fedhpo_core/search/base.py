@@ -243,6 +243,11 @@ def record_result(trial: optuna.trial.Trial, result: TrialResult, used: int) -> 
     recorded = {"score": result.score, "rounds": result.rounds, "diverged": result.diverged}
     recorded |= {"objectives": dict(result.objectives), "chosen": dict(result.chosen)}
     trial.set_user_attr(RESULT_ATTR, recorded | {"checkpoint": result.checkpoint, ROUNDS_ATTR: used})
+    show_result(trial, result, used)
+
+
+def show_result(trial: optuna.trial.Trial, result: TrialResult, used: int) -> None:
+    """The recorded result's parts as attributes of their own, where users and reports read them."""
     trial.set_user_attr(ROUNDS_ATTR, used)
     trial.set_user_attr(DIVERGED_ATTR, result.diverged)
     if result.checkpoint:
@@ -267,7 +272,9 @@ def settle_interrupted_trials(study: optuna.Study, method: SearchMethod, numbers
         if result is None:
             study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
         elif not method.pauses_trials:
-            finish_trial(study, optuna.trial.Trial(study, frozen._trial_id), result, method)
+            trial = optuna.trial.Trial(study, frozen._trial_id)
+            show_result(trial, result, rounds_used(frozen))  # a kill may have come before them
+            finish_trial(study, trial, result, method)
 
 
 def score_of(result: TrialResult) -> float:
