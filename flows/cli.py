@@ -359,8 +359,8 @@ def _interrupt(number: int, _frame) -> None:
 # What an interrupted command leaves, for its one line.
 INTERRUPTED = {
     "train": "its MLflow run is marked KILLED",
-    "tune": "trials that finished training are told to the study, the one in training is marked FAIL in Optuna "
-    "and KILLED in MLflow; the same command with --resume continues the study",
+    "tune": "what finished training is recorded in the study, the training cut short is not charged (its MLflow "
+    "run KILLED); the same command with --resume continues the study where it stood",
     "compare": "finished studies are recorded; the study in progress is marked as `fedhpo tune` marks one",
 }
 
