@@ -9,7 +9,7 @@ import signal
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Protocol
 
 import optuna
@@ -240,9 +240,9 @@ def record_result(trial: optuna.trial.Trial, result: TrialResult, used: int) -> 
     """Write the result and the trial's rounds so far (`used`) in one storage write, then as
     attributes of their own: a trial interrupted after this point (Ctrl-C while its run logs
     artifacts, SIGKILL before it is told) is told with it, or continued from it, never retrained."""
-    recorded = {"score": result.score, "rounds": result.rounds, "diverged": result.diverged}
-    recorded |= {"objectives": dict(result.objectives), "chosen": dict(result.chosen)}
-    trial.set_user_attr(RESULT_ATTR, recorded | {"checkpoint": result.checkpoint, ROUNDS_ATTR: used})
+    recorded = {f.name: getattr(result, f.name) for f in fields(TrialResult) if f.name != "state"}
+    recorded |= {"objectives": dict(result.objectives), "chosen": dict(result.chosen), ROUNDS_ATTR: used}
+    trial.set_user_attr(RESULT_ATTR, recorded)
     show_result(trial, result, used)
 
 

@@ -82,7 +82,8 @@ class PopulationBasedTraining(SearchMethod):
                 result = context.train(trial, Configuration(trial.params), rounds, start_from=parent)
                 context.complete(trial, result)
                 done[member] = trial
-            generations[generation] = {m: study.trials[t.number] for m, t in done.items()}
+            told = {t.number: t for t in study.get_trials(deepcopy=False)}
+            generations[generation] = {m: told[t.number] for m, t in done.items()}
             if context.budget.remaining < POPULATION:
                 return
             generation += 1
