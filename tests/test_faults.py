@@ -325,7 +325,7 @@ def test_a_study_killed_mid_bracket_or_generation_resumes_from_its_checkpoints(m
         steps = {m.step for m in client.get_metric_history(run_id, "val_acc")}
         first = 1 if method != "pbt" else study.trials[number].user_attrs["generation"] * 2 + 1  # from a parent
         assert steps == set(range(first, first + trained[number]))  # one run, its rounds numbered on
-    charged = sum(t.user_attrs["rounds_used"] for t in study.trials if t.state.is_finished())
+    charged = sum(t.user_attrs.get("rounds_used", 0) for t in study.trials)  # a FAIL: killed before its record
     assert charged == sum(trained.values()) <= budget
     if method == "sha":  # no configuration was added: the bracket's own finished, at its planned cost
         assert len(study.trials) == n_configs and charged == plan_cost(plan_rungs(n_configs, budget))

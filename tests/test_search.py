@@ -10,6 +10,7 @@ import torch
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, FederationState, partition_of
 from fedhpo_core.reports import study_table
+from fedhpo_core.search import base as base_module
 from fedhpo_core.search import study as study_module
 from fedhpo_core.search.base import RESULT_ATTR, ROUNDS_ATTR, SearchContext, TrialResult, rounds_spent
 from fedhpo_core.search.halving import Hyperband, plan_cost, plan_rungs
@@ -190,6 +191,30 @@ def test_a_bracket_interrupted_mid_way_ends_as_if_it_had_not_been():
     # The survivors continue from their rung-1 checkpoints; no configuration starts over, none is added.
     assert [(r, b) for _, r, b in resumed.calls] == [(4, 2), (4, 2), (12, 6)]
     assert spent.spent == plan_cost(rungs) == rounds_spent(whole)
+    summary = [(t.params, t.state, t.values, t.user_attrs[ROUNDS_ATTR]) for t in study.trials]
+    assert summary == [(t.params, t.state, t.values, t.user_attrs[ROUNDS_ATTR]) for t in whole.trials]
+
+
+def test_a_promoted_trial_killed_inside_its_record_continues_from_the_state_it_recorded(tmp_path, monkeypatch):
+    whole, _, _ = search("sha", budget=60, n_configs=9)
+    winner = max(whole.trials, key=lambda t: t.values[0]).number
+    storage, store = f"sqlite:///{tmp_path / 'optuna.db'}", {}
+    shown = base_module.show_result
+
+    def die_after_the_winners_promotion(trial, result, used):
+        if trial.number == winner and used == plan_rungs(9, 60)[1].rounds:
+            raise SystemExit(-9)  # its result is written; its separate attributes still name round 2
+        shown(trial, result, used)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(base_module, "show_result", die_after_the_winners_promotion)
+        patch.setattr(study_module, "settle_interrupted_trials", lambda *arguments: None)
+        with pytest.raises(SystemExit):
+            search("sha", budget=60, n_configs=9, trainer=FakeTrainer(store=store), storage=storage)
+    resumed = FakeTrainer(store=store)
+    study, spent, _ = search("sha", budget=60, n_configs=9, storage=storage, resume=True, trainer=resumed)
+    assert resumed.calls[-1] == (winner, 12, 6)  # from the round-6 state it recorded, not round 2's
+    assert spent.spent == plan_cost(plan_rungs(9, 60))
     summary = [(t.params, t.state, t.values, t.user_attrs[ROUNDS_ATTR]) for t in study.trials]
     assert summary == [(t.params, t.state, t.values, t.user_attrs[ROUNDS_ATTR]) for t in whole.trials]
 

@@ -131,7 +131,7 @@ class SearchContext:
             raise Interrupted(getattr(self.stop, "number", signal.SIGINT))
         with self.lock:
             self.started.add(trial.number)
-        start = self.trainer.load(start_from.user_attrs[CHECKPOINT_ATTR]) if start_from is not None else None
+        start = self.trainer.load(recorded_result(start_from).checkpoint) if start_from is not None else None
         result = self.trainer(trial, configuration, rounds, start, tuner, keep_going)
         with self.lock:
             self.budget.spend(result.rounds)
@@ -247,7 +247,8 @@ def record_result(trial: optuna.trial.Trial, result: TrialResult, used: int) -> 
 
 
 def show_result(trial: optuna.trial.Trial, result: TrialResult, used: int) -> None:
-    """The recorded result's parts as attributes of their own, where users and reports read them."""
+    """The recorded result's parts as attributes of their own, where users and reports read them
+    (a kill may come between these writes: the method reads the recorded result, never these)."""
     trial.set_user_attr(ROUNDS_ATTR, used)
     trial.set_user_attr(DIVERGED_ATTR, result.diverged)
     if result.checkpoint:
