@@ -14,10 +14,36 @@ neighbouring relation as events, and offers the PLD accountant beside RDP.
 """
 
 import math
+from dataclasses import dataclass
 
 import dp_accounting
 import torch
 from dp_accounting import rdp
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """DP-FedAvg's settings: the clip bound C, the noise multiplier sigma and the delta epsilon is
+    counted at. Off (plain FedAvg) while C is 0."""
+
+    clip: float = 0.0
+    noise: float = 0.0
+    delta: float = 1e-5
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip > 0
+
+
+@dataclass(frozen=True)
+class PrivateMean:
+    """How one round's updates are averaged privately: `Privacy`'s C and sigma, the expected number
+    of clients q N (the fixed denominator) and the seed of the round's noise."""
+
+    clip: float
+    noise: float
+    expected: float
+    seed: int
 
 
 def clip(update: torch.Tensor, bound: float) -> torch.Tensor:
