@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from fedhpo_core.privacy import PrivateMean, private_mean
+
 State = dict[str, torch.Tensor]
 
 
@@ -74,11 +76,22 @@ DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadagrad": 0.01, "fedadam
 
 
 def aggregate(
-    server: ServerSettings, x: torch.Tensor, uploads: Sequence[tuple[torch.Tensor, int]], state: State
+    server: ServerSettings,
+    x: torch.Tensor,
+    uploads: Sequence[tuple[torch.Tensor, int]],
+    state: State,
+    private: PrivateMean | None = None,
 ) -> tuple[torch.Tensor, State]:
-    """New global weights and server state from (weights, num_samples) uploads. The hyperparameters
-    are taken at the weights' precision: beyond its range (tau 1e308) they are inf, and the run
-    diverges where torch would refuse the double."""
-    mean = weighted_mean([w for w, _ in uploads], [n for _, n in uploads])
+    """New global weights and server state from (weights, num_samples) uploads: the server optimizer
+    applied to their sample-weighted mean, or with `private` to DP-FedAvg's clipped, noised,
+    fixed-denominator mean (`privacy.private_mean`). The hyperparameters are taken at the weights'
+    precision: beyond its range (tau 1e308) they are inf, and the run diverges where torch would
+    refuse the double."""
+    if private is None:
+        mean = weighted_mean([w for w, _ in uploads], [n for _, n in uploads])
+    else:
+        noise = torch.Generator().manual_seed(private.seed)
+        deltas = [w - x for w, _ in uploads] or [torch.zeros_like(x)]
+        mean = x + private_mean(deltas, private.clip, private.noise, private.expected, noise)
     at_precision = {k: torch.tensor(getattr(server, k), dtype=x.dtype).item() for k in ("lr", "beta1", "beta2", "tau")}
     return AGGREGATORS[server.aggregator](x, mean, state, replace(server, **at_precision))

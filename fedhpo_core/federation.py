@@ -20,6 +20,7 @@ from fedhpo_core.cohort import train_cohort
 from fedhpo_core.data import Dataset, load_dataset
 from fedhpo_core.models import ModelSpec, workspace_model
 from fedhpo_core.partition import Partition, partition_dataset
+from fedhpo_core.privacy import Privacy, PrivateMean, epsilon
 from fedhpo_core.settings import ClientConfig, DataSettings
 from fedhpo_core.tuners.base import Tuner
 
@@ -121,6 +122,7 @@ class RoundReport:
     val_acc: float
     weights_before: torch.Tensor
     weights_after: torch.Tensor
+    epsilon: float | None = None  # the privacy spent so far, under DP-FedAvg
 
     @property
     def clients(self) -> list[int]:
@@ -146,9 +148,13 @@ class RoundReport:
 
 
 def aggregate_updates(
-    server: ServerSettings, weights: torch.Tensor, updates: Sequence[ClientUpdate], state: State
+    server: ServerSettings,
+    weights: torch.Tensor,
+    updates: Sequence[ClientUpdate],
+    state: State,
+    private: PrivateMean | None = None,
 ) -> tuple[torch.Tensor, State]:
-    return aggregate(server, weights, [(u.weights, u.num_samples) for u in updates], state)
+    return aggregate(server, weights, [(u.weights, u.num_samples) for u in updates], state, private)
 
 
 def evaluate_splits(spec: ModelSpec, weights: torch.Tensor, splits: Mapping[str, Split]) -> dict[str, tuple]:
@@ -180,8 +186,8 @@ class RoundSteps:
     ) -> list[ClientUpdate]:
         return TRAIN_CLIENTS[self.engine](spec, weights, jobs, data)
 
-    def aggregate(self, server, weights, updates, state) -> tuple[torch.Tensor, State]:
-        return aggregate_updates(server, weights, updates, state)
+    def aggregate(self, server, weights, updates, state, private=None) -> tuple[torch.Tensor, State]:
+        return aggregate_updates(server, weights, updates, state, private)
 
     def evaluate(self, spec, weights, splits) -> dict[str, tuple]:
         return evaluate_splits(spec, weights, splits)
@@ -209,6 +215,7 @@ class Federation:
     server: ServerSettings
     participation: float
     seed: int
+    privacy: Privacy = Privacy()  # DP-FedAvg when enabled
 
     @property
     def num_clients(self) -> int:
@@ -218,10 +225,28 @@ class Federation:
         return FederationState(0, self.data.spec.initial_weights(self.seed).to(self.data.device))
 
     def sample_clients(self, t: int) -> list[int]:
-        """max(1, round(participation * N)) distinct clients for round t, drawn from the run's seed."""
-        count = max(1, round(self.participation * self.num_clients))
+        """max(1, round(participation * N)) distinct clients for round t, drawn from the run's seed;
+        with privacy, each client independently with probability q = participation (DP-FedAvg's
+        sampling, which its accountant assumes; a round may have none)."""
         rng = seeding.numpy_rng(self.seed, seeding.SAMPLING, t)
+        if self.privacy.enabled:
+            return [int(c) for c in (rng.random(self.num_clients) < self.participation).nonzero()[0]]
+        count = max(1, round(self.participation * self.num_clients))
         return sorted(int(c) for c in rng.choice(self.num_clients, size=count, replace=False))
+
+    def private_mean(self, t: int) -> PrivateMean | None:
+        """Round t's private averaging, when privacy is on."""
+        if not self.privacy.enabled:
+            return None
+        expected = self.participation * self.num_clients
+        seed = seeding.torch_seed(self.seed, seeding.DP_NOISE, t)
+        return PrivateMean(self.privacy.clip, self.privacy.noise, expected, seed)
+
+    def epsilon(self, rounds: int) -> float | None:
+        """The privacy spent after `rounds` rounds, when privacy is on."""
+        if not self.privacy.enabled:
+            return None
+        return epsilon(self.participation, self.privacy.noise, rounds, self.privacy.delta)
 
     def run(
         self,
@@ -243,13 +268,22 @@ class Federation:
             configs = tuner.configure(t, clients)
             start_weights = tuner.global_weights(configs, state.weights)
             jobs = [ClientJob(c, t, configs[c], self.seed, tuner.local_schedule(t, c)) for c in clients]
-            updates = steps.train_clients(spec, start_weights, jobs, [self.data.clients[c] for c in clients])
+            data = [self.data.clients[c] for c in clients]
+            updates = steps.train_clients(spec, start_weights, jobs, data) if clients else []
             server = tuner.server_settings(self.server, start_weights, updates)
-            weights, server_state = steps.aggregate(server, start_weights, updates, state.server_state)
+            private = self.private_mean(t)
+            weights, server_state = steps.aggregate(server, start_weights, updates, state.server_state, private)
             metrics = steps.evaluate(spec, weights, splits)
             evaluation = Evaluation(*metrics["val"], *metrics["test"])
             report = RoundReport(
-                t, configs, tuple(updates), evaluation.val_loss, evaluation.val_acc, start_weights, weights
+                t,
+                configs,
+                tuple(updates),
+                evaluation.val_loss,
+                evaluation.val_acc,
+                start_weights,
+                weights,
+                self.epsilon(t),
             )
             state = FederationState(t, weights, server_state)
             evaluations.append(evaluation)

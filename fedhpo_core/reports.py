@@ -58,12 +58,13 @@ def partition_figure(histogram: np.ndarray, title: str) -> Figure:
 def round_metrics(report: RoundReport, evaluation: Evaluation) -> dict[str, float]:
     """One round's metrics (MLflow step = round): the global model's curves and the clients' mean
     reports. Who took part, with which configuration, is a `ConfigTrajectory`."""
+    privacy = {} if report.epsilon is None else {"epsilon": report.epsilon}
     return {
         **asdict(evaluation),
         "train_loss": report.train_loss,
         "client_val_loss": report.client_val_loss,
         "client_val_acc": report.client_val_acc,
-    }
+    } | privacy
 
 
 class ConfigTrajectory:

@@ -14,6 +14,7 @@ FEDEX = 7  # FedEx's configuration draws
 FEDTUNE = 8  # FedTune's Z_i draws
 PBT = 9  # population-based training's exploit and explore, per generation
 STEPWISE = 10  # step-wise Optuna's simulated client speeds
+DP_NOISE = 11  # DP-FedAvg's noise on a round's aggregate
 
 
 def numpy_rng(seed: int, *keys: int) -> np.random.Generator:

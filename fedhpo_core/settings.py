@@ -13,6 +13,7 @@ from fedhpo_core.aggregators import AGGREGATORS, DEFAULT_SERVER_LR, ServerSettin
 from fedhpo_core.data import DATASETS, split_sizes
 from fedhpo_core.models import MODELS
 from fedhpo_core.partition import PARTITIONERS
+from fedhpo_core.privacy import Privacy
 
 
 class SettingsError(ValueError):
@@ -146,6 +147,9 @@ class TrainSettings:
     beta1: float = setting(0.9, "server momentum (fedavgm) or first-moment decay (fedadam, fedyogi, fedadagrad)")
     beta2: float = setting(0.99, "second-moment decay (fedadam, fedyogi)")
     tau: float = setting(1e-3, "adaptivity floor of FedOpt (Reddi et al. 2021)")
+    dp_clip: float = setting(0.0, "DP-FedAvg: L2 bound C on each client's update (0: no differential privacy)")
+    dp_noise: float = setting(0.0, "DP-FedAvg: noise multiplier sigma (Gaussian noise of std sigma C on the sum)")
+    dp_delta: float = setting(1e-5, "DP-FedAvg: the delta at which the privacy spent (epsilon) is counted")
     seed: int = setting(0, "seed of every random choice in the run")
     experiment: str = setting("fedhpo", "MLflow experiment name")
 
@@ -167,6 +171,10 @@ class TrainSettings:
             f"client_val_fraction must be in [0, 1), got {self.client_val_fraction}",
         )
         _check(self.clients >= 1, f"clients must be >= 1, got {self.clients}")
+        _check(self.dp_clip >= 0, f"dp_clip must be >= 0, got {self.dp_clip}")
+        _check(self.dp_noise >= 0, f"dp_noise must be >= 0, got {self.dp_noise}")
+        _check(self.dp_noise == 0 or self.dp_clip > 0, "dp_noise needs dp_clip > 0: noise is scaled to the bound")
+        _check(0 < self.dp_delta < 1, f"dp_delta must be in (0, 1), got {self.dp_delta}")
         held, pool = split_sizes(DATASETS[self.dataset].num_train, self.val_fraction)
         _check(held >= 1, f"val_fraction {self.val_fraction} leaves the server no validation sample of {self.dataset}")
         _check(
@@ -201,6 +209,10 @@ class TrainSettings:
     def data(self) -> DataSettings:
         names = {f.name for f in fields(DataSettings)}
         return DataSettings(**{k: v for k, v in asdict(self).items() if k in names})
+
+    @property
+    def privacy(self) -> Privacy:
+        return Privacy(self.dp_clip, self.dp_noise, self.dp_delta)
 
     @property
     def server(self) -> ServerSettings:

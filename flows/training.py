@@ -31,7 +31,7 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
     dataset = load_data(settings.dataset, settings.data_root)
     partition = partition_data(settings.data)
     data = FederatedData.build(dataset, partition, settings.model, execution.resolved_device)
-    federation = Federation(data, settings.server, settings.participation, settings.seed)
+    federation = Federation(data, settings.server, settings.participation, settings.seed, settings.privacy)
     histogram = label_histogram(dataset.y_train.numpy(), partition, dataset.num_classes)
 
     tags = {ROLE_TAG: "train", "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": flow_run.name}
@@ -116,6 +116,9 @@ def federated_training(
     beta1: float = 0.9,
     beta2: float = 0.99,
     tau: float = 1e-3,
+    dp_clip: float = 0.0,
+    dp_noise: float = 0.0,
+    dp_delta: float = 1e-5,
     seed: int = 0,
     experiment: str = "fedhpo",
     task_runner: str = "thread",
@@ -149,6 +152,9 @@ def federated_training(
         beta1: Server momentum or first-moment decay.
         beta2: Second-moment decay (fedadam, fedyogi).
         tau: Adaptivity floor of FedOpt.
+        dp_clip: DP-FedAvg's L2 bound on each client's update (0: no differential privacy).
+        dp_noise: DP-FedAvg's noise multiplier (Gaussian noise of std dp_noise * dp_clip on the sum).
+        dp_delta: The delta at which the privacy spent (epsilon) is counted.
         seed: Seed of every random choice in the run.
         experiment: MLflow experiment name.
         task_runner: thread (the round's clients in the flow's process) or dask (shares on a cluster).
