@@ -1,10 +1,11 @@
 """Server aggregation: pure functions from (global weights, client uploads, state) to new ones.
 
-All of them start from the sample-weighted mean pseudo-gradient
+All of them start from the mean pseudo-gradient, by default sample-weighted,
     delta_t = sum_i n_i (w_i - x_t) / sum_i n_i
-and apply a server optimizer to it: FedAvg and FedAvgM (Hsu et al. 2019), and FedAdagrad,
-FedAdam and FedYogi from Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2
-(no bias correction; the second moment starts at tau^2, as there).
+(a postprocessor chain may clip, weight, noise or leave out updates: `postprocess`), and apply
+a server optimizer to it: FedAvg and FedAvgM (Hsu et al. 2019), and FedAdagrad, FedAdam and
+FedYogi from Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2 (no bias
+correction; the second moment starts at tau^2, as there).
 """
 
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fedhpo_core.privacy import PrivateMean, private_mean
+from fedhpo_core.postprocess import Link, apply_chain
 
 State = dict[str, torch.Tensor]
 
@@ -80,18 +81,20 @@ def aggregate(
     x: torch.Tensor,
     uploads: Sequence[tuple[torch.Tensor, int]],
     state: State,
-    private: PrivateMean | None = None,
+    links: Sequence[Link] = (),
 ) -> tuple[torch.Tensor, State]:
-    """New global weights and server state from (weights, num_samples) uploads: the server optimizer
-    applied to their sample-weighted mean, or with `private` to DP-FedAvg's clipped, noised,
-    fixed-denominator mean (`privacy.private_mean`). The hyperparameters are taken at the weights'
-    precision: beyond its range (tau 1e308) they are inf, and the run diverges where torch would
-    refuse the double."""
-    if private is None:
-        mean = weighted_mean([w for w, _ in uploads], [n for _, n in uploads])
-    else:
-        noise = torch.Generator().manual_seed(private.seed)
-        deltas = [w - x for w, _ in uploads] or [torch.zeros_like(x)]
-        mean = x + private_mean(deltas, private.clip, private.noise, private.expected, noise)
+    """New global weights and server state from (weights, num_samples) uploads: the mean update
+    through the postprocessor chain `links` (none: the sample-weighted mean), then the server
+    optimizer (`server_step`)."""
+    mean, _ = apply_chain(links, x, [(i, w, n) for i, (w, n) in enumerate(uploads)])
+    return server_step(server, x, mean, state)
+
+
+def server_step(
+    server: ServerSettings, x: torch.Tensor, mean: torch.Tensor, state: State
+) -> tuple[torch.Tensor, State]:
+    """The server optimizer applied to the mean update. The hyperparameters are taken at the
+    weights' precision: beyond its range (tau 1e308) they are inf, and the run diverges where torch
+    would refuse the double."""
     at_precision = {k: torch.tensor(getattr(server, k), dtype=x.dtype).item() for k in ("lr", "beta1", "beta2", "tau")}
     return AGGREGATORS[server.aggregator](x, mean, state, replace(server, **at_precision))

@@ -10,21 +10,26 @@ import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
+import numpy as np
 import torch
 
 from fedhpo_core import seeding
-from fedhpo_core.aggregators import ServerSettings, State, aggregate
+from fedhpo_core.aggregators import ServerSettings, State, server_step
 from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, evaluate, local_update
 from fedhpo_core.cohort import train_cohort
 from fedhpo_core.data import Dataset, load_dataset
+from fedhpo_core.devices import Devices, RoundPlan, profiles_of
 from fedhpo_core.models import ModelSpec, workspace_model
 from fedhpo_core.partition import Partition, partition_dataset
-from fedhpo_core.privacy import Privacy, PrivateMean, epsilon
-from fedhpo_core.settings import ClientConfig, DataSettings
+from fedhpo_core.postprocess import DropNonFinite, Link, apply_chain
+from fedhpo_core.privacy import Privacy, epsilon
+from fedhpo_core.settings import ClientConfig, DataSettings, TrainSettings
 from fedhpo_core.tuners.base import Tuner
 
 Split = tuple[torch.Tensor, torch.Tensor]
+FLOAT_BYTES = 4
 
 
 def partition_of(data: DataSettings) -> Partition:
@@ -95,6 +100,7 @@ class FederationState:
     round: int  # rounds completed
     weights: torch.Tensor
     server_state: State = field(default_factory=dict)
+    sim_time_s: float = 0.0  # simulated seconds the rounds so far took
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,9 @@ class RoundReport:
     val_acc: float
     weights_before: torch.Tensor
     weights_after: torch.Tensor
+    plan: RoundPlan = RoundPlan((), (), (), 0.0)  # who uploaded in time, who dropped out or was late, how long
+    sim_time_s: float = 0.0  # simulated seconds of the run so far, this round included
+    left_out: tuple[int, ...] = ()  # uploads the postprocessor chain left out (non-finite)
     epsilon: float | None = None  # the privacy spent so far, under DP-FedAvg
 
     @property
@@ -129,32 +138,39 @@ class RoundReport:
         return [u.client for u in self.updates]
 
     @property
+    def aggregated(self) -> list[ClientUpdate]:
+        """The uploads in the aggregate: the round's metrics are theirs."""
+        return [u for u in self.updates if u.client not in self.left_out]
+
+    @property
     def train_loss(self) -> float:
         """Sample-weighted mean of the clients' reported training losses."""
-        return _weighted([u.train_loss for u in self.updates], [u.num_samples for u in self.updates])
+        return _weighted([u.train_loss for u in self.aggregated], [u.num_samples for u in self.aggregated])
 
     @property
     def client_val_loss(self) -> float:
         """Sample-weighted mean of the clients' local validation losses."""
-        return _weighted([u.val_loss for u in self.updates], [u.num_val for u in self.updates])
+        return _weighted([u.val_loss for u in self.aggregated], [u.num_val for u in self.aggregated])
 
     @property
     def client_val_acc(self) -> float:
-        return _weighted([u.val_acc for u in self.updates], [u.num_val for u in self.updates])
+        return _weighted([u.val_acc for u in self.aggregated], [u.num_val for u in self.aggregated])
 
     @property
     def diverged(self) -> bool:
-        return any(u.diverged for u in self.updates) or not bool(torch.isfinite(self.weights_after).all())
+        """The global model turned non-finite, or every upload did (none was left to aggregate)."""
+        everyone_left_out = bool(self.updates) and len(self.left_out) == len(self.updates)
+        return everyone_left_out or not bool(torch.isfinite(self.weights_after).all())
 
 
 def aggregate_updates(
-    server: ServerSettings,
-    weights: torch.Tensor,
-    updates: Sequence[ClientUpdate],
-    state: State,
-    private: PrivateMean | None = None,
-) -> tuple[torch.Tensor, State]:
-    return aggregate(server, weights, [(u.weights, u.num_samples) for u in updates], state, private)
+    server: ServerSettings, weights: torch.Tensor, updates: Sequence[ClientUpdate], state: State, links: Sequence[Link]
+) -> tuple[torch.Tensor, State, tuple[int, ...]]:
+    """New global weights and server state: the uploads through the postprocessor chain, then the
+    server optimizer; with the clients the chain left out."""
+    mean, kept = apply_chain(links, weights, [(u.client, u.weights, u.num_samples) for u in updates])
+    new_weights, new_state = server_step(server, weights, mean, state)
+    return new_weights, new_state, tuple(u.client for u in updates if u.client not in kept)
 
 
 def evaluate_splits(spec: ModelSpec, weights: torch.Tensor, splits: Mapping[str, Split]) -> dict[str, tuple]:
@@ -186,8 +202,8 @@ class RoundSteps:
     ) -> list[ClientUpdate]:
         return TRAIN_CLIENTS[self.engine](spec, weights, jobs, data)
 
-    def aggregate(self, server, weights, updates, state, private=None) -> tuple[torch.Tensor, State]:
-        return aggregate_updates(server, weights, updates, state, private)
+    def aggregate(self, server, weights, updates, state, links) -> tuple[torch.Tensor, State, tuple[int, ...]]:
+        return aggregate_updates(server, weights, updates, state, links)
 
     def evaluate(self, spec, weights, splits) -> dict[str, tuple]:
         return evaluate_splits(spec, weights, splits)
@@ -216,10 +232,30 @@ class Federation:
     participation: float
     seed: int
     privacy: Privacy = Privacy()  # DP-FedAvg when enabled
+    devices: Devices | None = None  # default: the uniform preset, no dropout, no deadline
+
+    @classmethod
+    def of(cls, data: FederatedData, settings: TrainSettings) -> "Federation":
+        """The federation the settings describe: server, participation, privacy and devices."""
+        profiles = profiles_of(settings.devices, len(data.clients), settings.seed)
+        devices = Devices(profiles, settings.dropout, settings.deadline_s, settings.seed)
+        return cls(data, settings.server, settings.participation, settings.seed, settings.privacy, devices)
 
     @property
     def num_clients(self) -> int:
         return len(self.data.clients)
+
+    @cached_property
+    def device_rules(self) -> Devices:
+        return self.devices or Devices(profiles_of("uniform", self.num_clients, self.seed), seed=self.seed)
+
+    def client_seconds(self, local_epochs: int) -> np.ndarray:
+        """Each client's simulated round time on its device with `local_epochs` local epochs."""
+        samples = [c.num_train for c in self.data.clients]
+        epochs = [local_epochs] * self.num_clients
+        return self.device_rules.profiles.seconds(
+            range(self.num_clients), samples, epochs, self.data.spec.size * FLOAT_BYTES
+        )
 
     def initial_state(self) -> FederationState:
         return FederationState(0, self.data.spec.initial_weights(self.seed).to(self.data.device))
@@ -234,13 +270,12 @@ class Federation:
         count = max(1, round(self.participation * self.num_clients))
         return sorted(int(c) for c in rng.choice(self.num_clients, size=count, replace=False))
 
-    def private_mean(self, t: int) -> PrivateMean | None:
-        """Round t's private averaging, when privacy is on."""
+    def links(self, t: int) -> list[Link]:
+        """Round t's postprocessor chain: non-finite uploads left out, then DP-FedAvg's links if on."""
         if not self.privacy.enabled:
-            return None
-        expected = self.participation * self.num_clients
-        seed = seeding.torch_seed(self.seed, seeding.DP_NOISE, t)
-        return PrivateMean(self.privacy.clip, self.privacy.noise, expected, seed)
+            return [DropNonFinite()]
+        noise_seed = seeding.torch_seed(self.seed, seeding.DP_NOISE, t)
+        return [DropNonFinite(), *self.privacy.links(self.participation * self.num_clients, noise_seed)]
 
     def epsilon(self, rounds: int) -> float | None:
         """The privacy spent after `rounds` rounds, when privacy is on."""
@@ -256,25 +291,34 @@ class Federation:
         start: FederationState | None = None,
         observe: RoundObserver | None = None,
     ) -> FederationResult:
-        """Run `rounds` rounds from `start` (default: round 0, fresh weights). A round whose loss or
-        weights turn non-finite ends the run: divergence is a result, not an error."""
+        """Run `rounds` rounds from `start` (default: round 0, fresh weights). Sampled clients that
+        are offline sit the round out; those that drop out or miss the deadline are not waited for
+        (`devices`). A round whose weights turn non-finite, or whose every upload is non-finite,
+        ends the run: divergence is a result, not an error."""
         steps = steps or RoundSteps()
         state = start or self.initial_state()
         spec = self.data.spec
         splits = {"val": self.data.server_val, "test": self.data.test}
+        model_bytes = spec.size * FLOAT_BYTES
         evaluations: list[Evaluation] = []
         for t in range(state.round + 1, state.round + rounds + 1):
-            clients = list(tuner.select(t, self.sample_clients(t)))
+            clients = list(tuner.select(t, self.device_rules.online(t, self.sample_clients(t))))
             configs = tuner.configure(t, clients)
             start_weights = tuner.global_weights(configs, state.weights)
-            jobs = [ClientJob(c, t, configs[c], self.seed, tuner.local_schedule(t, c)) for c in clients]
-            data = [self.data.clients[c] for c in clients]
-            updates = steps.train_clients(spec, start_weights, jobs, data) if clients else []
+            samples = {c: self.data.clients[c].num_train for c in clients}
+            plan = self.device_rules.plan(
+                t, clients, samples, {c: configs[c].local_epochs for c in clients}, model_bytes
+            )
+            jobs = [ClientJob(c, t, configs[c], self.seed, tuner.local_schedule(t, c)) for c in plan.uploading]
+            data = [self.data.clients[c] for c in plan.uploading]
+            updates = steps.train_clients(spec, start_weights, jobs, data) if jobs else []
             server = tuner.server_settings(self.server, start_weights, updates)
-            private = self.private_mean(t)
-            weights, server_state = steps.aggregate(server, start_weights, updates, state.server_state, private)
+            weights, server_state, left_out = steps.aggregate(
+                server, start_weights, updates, state.server_state, self.links(t)
+            )
             metrics = steps.evaluate(spec, weights, splits)
             evaluation = Evaluation(*metrics["val"], *metrics["test"])
+            sim_time_s = state.sim_time_s + plan.seconds
             report = RoundReport(
                 t,
                 configs,
@@ -283,9 +327,12 @@ class Federation:
                 evaluation.val_acc,
                 start_weights,
                 weights,
+                plan,
+                sim_time_s,
+                left_out,
                 self.epsilon(t),
             )
-            state = FederationState(t, weights, server_state)
+            state = FederationState(t, weights, server_state, sim_time_s)
             evaluations.append(evaluation)
             tuner.observe(report)
             if observe:

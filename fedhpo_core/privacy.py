@@ -2,10 +2,11 @@
 Zhang, "Learning Differentially Private Recurrent Language Models", ICLR 2018, Algorithm 1).
 
 Each round samples every client independently with probability q; each sampled client's update
-Delta_k = w_k - x_t is clipped to L2 norm at most C (`clip`: Algorithm 1's flat ClipFn), the server
-sums the clipped updates with the fixed denominator q N (the uniform weighting of Algorithm 1's
-"fixed-denominator" estimator f~_f, every w_k = 1) and adds Gaussian noise N(0, (sigma C / (q N))^2 I):
-the sum's sensitivity to adding or removing one client is C, so sigma is the noise multiplier.
+Delta_k = w_k - x_t is clipped to L2 norm at most C (Algorithm 1's flat ClipFn), the server sums
+the clipped updates, adds Gaussian noise N(0, (sigma C)^2 I) (the sum's sensitivity to adding or
+removing one client is C, so sigma is the noise multiplier) and divides by the fixed denominator
+q N (Algorithm 1's "fixed-denominator" estimator f~_f with every w_k = 1). These steps are links
+of the postprocessor chain (`postprocess`) that `Privacy.links` gives the round loop.
 
 The privacy spent is counted by Google's dp-accounting (`epsilon`): its RDP accountant composes the
 Poisson-subsampled Gaussian mechanism over the rounds, the moments accountant McMahan et al. use.
@@ -17,8 +18,9 @@ import math
 from dataclasses import dataclass
 
 import dp_accounting
-import torch
 from dp_accounting import rdp
+
+from fedhpo_core.postprocess import ClipNorm, GaussianNoise, Link, UniformWeights
 
 
 @dataclass(frozen=True)
@@ -34,30 +36,11 @@ class Privacy:
     def enabled(self) -> bool:
         return self.clip > 0
 
-
-@dataclass(frozen=True)
-class PrivateMean:
-    """How one round's updates are averaged privately: `Privacy`'s C and sigma, the expected number
-    of clients q N (the fixed denominator) and the seed of the round's noise."""
-
-    clip: float
-    noise: float
-    expected: float
-    seed: int
-
-
-def clip(update: torch.Tensor, bound: float) -> torch.Tensor:
-    """`update` scaled by min(1, C / ||update||_2): its L2 norm is at most C."""
-    norm = float(torch.linalg.vector_norm(update))
-    return update if norm <= bound else update * (bound / norm)
-
-
-def private_mean(updates: list[torch.Tensor], bound: float, noise: float, expected: float, generator) -> torch.Tensor:
-    """(sum_k clip(Delta_k, C) + N(0, (sigma C)^2 I)) / (q N): Algorithm 1's fixed-denominator
-    estimate of the mean update, with `expected` = q N clients a round and `noise` = sigma."""
-    total = torch.stack([clip(u, bound) for u in updates]).sum(0)
-    total += torch.randn(total.shape, generator=generator, dtype=total.dtype).to(total.device) * (noise * bound)
-    return total / expected
+    def links(self, expected: float, seed: int) -> list[Link]:
+        """Algorithm 1's aggregation as postprocessor links: every client weighs 1, its update is
+        clipped to C, the sum gets N(0, (sigma C)^2 I) noise (from `seed`) and is divided by the
+        expected number of clients q N."""
+        return [UniformWeights(), ClipNorm(self.clip), GaussianNoise(self.noise, self.clip, expected, seed)]
 
 
 def epsilon(sampling: float, noise: float, rounds: int, delta: float) -> float:

@@ -56,15 +56,25 @@ def partition_figure(histogram: np.ndarray, title: str) -> Figure:
 
 
 def round_metrics(report: RoundReport, evaluation: Evaluation) -> dict[str, float]:
-    """One round's metrics (MLflow step = round): the global model's curves and the clients' mean
-    reports. Who took part, with which configuration, is a `ConfigTrajectory`."""
-    privacy = {} if report.epsilon is None else {"epsilon": report.epsilon}
+    """One round's metrics (MLflow step = round): the global model's curves, the clients' mean
+    reports, the round's simulated time, and what only some runs have: the privacy spent, and the
+    participants that dropped out, missed the deadline or were left out for a non-finite upload
+    (logged in the rounds where there were any). Who took part, with which configuration, is a
+    `ConfigTrajectory`."""
+    optional = {
+        "epsilon": report.epsilon,
+        "clients_dropped": len(report.plan.dropped) or None,
+        "clients_late": len(report.plan.late) or None,
+        "clients_left_out": len(report.left_out) or None,
+    }
     return {
         **asdict(evaluation),
         "train_loss": report.train_loss,
         "client_val_loss": report.client_val_loss,
         "client_val_acc": report.client_val_acc,
-    } | privacy
+        "round_time_s": report.plan.seconds,
+        "sim_time_s": report.sim_time_s,
+    } | {k: v for k, v in optional.items() if v is not None}
 
 
 class ConfigTrajectory:

@@ -13,8 +13,9 @@ SEARCH = 6  # a study's sampler
 FEDEX = 7  # FedEx's configuration draws
 FEDTUNE = 8  # FedTune's Z_i draws
 PBT = 9  # population-based training's exploit and explore, per generation
-STEPWISE = 10  # step-wise Optuna's simulated client speeds
+# 10: retired (step-wise Optuna's own client speeds, now the federation's devices)
 DP_NOISE = 11  # DP-FedAvg's noise on a round's aggregate
+DEVICES = 13  # simulated devices: their profiles, and who is online or drops out in a round
 
 
 def numpy_rng(seed: int, *keys: int) -> np.random.Generator:

@@ -11,6 +11,7 @@ import torch
 
 from fedhpo_core.aggregators import AGGREGATORS, DEFAULT_SERVER_LR, ServerSettings
 from fedhpo_core.data import DATASETS, split_sizes
+from fedhpo_core.devices import PRESETS as DEVICE_PRESETS
 from fedhpo_core.models import MODELS
 from fedhpo_core.partition import PARTITIONERS
 from fedhpo_core.privacy import Privacy
@@ -150,6 +151,10 @@ class TrainSettings:
     dp_clip: float = setting(0.0, "DP-FedAvg: L2 bound C on each client's update (0: no differential privacy)")
     dp_noise: float = setting(0.0, "DP-FedAvg: noise multiplier sigma (Gaussian noise of std sigma C on the sum)")
     dp_delta: float = setting(1e-5, "DP-FedAvg: the delta at which the privacy spent (epsilon) is counted")
+    devices: str = setting("uniform", "simulated device profiles: " + ", ".join(DEVICE_PRESETS))
+    dropout: float = setting(0.0, "probability that a participant drops out mid-round (sends nothing)")
+    deadline_s: float = setting(0.0, "simulated seconds the server waits for uploads (0: for the slowest)")
+    target_acc: float = setting(0.0, "validation accuracy whose first simulated time is time_to_target_s (0: none)")
     seed: int = setting(0, "seed of every random choice in the run")
     experiment: str = setting("fedhpo", "MLflow experiment name")
 
@@ -175,6 +180,10 @@ class TrainSettings:
         _check(self.dp_noise >= 0, f"dp_noise must be >= 0, got {self.dp_noise}")
         _check(self.dp_noise == 0 or self.dp_clip > 0, "dp_noise needs dp_clip > 0: noise is scaled to the bound")
         _check(0 < self.dp_delta < 1, f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        _one_of("devices", self.devices, DEVICE_PRESETS)
+        _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(self.deadline_s >= 0, f"deadline_s must be >= 0, got {self.deadline_s}")
+        _check(0 <= self.target_acc <= 1, f"target_acc must be in [0, 1], got {self.target_acc}")
         held, pool = split_sizes(DATASETS[self.dataset].num_train, self.val_fraction)
         _check(held >= 1, f"val_fraction {self.val_fraction} leaves the server no validation sample of {self.dataset}")
         _check(

@@ -11,7 +11,15 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from fedhpo_core.federation import FederatedData, Federation, FederationResult, FederationState, RoundReport, RoundSteps
+from fedhpo_core.federation import (
+    FLOAT_BYTES,
+    FederatedData,
+    Federation,
+    FederationResult,
+    FederationState,
+    RoundReport,
+    RoundSteps,
+)
 from fedhpo_core.models import load_flat_weights
 from fedhpo_core.reports import ConfigTrajectory, round_metrics, trajectory_figure
 from fedhpo_core.search.base import (
@@ -26,22 +34,29 @@ from fedhpo_core.settings import TrainSettings
 from fedhpo_core.tracking import ROLE_TAG, STUDY_TAG, TRIAL_TAG, Tracker, load_state
 from fedhpo_core.tuners import PerClientConfig, Tuner
 
-FLOAT_BYTES = 4
 
-
-def system_objectives(reports: list[RoundReport], model_size: int) -> dict[str, float]:
-    """What a run cost the system: bytes sent (the model down and up for every sampled client and
-    round), client compute (training samples processed), and unfairness (spread of the clients'
-    last reported validation accuracies)."""
-    uploads = [u for r in reports for u in r.updates]
-    last = [u.val_acc for u in reports[-1].updates if math.isfinite(u.val_acc)] if reports else []
-    return {
-        "bytes_sent": float(2 * len(uploads) * model_size * FLOAT_BYTES),
+def system_objectives(reports: list[RoundReport], model_size: int, target_acc: float = 0.0) -> dict[str, float]:
+    """What a run cost the system: bytes sent (the model down to every participant, up from every
+    upload), client compute (training samples processed), unfairness (spread of the clients' last
+    reported validation accuracies), simulated time (`sim_time_s`), and where they apply the
+    privacy spent (`epsilon`) and the simulated time at which the server's validation accuracy
+    first reached `target_acc` (`time_to_target_s`, inf if it did not)."""
+    last = [u.val_acc for u in reports[-1].aggregated if math.isfinite(u.val_acc)] if reports else []
+    transfers = sum(len(r.configs) + len(r.updates) for r in reports)
+    costs = {
+        "bytes_sent": float(transfers * model_size * FLOAT_BYTES),
         "client_compute_samples": float(
             sum(u.num_samples * r.configs[u.client].local_epochs for r in reports for u in r.updates)
         ),
         "unfairness": float(np.std(last)) if len(last) > 1 else 0.0,
+        "sim_time_s": reports[-1].sim_time_s if reports else 0.0,
     }
+    if reports and reports[-1].epsilon is not None:
+        costs["epsilon"] = reports[-1].epsilon
+    if target_acc:
+        reached = [r.sim_time_s for r in reports if r.val_acc >= target_acc]
+        costs["time_to_target_s"] = reached[0] if reached else math.inf
+    return costs
 
 
 def round_score(report: RoundReport, objective: str) -> float:
@@ -65,7 +80,7 @@ def train_configuration(
     the configuration's other settings, ending early after a round where `keep_going(round)` is
     false; each round's metrics and tuner state tracked."""
     settings = configuration.settings(fixed)
-    federation = Federation(data, settings.server, settings.participation, settings.seed, settings.privacy)
+    federation = Federation.of(data, settings)
     tuner = tuner or PerClientConfig(configuration.client_configs(fixed))
     reports: list[RoundReport] = []
     trajectory: list[dict] = []
@@ -168,7 +183,7 @@ class TrialTrainer:
                 rounds=len(outcome.evaluations),
                 state=state,
                 diverged=outcome.diverged,
-                objectives=system_objectives(reports, self.data.spec.size),
+                objectives=system_objectives(reports, self.data.spec.size, self.fixed.target_acc),
                 chosen=tuner.chosen() if tuner else {},
                 checkpoint=tracker.log_state(stored, f"checkpoint/state-round{state.round}.pt"),
             )

@@ -31,7 +31,7 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
     dataset = load_data(settings.dataset, settings.data_root)
     partition = partition_data(settings.data)
     data = FederatedData.build(dataset, partition, settings.model, execution.resolved_device)
-    federation = Federation(data, settings.server, settings.participation, settings.seed, settings.privacy)
+    federation = Federation.of(data, settings)
     histogram = label_histogram(dataset.y_train.numpy(), partition, dataset.num_classes)
 
     tags = {ROLE_TAG: "train", "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": flow_run.name}
@@ -119,6 +119,10 @@ def federated_training(
     dp_clip: float = 0.0,
     dp_noise: float = 0.0,
     dp_delta: float = 1e-5,
+    devices: str = "uniform",
+    dropout: float = 0.0,
+    deadline_s: float = 0.0,
+    target_acc: float = 0.0,
     seed: int = 0,
     experiment: str = "fedhpo",
     task_runner: str = "thread",
@@ -155,6 +159,10 @@ def federated_training(
         dp_clip: DP-FedAvg's L2 bound on each client's update (0: no differential privacy).
         dp_noise: DP-FedAvg's noise multiplier (Gaussian noise of std dp_noise * dp_clip on the sum).
         dp_delta: The delta at which the privacy spent (epsilon) is counted.
+        devices: Simulated device profiles: uniform or cross-device.
+        dropout: Probability that a participant drops out mid-round (sends nothing).
+        deadline_s: Simulated seconds the server waits for uploads (0: for the slowest).
+        target_acc: Validation accuracy whose first simulated time is logged as time_to_target_s (0: none).
         seed: Seed of every random choice in the run.
         experiment: MLflow experiment name.
         task_runner: thread (the round's clients in the flow's process) or dask (shares on a cluster).

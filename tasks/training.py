@@ -113,8 +113,8 @@ class PrefectSteps(RoundSteps):
         updates = [update for future in futures for update in future.result()]
         return [replace(update, weights=update.weights.to(weights.device)) for update in updates]
 
-    def aggregate(self, server, weights, updates, state, private=None):
-        return aggregate_task(server, weights, updates, state, private)
+    def aggregate(self, server, weights, updates, state, links):
+        return aggregate_task(server, weights, updates, state, links)
 
     def evaluate(self, spec, weights, splits):
         return evaluate_task(spec, weights, splits)

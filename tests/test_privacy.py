@@ -8,28 +8,34 @@ from dp_accounting import rdp
 from fedhpo_core.aggregators import ServerSettings, aggregate
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, Federation, partition_of
-from fedhpo_core.privacy import PrivateMean, clip, epsilon, private_mean
+from fedhpo_core.postprocess import ClipNorm, Contribution, apply_chain
+from fedhpo_core.privacy import Privacy, epsilon
 from fedhpo_core.settings import SettingsError, TrainSettings
 from fedhpo_core.tuners import FixedConfig
 
 
+def clipped(update: torch.Tensor, bound: float) -> torch.Tensor:
+    return ClipNorm(bound).client(Contribution(0, update, 1.0)).delta
+
+
 def test_clipping_bounds_the_norm_and_keeps_the_direction():
     update = torch.tensor([3.0, 4.0])  # norm 5
-    assert torch.allclose(clip(update, 1.0), torch.tensor([0.6, 0.8]))
-    assert torch.equal(clip(update, 10.0), update)  # within the bound: unchanged
+    assert torch.allclose(clipped(update, 1.0), torch.tensor([0.6, 0.8]))
+    assert torch.equal(clipped(update, 10.0), update)  # within the bound: unchanged
     for seed in range(20):
         big = torch.randn(1000, generator=torch.Generator().manual_seed(seed)) * 100
-        assert float(torch.linalg.vector_norm(clip(big, 0.5))) <= 0.5 * (1 + 1e-6)
+        assert float(torch.linalg.vector_norm(clipped(big, 0.5))) <= 0.5 * (1 + 1e-6)
 
 
 def test_the_private_mean_is_the_clipped_sum_over_the_expected_count_plus_noise_of_scale_sigma_c():
-    updates = [torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])]
-    exact = private_mean(updates, 1.0, 0.0, 4.0, torch.Generator().manual_seed(0))
-    assert torch.allclose(exact, (torch.tensor([0.6, 0.8]) + torch.tensor([0.3, 0.4])) / 4)  # by hand
-    zeros = [torch.zeros(200_000)]
-    noisy = private_mean(zeros, 0.5, 2.0, 10.0, torch.Generator().manual_seed(0))
+    x = torch.zeros(2)
+    uploads = [(0, torch.tensor([3.0, 4.0]), 10), (1, torch.tensor([0.3, 0.4]), 1000)]  # sizes ignored
+    exact, kept = apply_chain(Privacy(clip=1.0, noise=0.0).links(4.0, seed=0), x, uploads)
+    assert torch.allclose(exact, (torch.tensor([0.6, 0.8]) + torch.tensor([0.3, 0.4])) / 4) and kept == [0, 1]
+    zeros = [(0, torch.zeros(200_000), 1)]
+    noisy, _ = apply_chain(Privacy(clip=0.5, noise=2.0).links(10.0, seed=0), torch.zeros(200_000), zeros)
     assert float(noisy.std()) == pytest.approx(2.0 * 0.5 / 10.0, rel=0.01)  # sigma C / (q N)
-    again = private_mean(zeros, 0.5, 2.0, 10.0, torch.Generator().manual_seed(0))
+    again, _ = apply_chain(Privacy(clip=0.5, noise=2.0).links(10.0, seed=0), torch.zeros(200_000), zeros)
     assert torch.equal(noisy, again)  # the noise comes from the run's seeded stream
 
 
@@ -45,13 +51,11 @@ def test_epsilon_is_the_accountants_and_grows_with_rounds():
 
 
 def test_private_aggregation_by_hand_and_a_round_without_clients():
-    x = torch.zeros(2)
-    uploads = [(torch.tensor([3.0, 4.0]), 10), (torch.tensor([0.3, 0.4]), 1000)]  # sample counts ignored
-    private = PrivateMean(clip=1.0, noise=0.0, expected=4.0, seed=0)
-    weights, _ = aggregate(ServerSettings("fedavg", 1.0, 0.9, 0.99, 1e-3), x, uploads, {}, private)
+    x, fedavg = torch.zeros(2), ServerSettings("fedavg", 1.0, 0.9, 0.99, 1e-3)
+    uploads = [(torch.tensor([3.0, 4.0]), 10), (torch.tensor([0.3, 0.4]), 1000)]
+    weights, _ = aggregate(fedavg, x, uploads, {}, Privacy(clip=1.0).links(4.0, seed=0))
     assert torch.allclose(weights, torch.tensor([0.9, 1.2]) / 4)
-    noisy = PrivateMean(clip=1.0, noise=1.0, expected=4.0, seed=0)
-    alone, _ = aggregate(ServerSettings("fedavg", 1.0, 0.9, 0.99, 1e-3), x, [], {}, noisy)
+    alone, _ = aggregate(fedavg, x, [], {}, Privacy(clip=1.0, noise=1.0).links(4.0, seed=0))
     expected_noise = torch.randn(2, generator=torch.Generator().manual_seed(0)) / 4
     assert torch.allclose(alone, expected_noise)  # no client sampled: the noise alone moves the model
 

@@ -7,6 +7,7 @@ from abc import abstractmethod
 import numpy as np
 import optuna
 
+from fedhpo_core.federation import Federation
 from fedhpo_core.search.base import SearchContext, SearchMethod, finished_trials
 from fedhpo_core.search.space import CLIENT_SETTINGS, Configuration, grid_points, setting_of
 from fedhpo_core.settings import ClientConfig, SettingsError
@@ -122,11 +123,9 @@ class StepwiseSearch(OnlineSearch):
 
     def tuner(self, context, configs, values):
         global_parameters = {setting_of(n): d for n, d in context.parameters.items()}
-        data = context.data
-        samples = [c.num_train for c in data.clients]
-        return Stepwise(
-            global_parameters, context.fixed.client_config, samples, data.spec.num_classes, context.seed, **self.options
-        )
+        base = context.fixed.client_config
+        seconds = Federation.of(context.data, context.fixed).client_seconds(base.local_epochs)
+        return Stepwise(global_parameters, base, seconds, context.data.spec.num_classes, context.seed, **self.options)
 
 
 class StepwisePaperSearch(StepwiseSearch):

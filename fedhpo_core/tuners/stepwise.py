@@ -21,12 +21,12 @@ the accuracies themselves grow with training whatever the configuration. Two rea
   the rounds it was proposed and shrunk towards 0 by one pseudo-round: TPE proposes good
   configurations again, and one lucky round is not a finding).
 
-Straggler-aware selection: clients get seeded compute speeds (log-normal, sigma 0.5), so client c
-needs tau_c = samples_c x local_epochs / speed_c simulated seconds; a round lasts as long as its
-slowest client. Clients are admitted stalest first (longest since they last took part) while the
-round stays within the deadline D, the median tau over all clients; the stalest is always
-admitted, so every client takes part over time and a round exceeds D only when that one client
-alone does.
+Straggler-aware selection: client c needs tau_c simulated seconds for a round, its download,
+local epochs and upload on its device (`devices`: the federation's profiles, the same ones that
+time every run); a round lasts as long as its slowest client. Clients are admitted stalest first
+(longest since they last took part) while the round stays within the deadline D, the median tau
+over all clients; the stalest is always admitted, so every client takes part over time and a
+round exceeds D only when that one client alone does.
 """
 
 from collections.abc import Mapping, Sequence
@@ -35,7 +35,6 @@ from dataclasses import replace
 import numpy as np
 import optuna
 
-from fedhpo_core import seeding
 from fedhpo_core.settings import ClientConfig
 from fedhpo_core.tuners.base import Tuner
 
@@ -52,7 +51,7 @@ class Stepwise(Tuner):
         self,
         parameters: Mapping[str, optuna.distributions.BaseDistribution],
         base: ClientConfig,
-        client_samples: Sequence[int],
+        round_seconds: Sequence[float],
         num_classes: int,
         seed: int,
         feedback: str = "log-error",
@@ -67,23 +66,17 @@ class Stepwise(Tuner):
             direction="maximize",
             sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=False),
         )
-        self.samples = np.asarray(client_samples, dtype=float)
-        self.speeds = seeding.numpy_rng(seed, seeding.STEPWISE).lognormal(0.0, 0.5, len(self.samples))
-        self.deadline = float(np.median(self.seconds(range(len(self.samples)), base.local_epochs)))
-        self.last_seen = dict.fromkeys(range(len(self.samples)), 0)
+        self.round_seconds = np.asarray(round_seconds, dtype=float)  # tau_c at the base configuration
+        self.deadline = float(np.median(self.round_seconds))
+        self.last_seen = dict.fromkeys(range(len(self.round_seconds)), 0)
         self.previous = (1 / num_classes, 1 / num_classes)
         self.trial: optuna.trial.Trial | None = None
         self.round_time = 0.0
         self.feedback = 0.0
 
-    def seconds(self, clients, local_epochs: int) -> np.ndarray:
-        """Simulated compute time of each client for one round."""
-        clients = list(clients)
-        return self.samples[clients] * local_epochs / self.speeds[clients]
-
     def select(self, round, clients):
         order = sorted(clients, key=lambda c: (self.last_seen[c], c))
-        times = dict(zip(order, self.seconds(order, self.base.local_epochs), strict=True))
+        times = {c: float(self.round_seconds[c]) for c in order}
         chosen = [order[0]]
         for client in order[1:]:
             if max(times[c] for c in [*chosen, client]) <= self.deadline:

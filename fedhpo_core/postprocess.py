@@ -1,0 +1,110 @@
+"""The chain between the clients' uploads and the server optimizer (pfl's postprocessor chain).
+
+Each client's contribution is its update Delta_k = w_k - x_t with a weight; each link may change
+(or drop) one contribution before it is summed (`Link.client`) and change the sum after
+(`Link.server`). The mean update the server optimizer receives is sum / denominator. Without
+links it is FedAvg's sample-weighted mean; DP-FedAvg (McMahan et al. 2018, Algorithm 1) is
+`UniformWeights`, `ClipNorm` and `GaussianNoise` (its fixed-denominator estimator with the
+Gaussian mechanism on the sum); leaving out a client whose update is non-finite is
+`DropNonFinite`. The round loop never branches on any of them.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class Contribution:
+    client: int
+    delta: torch.Tensor  # w_k - x_t
+    weight: float  # its share of the sum: n_k, the client's training samples, unless a link says otherwise
+
+
+@dataclass(frozen=True, eq=False)
+class Sum:
+    total: torch.Tensor  # sum_k weight_k Delta_k
+    denominator: float  # what the total is divided by: sum_k weight_k, unless a link says otherwise
+
+
+class Link:
+    """One link of the chain; by default it changes nothing."""
+
+    def client(self, contribution: Contribution) -> Contribution | None:
+        """One client's contribution before it is summed, or None to leave it out."""
+        return contribution
+
+    def server(self, summed: Sum) -> Sum:
+        """The sum of the contributions."""
+        return summed
+
+
+class DropNonFinite(Link):
+    """A client whose update holds a NaN or an infinity is left out; the round goes on."""
+
+    def client(self, contribution):
+        return contribution if bool(torch.isfinite(contribution.delta).all()) else None
+
+
+class UniformWeights(Link):
+    """Every client weighs 1 (DP-FedAvg's w_k = 1: one client's influence is bounded, whatever its size)."""
+
+    def client(self, contribution):
+        return replace(contribution, weight=1.0)
+
+
+@dataclass(frozen=True)
+class ClipNorm(Link):
+    """Delta_k scaled by min(1, C / ||Delta_k||_2): its L2 norm is at most C (Algorithm 1's flat clip)."""
+
+    bound: float
+
+    def client(self, contribution):
+        norm = float(torch.linalg.vector_norm(contribution.delta))
+        if norm <= self.bound:
+            return contribution
+        return replace(contribution, delta=contribution.delta * (self.bound / norm))
+
+
+@dataclass(frozen=True)
+class GaussianNoise(Link):
+    """The Gaussian mechanism on the sum of clipped updates, N(0, (sigma C)^2 I) (its sensitivity to
+    adding or removing one client is C), over Algorithm 1's fixed denominator q N, the expected
+    number of clients a round (so the count of clients is not released). Noise from `seed`."""
+
+    noise: float  # sigma, the noise multiplier
+    bound: float  # C
+    expected: float  # q N
+    seed: int
+
+    def server(self, summed):
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn(summed.total.shape, generator=generator, dtype=summed.total.dtype)
+        return Sum(summed.total + noise.to(summed.total.device) * (self.noise * self.bound), self.expected)
+
+
+def apply_chain(
+    links: Sequence[Link], x: torch.Tensor, uploads: Sequence[tuple[int, torch.Tensor, int]]
+) -> tuple[torch.Tensor, list[int]]:
+    """The mean update x + sum / denominator of (client, weights, num_samples) uploads through the
+    links, and the clients left in it. With nothing left (and no link that adds to an empty sum)
+    the weights stay at x."""
+    kept: list[Contribution] = []
+    for client, weights, num_samples in uploads:
+        contribution: Contribution | None = Contribution(client, weights - x, float(num_samples))
+        for link in links:
+            if contribution is None:
+                break
+            contribution = link.client(contribution)
+        if contribution is not None:
+            kept.append(contribution)
+    if kept:
+        shares = torch.tensor([c.weight for c in kept], dtype=x.dtype, device=x.device)
+        summed = Sum(shares @ torch.stack([c.delta for c in kept]), float(shares.sum()))
+    else:
+        summed = Sum(torch.zeros_like(x), 0.0)
+    for link in links:
+        summed = link.server(summed)
+    mean = x + summed.total / summed.denominator if summed.denominator > 0 else x
+    return mean, [c.client for c in kept]
