@@ -96,7 +96,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    from fedhpo_core.search.study import check_study, default_storage, study_definition
+    from fedhpo_core.search.study import check_study, default_storage, limits_text, study_definition
     from fedhpo_core.tracking import tracking_uri
 
     fixed = _settings("tune", TrainSettings, args)
@@ -104,8 +104,8 @@ def tune_command(args: argparse.Namespace) -> int:
     execution = _settings("tune", ExecutionSettings, args)
     method = tune.search_method()
     try:
+        tune.check_with(fixed)
         space = tune.space()
-        space.check(fixed)
         method.sampler(space.parameters(tune.scope, fixed.clients), 0)  # grid needs categoricals
     except SettingsError as error:
         _fail("tune", str(error))
@@ -121,10 +121,14 @@ def tune_command(args: argparse.Namespace) -> int:
 
     with local_prefect(), live_bar():
         summary = hpo_study(**asdict(tune), **asdict(execution), train=asdict(fixed))
-    print(
-        f"Study {summary['study_name']}: best trial {summary['best_trial']} "
-        f"(validation {summary['best_val_score']:.4f}), {summary['rounds_used']} of {tune.budget} rounds used"
-    )
+    if summary["best_trial"] is None:
+        limits = limits_text(tune.search_method().limits)
+        print(f"Study {summary['study_name']}: no trial within {limits}; {summary['rounds_used']} rounds used")
+    else:
+        print(
+            f"Study {summary['study_name']}: best trial {summary['best_trial']} "
+            f"(validation {summary['best_val_score']:.4f}), {summary['rounds_used']} of {tune.budget} rounds used"
+        )
     if "final_test_acc" in summary:
         print(f"Best configuration retrained for {tune.final_rounds} rounds: test_acc {summary['final_test_acc']:.4f}")
     print(f"Optuna study in {summary['storage']}; MLflow run {summary['run_id']} in {tracking_uri()}")
@@ -182,8 +186,9 @@ def compare_command(args: argparse.Namespace) -> int:
 
 
 LOCAL_SERVER_RETRIES = 1
-# Set per study by the comparison; fedhyper is compared with all its schedulers.
-COMPARISON_SKIPS = ("method", "budget", "study_name", "resume", "join", "schedulers")
+# Set per study by the comparison; fedhyper is compared with all its schedulers, multiobjective
+# with its default costs.
+COMPARISON_SKIPS = ("method", "budget", "study_name", "resume", "join", "schedulers", "objectives")
 
 
 def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:

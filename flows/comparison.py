@@ -43,10 +43,9 @@ def check_comparison(
         raise SettingsError(f"reference must be one of the compared methods ({', '.join(methods)}), got {reference!r}")
     for seed in seeds:
         replace(fixed, seed=seed)
-    tune.space().check(fixed)
     for method in methods:
         for budget in budgets:
-            TuneSettings(**study_settings(tune, method, budget))
+            TuneSettings(**study_settings(tune, method, budget)).check_with(fixed)
 
 
 @flow(name="method-comparison")
@@ -61,6 +60,7 @@ def method_comparison(
     objective: str = "server",
     storage: str | None = None,
     workers: int = 1,
+    max_epsilon: float = 0.0,
     train: dict | None = None,
     task_runner: str = "thread",
     dask_address: str | None = None,
@@ -83,6 +83,7 @@ def method_comparison(
         objective: Score trials on the server's validation split (server) or clients' reports (clients).
         storage: Optuna storage URL; default: optuna.db beside the MLflow store.
         workers: Trials trained at once in each study (random, grid, tpe, gp, multiobjective, asha, async-hyperband).
+        max_epsilon: Privacy budget of every study: a trial that spent more epsilon is never the best (0: none).
         train: Fixed training settings (any parameter of federated-training).
         task_runner: thread (the round's clients in the flow's process) or dask (shares on a cluster).
         dask_address: Scheduler address of a running Dask cluster; default: start one local cluster
@@ -101,6 +102,7 @@ def method_comparison(
         objective=objective,
         storage=storage,
         workers=workers,
+        max_epsilon=max_epsilon,
     )
     execution = ExecutionSettings(task_runner, dask_address, dask_workers, engine, device)
     fixed = TrainSettings(**(train or {}))

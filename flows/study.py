@@ -17,6 +17,7 @@ from fedhpo_core.search.study import (
     TuneSettings,
     best_trial,
     default_storage,
+    limits_text,
     open_study,
     run_search,
     study_definition,
@@ -63,8 +64,8 @@ def run_study(
     logger = get_run_logger()
     started = time.perf_counter()
     method = tune.search_method()
+    tune.check_with(fixed)
     space = tune.space()
-    space.check(fixed)
     storage = tune.storage or default_storage(tracking_uri())
     name = tune.name_for(fixed)
     study = open_study(method, storage, name, tune.resume, tune.join, study_definition(tune, fixed))
@@ -145,15 +146,14 @@ def run_study(
                 tracker.log_figure(report, f"study/{artifact}")
 
         best = best_trial(study)
-        configuration = Configuration(configuration_of(best))
-        tracker.log_params({f"best.{k}": v for k, v in configuration.values.items()} | {"best.trial": best.number})
-        summary = {
-            "study_name": name,
-            "best_trial": best.number,
-            "best_val_score": best.values[0],
-            **configuration.values,
-        }
-        if tune.final_rounds:
+        summary = {"study_name": name, "best_trial": None}
+        if best is None:  # every complete trial is over a limit: nothing to retrain
+            logger.warning("study %s: no trial within %s", name, limits_text(method.limits))
+        else:
+            configuration = Configuration(configuration_of(best))
+            tracker.log_params({f"best.{k}": v for k, v in configuration.values.items()} | {"best.trial": best.number})
+            summary |= {"best_trial": best.number, "best_val_score": best.values[0], **configuration.values}
+        if best is not None and tune.final_rounds:
             final = retrain(
                 data,
                 fixed,
@@ -172,10 +172,10 @@ def run_study(
             study_markdown(summary, table, tune), key=artifact_key(f"study-{name}"), description=f"Study {name}"
         )
         logger.info(
-            "study %s: best trial %d %s; %d of %d rounds used",
+            "study %s: best trial %s %s; %d of %d rounds used",
             name,
-            best.number,
-            best.params,
+            summary["best_trial"],
+            best.params if best else {},
             budget.spent,
             tune.budget,
         )
@@ -197,6 +197,8 @@ def hpo_study(
     workers: int = 1,
     join: bool = False,
     schedulers: str = "global,server_local,client_local",
+    objectives: str = "bytes_sent,client_compute_samples,unfairness",
+    max_epsilon: float = 0.0,
     train: dict | None = None,
     task_runner: str = "thread",
     dask_address: str | None = None,
@@ -222,6 +224,9 @@ def hpo_study(
         workers: Trials trained at once (random, grid, tpe, gp, multiobjective, asha, async-hyperband).
         join: Share the study with other processes using the same storage (created if missing).
         schedulers: FedHyper's schedulers (method fedhyper), comma-separated: global, server_local, client_local.
+        objectives: The multiobjective method's costs to minimize beside accuracy, comma-separated: bytes_sent,
+            client_compute_samples, unfairness, sim_time_s, time_to_target_s, epsilon.
+        max_epsilon: Privacy budget: a trial that spent more epsilon is never the best (0: none).
         train: Fixed training settings (any parameter of federated-training).
         task_runner: thread (the round's clients in the flow's process) or dask (shares on a cluster).
         dask_address: Scheduler address of a running Dask cluster; default: start a local one.

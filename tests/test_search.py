@@ -1,6 +1,7 @@
 """Search methods against a fake trainer whose score is a known function of the configuration."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import optuna
@@ -146,6 +147,53 @@ def test_multiobjective_pareto_front_is_the_non_dominated_set():
     by_hand = {t.number for t in complete if not any(dominates(o, t) for o in complete)}
     assert {t.number for t in study.best_trials} == by_hand
     assert len(study.directions) == 4
+
+
+class PrivateFakeTrainer(FakeTrainer):
+    """Also spends privacy: epsilon 0.1 / lr, so the most accurate learning rates (near 0.05) spend
+    more than a budget of 1 allows and only lr >= 0.1 stays within it."""
+
+    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None):
+        result = super().__call__(trial, configuration, rounds, start, tuner, keep_going)
+        epsilon = 0.1 / configuration.values["lr"]
+        return replace(result, objectives={**result.objectives, "epsilon": epsilon, "sim_time_s": 1.0})
+
+
+@pytest.mark.parametrize("method", ["random", "tpe", "multiobjective"])
+def test_a_study_with_an_epsilon_limit_never_reports_an_infeasible_best(method):
+    costs = {"objectives": "epsilon,sim_time_s"} if method == "multiobjective" else {}
+    tune = TuneSettings(method=method, budget=60, n_configs=12, max_epsilon=1.0, **costs)
+    study = open_study(tune.search_method(), optuna.storages.InMemoryStorage(), "private", False)
+    run_search(tune.search_method(), study, SPACE, "global", 4, PrivateFakeTrainer(), 60, 12, seed=0)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    feasible = [t for t in complete if 0.1 / t.params["lr"] <= 1.0]
+    assert feasible and len(feasible) < len(complete)  # the limit bites
+    best = best_trial(study)
+    assert 0.1 / best.params["lr"] <= 1.0 and best.values[0] == max(t.values[0] for t in feasible)
+    assert max(t.values[0] for t in complete) > best.values[0]  # a more accurate trial spent too much
+    if method == "multiobjective":
+        assert len(study.directions) == 3 and all(0.1 / t.params["lr"] <= 1.0 for t in study.best_trials)
+
+
+def test_a_study_with_no_trial_within_its_limit_has_no_best():
+    tune = TuneSettings(method="random", budget=20, n_configs=10, max_epsilon=0.01)
+    study = open_study(tune.search_method(), optuna.storages.InMemoryStorage(), "private", False)
+    run_search(tune.search_method(), study, SPACE, "global", 4, PrivateFakeTrainer(), 20, 10, seed=0)
+    assert best_trial(study) is None
+
+
+def test_objectives_and_limits_are_checked_against_the_fixed_settings():
+    with pytest.raises(SettingsError, match="unknown objective 'latency'"):
+        TuneSettings(method="multiobjective", objectives="latency")
+    with pytest.raises(SettingsError, match="objectives is an option of multiobjective, not of tpe"):
+        TuneSettings(method="tpe", objectives="epsilon")
+    with pytest.raises(SettingsError, match="needs DP-FedAvg"):
+        TuneSettings(max_epsilon=8.0).check_with(TrainSettings())
+    with pytest.raises(SettingsError, match="needs DP-FedAvg"):
+        TuneSettings(method="multiobjective", objectives="epsilon").check_with(TrainSettings(dp_clip=1.0))
+    with pytest.raises(SettingsError, match="time_to_target_s needs --target-acc"):
+        TuneSettings(method="multiobjective", objectives="time_to_target_s").check_with(TrainSettings())
+    TuneSettings(max_epsilon=8.0).check_with(TrainSettings(dp_clip=1.0, dp_noise=1.0))  # fine
 
 
 INTERRUPTED_CALL = {"random": 4, "tpe": 4, "grid": 4, "sha": 11, "hyperband": 11, "pbt": 12, "asha": 2}

@@ -170,6 +170,9 @@ class SearchMethod(ABC):
     # Whether a trial spans several trainings (successive halving's rungs): one left RUNNING with a
     # recorded result is paused, and the method continues it; otherwise it is told that result.
     pauses_trials = False
+    # Upper limits on system objectives (`TrialResult.objectives`), e.g. {"epsilon": 8.0}: a trial
+    # over one is infeasible (Optuna's constraints), never the study's best.
+    limits: Mapping[str, float] = {}
 
     @abstractmethod
     def sampler(self, parameters, seed: int) -> optuna.samplers.BaseSampler:
@@ -256,9 +259,12 @@ def show_result(trial: optuna.trial.Trial, result: TrialResult, used: int) -> No
 
 
 def finish_trial(study: optuna.Study, trial: optuna.trial.Trial, result: TrialResult, method: SearchMethod) -> None:
-    """Tell the study a trained trial's values, with what its tuner chose, if anything."""
+    """Tell the study a trained trial's values, with what its tuner chose, if anything, and how far
+    it is within the method's limits (Optuna's constraints: feasible where every value is <= 0)."""
     if result.chosen:
         trial.set_user_attr(CHOSEN_ATTR, dict(result.chosen))
+    for name, limit in method.limits.items():
+        trial.set_constraint(name, result.objectives[name] - limit)
     study.tell(trial, method.values(result))
 
 

@@ -19,6 +19,9 @@ from fedhpo_core.search.base import (
 from fedhpo_core.search.space import Configuration, grid_points
 
 POLL_S = 0.2  # how often the search looks for a stop request while trials train
+# The system costs a multi-objective study can minimize (`trial.system_objectives`), and its defaults.
+COSTS = ("bytes_sent", "client_compute_samples", "unfairness", "sim_time_s", "time_to_target_s", "epsilon")
+DEFAULT_COSTS = ("bytes_sent", "client_compute_samples", "unfairness")
 
 
 class FixedBudgetSearch(SearchMethod):
@@ -161,12 +164,14 @@ class GPSearch(FixedBudgetSearch):
 
 
 class MultiObjectiveSearch(FixedBudgetSearch):
-    """System-aware search: maximize validation accuracy while minimizing communicated bytes,
-    client compute and unfairness (the spread of per-client validation accuracy). Optuna keeps
-    the Pareto front (`study.best_trials`); TPE handles several objectives."""
+    """System-aware search: maximize validation accuracy while minimizing system costs, by default
+    communicated bytes, client compute and unfairness (the spread of per-client validation
+    accuracy); any of `COSTS` can be chosen. Optuna keeps the Pareto front (`study.best_trials`);
+    TPE handles several objectives."""
 
-    objectives = ("bytes_sent", "client_compute_samples", "unfairness")
-    directions = ("maximize", "minimize", "minimize", "minimize")
+    def __init__(self, objectives: tuple[str, ...] = DEFAULT_COSTS):
+        self.objectives = objectives
+        self.directions = ("maximize", *(["minimize"] * len(objectives)))
 
     def reports(self, study, table):
         front = [t.number for t in study.best_trials]

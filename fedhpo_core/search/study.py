@@ -1,5 +1,6 @@
 """Studies: settings, the method registry, and opening, running and reading an Optuna study."""
 
+import math
 import secrets
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +20,15 @@ from fedhpo_core.search.base import (
     rounds_spent,
     settle_interrupted_trials,
 )
-from fedhpo_core.search.fixed_budget import GPSearch, GridSearch, MultiObjectiveSearch, RandomSearch, TPESearch
+from fedhpo_core.search.fixed_budget import (
+    COSTS,
+    DEFAULT_COSTS,
+    GPSearch,
+    GridSearch,
+    MultiObjectiveSearch,
+    RandomSearch,
+    TPESearch,
+)
 from fedhpo_core.search.halving import BOHB, Hyperband, SuccessiveHalving
 from fedhpo_core.search.online import (
     FedExPaperSearch,
@@ -63,6 +72,7 @@ RENAMED = {
     "fedhyper-client": ("fedhyper", "--schedulers client_local"),
 }
 DEFAULT_SCHEDULERS = ",".join(SCHEDULERS)
+METHOD_OPTIONS = {"schedulers": "fedhyper", "objectives": "multiobjective"}  # option -> its method
 OBJECTIVES = ("server", "clients")
 # Named `fedhpo compare` settings. fedtune-table1: the FedTune paper's Table 1 protocol (section
 # 4.1 and appendix C): MLP, 10 clients, Dirichlet alpha 0.1, its lr x weight-decay grid (the default
@@ -105,6 +115,10 @@ class TuneSettings:
     workers: int = setting(1, "trials trained at once (random, grid, tpe, gp, multiobjective, asha, async-hyperband)")
     join: bool = setting(False, "share the study with other processes on the same --storage (created if missing)")
     schedulers: str = setting(DEFAULT_SCHEDULERS, "fedhyper's schedulers, comma-separated: " + ", ".join(SCHEDULERS))
+    objectives: str = setting(
+        ",".join(DEFAULT_COSTS), "multiobjective's costs to minimize beside accuracy, any of: " + ", ".join(COSTS)
+    )
+    max_epsilon: float = setting(0.0, "privacy budget: a trial that spent more epsilon is never the best (0: none)")
 
     def __post_init__(self):
         if self.method in RENAMED:
@@ -132,26 +146,52 @@ class TuneSettings:
             raise SettingsError(
                 f"unknown FedHyper scheduler {unknown[0]!r}; choose from {', '.join(SCHEDULERS)}, comma-separated"
             )
-        if self.options and self.method != "fedhyper":
-            raise SettingsError(f"schedulers is an option of fedhyper, not of {self.method}")
+        costs = self.objectives.split(",")
+        if unknown := [name for name in costs if name not in COSTS]:
+            raise SettingsError(f"unknown objective {unknown[0]!r}; choose from {', '.join(COSTS)}, comma-separated")
+        if len(set(costs)) < len(costs):
+            raise SettingsError(f"objectives repeat a name: {self.objectives}")
+        for option in self.options:
+            if METHOD_OPTIONS[option] != self.method:
+                raise SettingsError(f"{option} is an option of {METHOD_OPTIONS[option]}, not of {self.method}")
+        if self.max_epsilon < 0 or not math.isfinite(self.max_epsilon):
+            raise SettingsError(f"max_epsilon must be a number >= 0, got {self.max_epsilon}")
         self.search_method().check_budget(self.budget, self.n_configs)
+
+    def check_with(self, fixed: TrainSettings) -> None:
+        """What depends on the fixed settings: the search space, and the privacy or target accuracy
+        that an objective or limit on epsilon or time to target needs."""
+        self.space().check(fixed)
+        needed = set(self.search_method().objectives) | ({"epsilon"} if self.max_epsilon else set())
+        if "epsilon" in needed and not fixed.dp_noise:
+            raise SettingsError("epsilon (an objective or --max-epsilon) needs DP-FedAvg: --dp-clip C --dp-noise sigma")
+        if "time_to_target_s" in needed and not fixed.target_acc:
+            raise SettingsError("the objective time_to_target_s needs --target-acc")
 
     @property
     def options(self) -> dict:
-        """The method's options that differ from their defaults (FedHyper's schedulers)."""
-        return {"schedulers": self.schedulers} if self.schedulers != DEFAULT_SCHEDULERS else {}
+        """The method's options that differ from their defaults (FedHyper's schedulers, the
+        multi-objective costs)."""
+        options = {"schedulers": self.schedulers, "objectives": self.objectives}
+        defaults = {"schedulers": DEFAULT_SCHEDULERS, "objectives": ",".join(DEFAULT_COSTS)}
+        return {k: v for k, v in options.items() if v != defaults[k]}
 
     def search_method(self) -> SearchMethod:
-        """The method, with its options."""
+        """The method, with its options and the study's limits."""
         if self.method == "fedhyper":
-            return FedHyperSearch(tuple(self.schedulers.split(",")))
-        return METHODS[self.method]()
+            method = FedHyperSearch(tuple(self.schedulers.split(",")))
+        elif self.method == "multiobjective":
+            method = MultiObjectiveSearch(tuple(self.objectives.split(",")))
+        else:
+            method = METHODS[self.method]()
+        method.limits = {"epsilon": self.max_epsilon} if self.max_epsilon else {}
+        return method
 
     def space(self) -> SearchSpace:
         return SearchSpace.load(self.search_space)
 
     def name_for(self, fixed: TrainSettings) -> str:
-        method = f"{self.method}[{self.schedulers}]" if self.options else self.method
+        method = f"{self.method}[{';'.join(self.options.values())}]" if self.options else self.method
         return self.study_name or (
             f"{method}-{self.scope}-{fixed.dataset}-{fixed.partition}-{fixed.clients}c-b{self.budget}-s{fixed.seed}"
         )
@@ -302,8 +342,17 @@ def run_search(
     return RoundBudget(budget, rounds_spent(study))
 
 
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    """The best complete trial; with several objectives, the most accurate on the Pareto front."""
-    if len(study.directions) == 1:
+def limits_text(limits) -> str:
+    """The study's limits as a user writes them: "epsilon <= 8"."""
+    return ", ".join(f"{name} <= {limit:g}" for name, limit in limits.items())
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best complete trial within the study's limits (Optuna's constraints); with several
+    objectives, the most accurate on the Pareto front. None when no trial is within them."""
+    if len(study.directions) > 1:
+        return max(study.best_trials, key=lambda t: t.values[0], default=None)
+    try:
         return study.best_trial
-    return max(study.best_trials, key=lambda t: t.values[0])
+    except ValueError:  # no feasible complete trial
+        return None
