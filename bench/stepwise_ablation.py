@@ -50,11 +50,11 @@ def main() -> None:
         )
         data = FederatedData.build(dataset, partition_of(fixed.data), fixed.model)
         federation = Federation(data, fixed.server, fixed.participation, seed)
-        samples = [c.num_train for c in data.clients]
+        seconds = federation.client_seconds(fixed.local_epochs)
         for name in rows:
             options = VARIANTS.get(name, {})
             kind = EveryClient if name.startswith("all, every") else Stepwise
-            tuner = kind(space, fixed.client_config, samples, data.spec.num_classes, seed, **options)
+            tuner = kind(space, fixed.client_config, seconds, data.spec.num_classes, seed, **options)
             federation.run(tuner, args.budget)
             chosen = tuner.chosen()
             rows[name].append(f"lr {chosen['lr']}, wd {chosen['weight_decay']}")

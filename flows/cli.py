@@ -86,8 +86,13 @@ def train_command(args: argparse.Namespace) -> int:
     else:
         print(
             f"Trained {summary['rounds_completed']} rounds in {summary['wall_time_s']:.1f} s: "
-            f"val_acc {summary['final_val_acc']:.4f}, test_acc {summary['final_test_acc']:.4f}"
+            f"val_acc {summary['final_val_acc']:.4f}, test_acc {summary['final_test_acc']:.4f}; "
+            f"{summary['sim_time_s']:.1f} simulated seconds on the {settings.devices} devices"
         )
+    if "time_to_target_s" in summary:
+        print(f"Validation accuracy reached {settings.target_acc} after {summary['time_to_target_s']:.1f} simulated s")
+    elif settings.target_acc:
+        print(f"Validation accuracy did not reach {settings.target_acc}")
     uri = tracking_uri()
     print(f"MLflow run {summary['run_id']} (experiment {settings.experiment!r}) in {uri}")
     print(f"Browse it: mlflow ui --backend-store-uri {uri}")

@@ -47,8 +47,12 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
         configs = ConfigTrajectory()
         bar().plan(settings.rounds)
 
+        reached: list[float] = []  # the simulated time at which val_acc first reached target_acc
+
         def observe(report: RoundReport, evaluation: Evaluation) -> None:
             configs.record(report)
+            if settings.target_acc and not reached and evaluation.val_acc >= settings.target_acc:
+                reached.append(report.sim_time_s)
             tracker.log_metrics(round_metrics(report, evaluation), step=report.round)
             bar().advance(rounds=1)
             logger.info(
@@ -76,6 +80,7 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
             "diverged": float(result.diverged),
             "wall_time_s": time.perf_counter() - started,
         }
+        summary |= {"time_to_target_s": reached[0]} if reached else {}
         tracker.log_metrics(summary)
         if result.diverged:
             tracker.set_tags({"fedhpo.diverged": "true", "fedhpo.diverged_round": result.diverged_round})
@@ -86,6 +91,7 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
             tracker.log_model(model, input_example=data.test[0][:8].cpu().numpy().astype(np.float32))
     return {
         **summary,
+        "sim_time_s": result.state.sim_time_s,  # also the last round's metric of that name
         "run_id": tracker.run_id,
         "experiment_id": tracker.experiment_id,
         "diverged_round": result.diverged_round,

@@ -163,8 +163,12 @@ class TuneSettings:
         that an objective or limit on epsilon or time to target needs."""
         self.space().check(fixed)
         needed = set(self.search_method().objectives) | ({"epsilon"} if self.max_epsilon else set())
-        if "epsilon" in needed and not fixed.dp_noise:
-            raise SettingsError("epsilon (an objective or --max-epsilon) needs DP-FedAvg: --dp-clip C --dp-noise sigma")
+        noised = fixed.dp_noise or "dp_noise" in self.space().distributions
+        if "epsilon" in needed and not (fixed.dp_clip and noised):
+            raise SettingsError(
+                "epsilon (an objective or --max-epsilon) needs DP-FedAvg: --dp-clip C and --dp-noise sigma "
+                "(or dp_noise in the search space)"
+            )
         if "time_to_target_s" in needed and not fixed.target_acc:
             raise SettingsError("the objective time_to_target_s needs --target-acc")
 
