@@ -15,6 +15,7 @@ FEDTUNE = 8  # FedTune's Z_i draws
 PBT = 9  # population-based training's exploit and explore, per generation
 STEPWISE = 10  # step-wise Optuna's simulated client speeds
 DP_NOISE = 11  # DP-FedAvg's noise on a round's aggregate
+EVALUATION = 12  # noisy evaluation's clients and Laplace noise, per trial and round
 
 
 def numpy_rng(seed: int, *keys: int) -> np.random.Generator:

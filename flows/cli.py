@@ -106,6 +106,7 @@ def tune_command(args: argparse.Namespace) -> int:
     try:
         space = tune.space()
         space.check(fixed)
+        tune.evaluation().check(fixed.clients)
         method.sampler(space.parameters(tune.scope, fixed.clients), 0)  # grid needs categoricals
     except SettingsError as error:
         _fail("tune", str(error))
