@@ -15,6 +15,7 @@ FEDTUNE = 8  # FedTune's Z_i draws
 PBT = 9  # population-based training's exploit and explore, per generation
 # 10: retired (step-wise Optuna's own client speeds, now the federation's devices)
 DP_NOISE = 11  # DP-FedAvg's noise on a round's aggregate
+EVALUATION = 12  # noisy evaluation's clients and Laplace noise, per trial and round
 DEVICES = 13  # simulated devices: their profiles, and who is online or drops out in a round
 
 

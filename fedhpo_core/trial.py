@@ -11,6 +11,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from fedhpo_core.evaluation import NoisyEvaluation
 from fedhpo_core.federation import (
     FLOAT_BYTES,
     FederatedData,
@@ -57,11 +58,6 @@ def system_objectives(reports: list[RoundReport], model_size: int, target_acc: f
         reached = [r.sim_time_s for r in reports if r.val_acc >= target_acc]
         costs["time_to_target_s"] = reached[0] if reached else math.inf
     return costs
-
-
-def round_score(report: RoundReport, objective: str) -> float:
-    """A round's validation score: the server's split, or the clients' sample-weighted reports."""
-    return report.val_acc if objective == "server" else report.client_val_acc
 
 
 def train_configuration(
@@ -136,6 +132,7 @@ class TrialTrainer:
         steps: RoundSteps,
         on_round: Callable[[], None] | None = None,
         log: Callable[[str], None] | None = None,
+        evaluation: NoisyEvaluation = NoisyEvaluation(),
     ):
         self.data, self.fixed, self.objective, self.study_run, self.study_name = (
             data,
@@ -144,7 +141,14 @@ class TrialTrainer:
             study_run,
             study_name,
         )
-        self.steps, self.on_round, self.log = steps, on_round, log
+        self.steps, self.on_round, self.log, self.evaluation = steps, on_round, log, evaluation
+
+    def round_score(self, report: RoundReport, trial: int) -> float:
+        """What the study is told of a trial's round, every round and as the trial's result: the
+        validation accuracy of the objective (the server's split, or the clients' sample-weighted
+        reports), or its noisy evaluation (`evaluation`, Kuo et al. 2023)."""
+        exact = report.val_acc if self.objective == "server" else report.client_val_acc
+        return self.evaluation.score(self.data, report.weights_after, exact, self.fixed.seed, trial, report.round)
 
     def load(self, checkpoint: str) -> FederationState:
         return FederationState(**load_state(checkpoint, self.data.device))
@@ -165,8 +169,10 @@ class TrialTrainer:
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         reported = set(frozen.intermediate_values)  # steps a killed attempt of this training reported
 
+        scores: dict[int, float] = {}  # by round: a noisy score is drawn once
+
         def on_round(report: RoundReport) -> None:
-            score = round_score(report, self.objective)
+            score = scores[report.round] = self.round_score(report, trial.number)
             if reporting and report.round not in reported:
                 trial.report(score if math.isfinite(score) else 0.0, report.round)
             if self.on_round:
@@ -179,7 +185,7 @@ class TrialTrainer:
             state = outcome.state
             stored = {f.name: getattr(state, f.name) for f in fields(state)}
             result = TrialResult(
-                score=round_score(reports[-1], self.objective),
+                score=scores[reports[-1].round],
                 rounds=len(outcome.evaluations),
                 state=state,
                 diverged=outcome.diverged,

@@ -58,6 +58,8 @@ def method_comparison(
     scope: str = "global",
     search_space: str | None = None,
     objective: str = "server",
+    eval_clients: int = 0,
+    eval_noise: float = 0.0,
     storage: str | None = None,
     workers: int = 1,
     max_epsilon: float = 0.0,
@@ -81,6 +83,9 @@ def method_comparison(
         scope: global or personalized.
         search_space: Path of a YAML search space; default: the FedTune paper's.
         objective: Score trials on the server's validation split (server) or clients' reports (clients).
+        eval_clients: Noisy evaluation (Kuo et al. 2023): score each round on this many random clients'
+            validation data instead (0: off); the same comparison without it shows how methods degrade.
+        eval_noise: Noisy evaluation: Laplace scale of the noise added to each round's score (0: off).
         storage: Optuna storage URL; default: optuna.db beside the MLflow store.
         workers: Trials trained at once in each study (random, grid, tpe, gp, multiobjective, asha, async-hyperband).
         max_epsilon: Privacy budget of every study: a trial that spent more epsilon is never the best (0: none).
@@ -100,6 +105,8 @@ def method_comparison(
         scope=scope,
         search_space=search_space,
         objective=objective,
+        eval_clients=eval_clients,
+        eval_noise=eval_noise,
         storage=storage,
         workers=workers,
         max_epsilon=max_epsilon,

@@ -105,6 +105,7 @@ def run_study(
             steps,
             on_round=after_round,
             log=lambda line: logger.info("%s %s", line, progress.trial()),
+            evaluation=tune.evaluation(),
         )
         try:
             budget = run_search(
@@ -191,6 +192,8 @@ def hpo_study(
     scope: str = "global",
     search_space: str | None = None,
     objective: str = "server",
+    eval_clients: int = 0,
+    eval_noise: float = 0.0,
     storage: str | None = None,
     study_name: str | None = None,
     resume: bool = False,
@@ -218,6 +221,9 @@ def hpo_study(
         scope: global (one configuration for all clients) or personalized (one per client).
         search_space: Path of a YAML search space; default: the FedTune paper's.
         objective: Score trials on the server's validation split (server) or clients' reports (clients).
+        eval_clients: Noisy evaluation (Kuo et al. 2023): score each round on this many random clients'
+            validation data instead (0: off).
+        eval_noise: Noisy evaluation: Laplace scale of the noise added to each round's score (0: off).
         storage: Optuna storage URL (sqlite:///..., postgresql://...); default: optuna.db beside the MLflow store.
         study_name: Optuna study name; default: derived from the settings.
         resume: Continue the interrupted study of that name.

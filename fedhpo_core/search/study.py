@@ -11,6 +11,7 @@ import optuna
 import sqlalchemy
 
 from fedhpo_core import seeding
+from fedhpo_core.evaluation import NoisyEvaluation
 from fedhpo_core.search.asynchronous import AsynchronousHalving, AsynchronousHyperband
 from fedhpo_core.search.base import (
     RoundBudget,
@@ -93,6 +94,8 @@ COMPARISON_PRESETS = {
     }
 }
 DEFINITION_ATTR = "definition"  # Optuna study user attribute: `study_definition` at creation
+# Settings a definition holds since after studies began keeping one: a study recorded without them had these.
+ADDED_TO_DEFINITION = {"eval_clients": 0, "eval_noise": 0.0}
 SCHEMA_ATTEMPTS = 3  # processes joining a new storage at once race to create its tables
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from us, not Optuna's
@@ -109,6 +112,10 @@ class TuneSettings:
     scope: str = setting("global", "global: one configuration for all clients; personalized: one per client")
     search_space: str | None = setting(None, "YAML search space (default: the FedTune paper's lr x weight decay)")
     objective: str = setting("server", "what trials are scored on: the server's validation split or clients' reports")
+    eval_clients: int = setting(
+        0, "noisy evaluation (Kuo et al. 2023): score each round on k random clients' validation data (0: off)"
+    )
+    eval_noise: float = setting(0.0, "noisy evaluation: Laplace scale b of the noise on each round's score (0: off)")
     storage: str | None = setting(None, "Optuna storage URL (default: optuna.db beside the MLflow store)")
     study_name: str | None = setting(None, "Optuna study name (default: derived from the settings)")
     resume: bool = setting(False, "continue the interrupted study of that name")
@@ -130,6 +137,7 @@ class TuneSettings:
             raise SettingsError(f"unknown scope {self.scope!r}; choose from {', '.join(SCOPES)}")
         if self.objective not in OBJECTIVES:
             raise SettingsError(f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
+        self.evaluation()  # refuses a negative eval_clients or eval_noise
         if self.n_configs < 1:
             raise SettingsError(f"n_configs must be >= 1, got {self.n_configs}")
         if self.final_rounds < 0:
@@ -159,9 +167,11 @@ class TuneSettings:
         self.search_method().check_budget(self.budget, self.n_configs)
 
     def check_with(self, fixed: TrainSettings) -> None:
-        """What depends on the fixed settings: the search space, and the privacy or target accuracy
-        that an objective or limit on epsilon or time to target needs."""
+        """What depends on the fixed settings: the search space, the clients noisy evaluation draws
+        from, and the privacy or target accuracy that an objective or limit on epsilon or time to
+        target needs."""
         self.space().check(fixed)
+        self.evaluation().check(fixed.clients)
         needed = set(self.search_method().objectives) | ({"epsilon"} if self.max_epsilon else set())
         noised = fixed.dp_noise or "dp_noise" in self.space().distributions
         if "epsilon" in needed and not (fixed.dp_clip and noised):
@@ -180,6 +190,14 @@ class TuneSettings:
         defaults = {"schedulers": DEFAULT_SCHEDULERS, "objectives": ",".join(DEFAULT_COSTS)}
         return {k: v for k, v in options.items() if v != defaults[k]}
 
+    def evaluation(self) -> NoisyEvaluation:
+        return NoisyEvaluation(self.eval_clients, self.eval_noise)
+
+    @property
+    def noisy(self) -> dict:
+        """The noisy-evaluation settings that are on (a study's default name carries them)."""
+        return {k: v for k, v in (("eval_clients", self.eval_clients), ("eval_noise", self.eval_noise)) if v}
+
     def search_method(self) -> SearchMethod:
         """The method, with its options and the study's limits."""
         if self.method == "fedhyper":
@@ -196,8 +214,10 @@ class TuneSettings:
 
     def name_for(self, fixed: TrainSettings) -> str:
         method = f"{self.method}[{';'.join(self.options.values())}]" if self.options else self.method
+        noisy = "".join(f"-{k.removeprefix('eval_')}{v:g}" for k, v in self.noisy.items())
         return self.study_name or (
             f"{method}-{self.scope}-{fixed.dataset}-{fixed.partition}-{fixed.clients}c-b{self.budget}-s{fixed.seed}"
+            + noisy
         )
 
 
@@ -233,7 +253,8 @@ def study_definition(tune: TuneSettings, fixed: TrainSettings) -> dict:
     A study keeps it (`DEFINITION_ATTR`); `--resume` and `--join` continue it only with the same."""
     space = {name: optuna.distributions.distribution_to_json(d) for name, d in tune.space().distributions.items()}
     fixed_values = {k: v for k, v in asdict(fixed).items() if k not in ("data_root", "rounds")}
-    scalars = {k: getattr(tune, k) for k in ("method", "objective", "scope", "budget", "n_configs")}
+    names = ("method", "objective", "eval_clients", "eval_noise", "scope", "budget", "n_configs")
+    scalars = {k: getattr(tune, k) for k in names}
     return scalars | tune.options | {"search_space": space} | fixed_values
 
 
@@ -247,6 +268,7 @@ def check_continuation(study: optuna.Study, method: SearchMethod, definition: di
     recorded = study.user_attrs.get(DEFINITION_ATTR)
     if not recorded or definition is None:
         return  # created before studies kept their definition
+    recorded = ADDED_TO_DEFINITION | recorded
     differ = [k for k in definition if recorded.get(k) != definition[k]]
     if differ:
         was = " ".join(
