@@ -130,6 +130,7 @@ class RoundReport:
     weights_after: torch.Tensor
     plan: RoundPlan = RoundPlan((), (), (), 0.0)  # who uploaded in time, who dropped out or was late, how long
     sim_time_s: float = 0.0  # simulated seconds of the run so far, this round included
+    bytes_sent: int = 0  # the model down to every participant and up from every upload, this round
     left_out: tuple[int, ...] = ()  # uploads the postprocessor chain left out (non-finite)
     epsilon: float | None = None  # the privacy spent so far, under DP-FedAvg
 
@@ -329,6 +330,7 @@ class Federation:
                 weights,
                 plan,
                 sim_time_s,
+                (len(configs) + len(updates)) * model_bytes,
                 left_out,
                 self.epsilon(t),
             )

@@ -13,7 +13,6 @@ import pandas as pd
 
 from fedhpo_core.evaluation import NoisyEvaluation
 from fedhpo_core.federation import (
-    FLOAT_BYTES,
     FederatedData,
     Federation,
     FederationResult,
@@ -36,16 +35,15 @@ from fedhpo_core.tracking import ROLE_TAG, STUDY_TAG, TRIAL_TAG, Tracker, load_s
 from fedhpo_core.tuners import PerClientConfig, Tuner
 
 
-def system_objectives(reports: list[RoundReport], model_size: int, target_acc: float = 0.0) -> dict[str, float]:
+def system_objectives(reports: list[RoundReport], target_acc: float = 0.0) -> dict[str, float]:
     """What a run cost the system: bytes sent (the model down to every participant, up from every
     upload), client compute (training samples processed), unfairness (spread of the clients' last
     reported validation accuracies), simulated time (`sim_time_s`), and where they apply the
     privacy spent (`epsilon`) and the simulated time at which the server's validation accuracy
     first reached `target_acc` (`time_to_target_s`, inf if it did not)."""
     last = [u.val_acc for u in reports[-1].aggregated if math.isfinite(u.val_acc)] if reports else []
-    transfers = sum(len(r.configs) + len(r.updates) for r in reports)
     costs = {
-        "bytes_sent": float(transfers * model_size * FLOAT_BYTES),
+        "bytes_sent": float(sum(r.bytes_sent for r in reports)),
         "client_compute_samples": float(
             sum(u.num_samples * r.configs[u.client].local_epochs for r in reports for u in r.updates)
         ),
@@ -189,7 +187,7 @@ class TrialTrainer:
                 rounds=len(outcome.evaluations),
                 state=state,
                 diverged=outcome.diverged,
-                objectives=system_objectives(reports, self.data.spec.size, self.fixed.target_acc),
+                objectives=system_objectives(reports, self.fixed.target_acc),
                 chosen=tuner.chosen() if tuner else {},
                 checkpoint=tracker.log_state(stored, f"checkpoint/state-round{state.round}.pt"),
             )
@@ -234,15 +232,16 @@ def retrain(
     steps: RoundSteps,
     tuner: Tuner | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
-) -> FederationResult:
+) -> tuple[FederationResult, dict[str, float]]:
     """The best configuration from scratch for `rounds` rounds (driven by `tuner` if given), scored
-    on the test set; its model logged unless it diverged."""
+    on the test set; its model logged unless it diverged. Returns the result and what it cost the
+    system (`system_objectives`)."""
     with Tracker(fixed.experiment, "final", {ROLE_TAG: "final"}, parent=parent) as tracker:
         tracker.log_params(configuration.values | ({"scheduled_by": type(tuner).__name__} if tuner else {}))
-        result, _, _ = train_configuration(
+        result, reports, _ = train_configuration(
             data, fixed, configuration, rounds, tracker, steps, tuner=tuner, on_round=on_round
         )
         if not result.diverged:
             model = load_flat_weights(data.spec.build(), result.state.weights)
             tracker.log_model(model, input_example=data.test[0][:8].cpu().numpy().astype(np.float32))
-    return result
+    return result, system_objectives(reports, fixed.target_acc)

@@ -16,6 +16,9 @@ from flows.progress import bar
 from flows.study import artifact_key, hpo_study
 from tasks.training import dask_scheduler
 
+# What a study's final run cost besides rounds, kept in comparison/results.csv where a study has it.
+FINAL_COSTS = ("final_sim_time_s", "final_time_to_target_s", "final_epsilon")
+
 
 def study_settings(tune: TuneSettings, method: str, budget: int) -> dict:
     """One study's settings: parallel trials only for the methods that run them."""
@@ -154,6 +157,7 @@ def method_comparison(
                             "rounds_used": summary["rounds_used"],
                             "wall_time_s": summary["wall_time_s"],
                         }
+                        | {k: v for k, v in summary.items() if k in FINAL_COSTS}
                     )
                     logger.info(
                         "%s budget %d seed %d: final_test_acc %.4f [%d/%d studies]",

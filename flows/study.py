@@ -155,7 +155,7 @@ def run_study(
             tracker.log_params({f"best.{k}": v for k, v in configuration.values.items()} | {"best.trial": best.number})
             summary |= {"best_trial": best.number, "best_val_score": best.values[0], **configuration.values}
         if best is not None and tune.final_rounds:
-            final = retrain(
+            final, costs = retrain(
                 data,
                 fixed,
                 configuration,
@@ -166,6 +166,8 @@ def run_study(
                 lambda _: stop.check(),
             )
             summary["final_test_acc"] = final.evaluations[-1].test_acc
+            shown = ("sim_time_s", "time_to_target_s", "epsilon")  # what a comparison shows beside accuracy
+            summary |= {f"final_{k}": costs[k] for k in shown if k in costs}
         summary |= {"rounds_used": budget.spent, "wall_time_s": time.perf_counter() - started}
         tracker.log_metrics({k: summary[k] for k in ("final_test_acc", "rounds_used", "wall_time_s") if k in summary})
         summary |= {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "storage": storage}

@@ -115,6 +115,8 @@ def test_dropouts_and_stragglers_are_not_aggregated_and_time_adds_up(digits):
         assert set(report.clients) == set(report.plan.uploading)  # only the in-time uploads trained and count
         assert not set(report.clients) & (set(report.plan.dropped) | set(report.plan.late))
         assert report.plan.seconds <= 1.0
+        downloads = len(report.configs)  # every participant got the model, a dropout or late one too
+        assert report.bytes_sent == (downloads + len(report.updates)) * data.spec.size * 4
         if report.updates:
             by_hand = weighted_mean([u.weights for u in report.updates], [u.num_samples for u in report.updates])
             assert torch.allclose(report.weights_after, by_hand, atol=1e-6)
@@ -128,10 +130,10 @@ def test_time_to_target_is_the_simulated_time_of_the_first_round_that_reaches_it
     Federation.of(data, settings).run(FixedConfig(ClientConfig()), 5, observe=lambda r, _: reports.append(r))
     target = reports[2].val_acc
     first = next(r for r in reports if r.val_acc >= target)
-    costs = system_objectives(reports, data.spec.size, target_acc=target)
+    costs = system_objectives(reports, target_acc=target)
     assert costs["time_to_target_s"] == first.sim_time_s and costs["sim_time_s"] == reports[-1].sim_time_s
-    assert system_objectives(reports, data.spec.size, target_acc=1.0)["time_to_target_s"] == math.inf
-    assert "time_to_target_s" not in system_objectives(reports, data.spec.size)
+    assert system_objectives(reports, target_acc=1.0)["time_to_target_s"] == math.inf
+    assert "time_to_target_s" not in system_objectives(reports)
 
 
 def test_device_settings_are_checked():

@@ -122,3 +122,22 @@ def test_a_diverging_run_completes_and_records_the_divergence(mlflow_client):
     assert run.data.metrics["diverged"] == 1.0
     assert math.isnan(run.data.metrics["train_loss"])
     assert logged_models(summary) == []
+
+
+def test_a_private_run_on_simulated_phones_logs_epsilon_time_and_who_was_left_out(mlflow_client):
+    private = {"dp_clip": 1.0, "dp_noise": 0.8, "devices": "cross-device", "dropout": 0.3, "deadline_s": 1.0}
+    settings = {**SMALL, "clients": 6, "rounds": 4, "participation": 0.8, "target_acc": 0.05, **private}
+    summary = federated_training(**settings, experiment="flow-private")
+    run = run_of(mlflow_client, summary)
+    assert {k: run.data.params[k] for k in private} == {k: str(v) for k, v in private.items()}
+    history = {
+        key: {m.step: m.value for m in mlflow_client.get_metric_history(run.info.run_id, key)}
+        for key in ("epsilon", "round_time_s", "sim_time_s", "clients_dropped", "clients_late", "val_acc")
+    }
+    assert list(history["epsilon"]) == [1, 2, 3, 4] and history["epsilon"] == dict(sorted(history["epsilon"].items()))
+    assert sorted(history["epsilon"].values()) == list(history["epsilon"].values())  # grows with rounds
+    assert all(seconds <= 1.0 for seconds in history["round_time_s"].values())  # the deadline
+    assert history["sim_time_s"][4] == pytest.approx(sum(history["round_time_s"].values()))
+    assert history["clients_dropped"] or history["clients_late"]  # logged in the rounds that had any
+    first = min(step for step, acc in history["val_acc"].items() if acc >= 0.05)
+    assert run.data.metrics["time_to_target_s"] == history["sim_time_s"][first]

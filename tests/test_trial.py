@@ -67,7 +67,7 @@ def test_scores_follow_the_objective_and_keep_going_stops_after_a_round(data):
     assert clients.score == reports[-1].client_val_acc != reports[-1].val_acc
     # Two clients a round (participation 0.5), the model down and up, 4 bytes a weight.
     assert clients.objectives["bytes_sent"] == 2 * 2 * 2 * data.spec.size * 4
-    assert system_objectives(reports, data.spec.size) == clients.objectives
+    assert system_objectives(reports) == clients.objectives
 
 
 @pytest.mark.parametrize("method", ["sha", "pbt"])
