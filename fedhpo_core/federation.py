@@ -15,7 +15,7 @@ import torch
 
 from fedhpo_core import seeding
 from fedhpo_core.aggregators import ServerSettings, State, aggregate
-from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, evaluate, local_update
+from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, Controls, evaluate, local_update
 from fedhpo_core.cohort import train_cohort
 from fedhpo_core.data import Dataset, load_dataset
 from fedhpo_core.models import ModelSpec, workspace_model
@@ -90,11 +90,31 @@ class FederatedData:
 
 @dataclass(frozen=True, eq=False)
 class FederationState:
-    """Where a run stands: enough to continue it (successive halving resumes from this)."""
+    """Where a run stands: enough to continue it (successive halving resumes from this). A run
+    continues under the algorithm its state started with: SCAFFOLD where it has control variates."""
 
     round: int  # rounds completed
     weights: torch.Tensor
     server_state: State = field(default_factory=dict)
+    client_controls: torch.Tensor | None = None  # SCAFFOLD's c_i of every client, (N, P)
+    server_control: torch.Tensor | None = None  # SCAFFOLD's c, (P,)
+
+    def controls(self, client: int) -> Controls | None:
+        """What `client` receives under SCAFFOLD besides the weights: its c_i and the server's c."""
+        if self.client_controls is None:
+            return None
+        return Controls(self.client_controls[client], self.server_control)
+
+    def controls_after(self, updates: Sequence[ClientUpdate]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """SCAFFOLD's server step for the controls (Karimireddy et al. 2020, Algorithm 1): each
+        sampled client's c_i <- c_i + Delta c_i (line 13) and c <- c + (|S| / N) mean_S Delta c_i
+        (line 17), which keeps c the mean of the c_i. New tensors: a state is never changed."""
+        if self.client_controls is None or not updates:
+            return self.client_controls, self.server_control
+        deltas = torch.stack([u.control_delta.to(self.server_control.device) for u in updates])
+        index = torch.tensor([u.client for u in updates], device=deltas.device)
+        clients = self.client_controls.index_add(0, index, deltas)
+        return clients, self.server_control + len(updates) / len(clients) * deltas.mean(0)
 
 
 @dataclass(frozen=True)
@@ -216,13 +236,19 @@ class Federation:
     participation: float
     seed: int
     privacy: Privacy = Privacy()  # DP-FedAvg when enabled
+    algorithm: str = "fedavg"  # or "scaffold": local steps corrected by control variates
 
     @property
     def num_clients(self) -> int:
         return len(self.data.clients)
 
     def initial_state(self) -> FederationState:
-        return FederationState(0, self.data.spec.initial_weights(self.seed).to(self.data.device))
+        """Round 0: the seed's initial weights; under SCAFFOLD, every control variate zero."""
+        weights = self.data.spec.initial_weights(self.seed).to(self.data.device)
+        if self.algorithm != "scaffold":
+            return FederationState(0, weights)
+        controls = torch.zeros(self.num_clients, len(weights), device=weights.device)
+        return FederationState(0, weights, {}, controls, torch.zeros_like(weights))
 
     def sample_clients(self, t: int) -> list[int]:
         """max(1, round(participation * N)) distinct clients for round t, drawn from the run's seed;
@@ -267,7 +293,9 @@ class Federation:
             clients = list(tuner.select(t, self.sample_clients(t)))
             configs = tuner.configure(t, clients)
             start_weights = tuner.global_weights(configs, state.weights)
-            jobs = [ClientJob(c, t, configs[c], self.seed, tuner.local_schedule(t, c)) for c in clients]
+            jobs = [
+                ClientJob(c, t, configs[c], self.seed, tuner.local_schedule(t, c), state.controls(c)) for c in clients
+            ]
             data = [self.data.clients[c] for c in clients]
             updates = steps.train_clients(spec, start_weights, jobs, data) if clients else []
             server = tuner.server_settings(self.server, start_weights, updates)
@@ -285,7 +313,7 @@ class Federation:
                 weights,
                 self.epsilon(t),
             )
-            state = FederationState(t, weights, server_state)
+            state = FederationState(t, weights, server_state, *state.controls_after(updates))
             evaluations.append(evaluation)
             tuner.observe(report)
             if observe:

@@ -65,7 +65,9 @@ def train_configuration(
     the configuration's other settings, ending early after a round where `keep_going(round)` is
     false; each round's metrics and tuner state tracked."""
     settings = configuration.settings(fixed)
-    federation = Federation(data, settings.server, settings.participation, settings.seed, settings.privacy)
+    federation = Federation(
+        data, settings.server, settings.participation, settings.seed, settings.privacy, settings.algorithm
+    )
     tuner = tuner or PerClientConfig(configuration.client_configs(fixed))
     reports: list[RoundReport] = []
     trajectory: list[dict] = []

@@ -31,7 +31,9 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
     dataset = load_data(settings.dataset, settings.data_root)
     partition = partition_data(settings.data)
     data = FederatedData.build(dataset, partition, settings.model, execution.resolved_device)
-    federation = Federation(data, settings.server, settings.participation, settings.seed, settings.privacy)
+    federation = Federation(
+        data, settings.server, settings.participation, settings.seed, settings.privacy, settings.algorithm
+    )
     histogram = label_histogram(dataset.y_train.numpy(), partition, dataset.num_classes)
 
     tags = {ROLE_TAG: "train", "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": flow_run.name}
@@ -111,6 +113,7 @@ def federated_training(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     mu: float = 0.0,
+    algorithm: str = "fedavg",
     aggregator: str = "fedavg",
     server_lr: float | None = None,
     beta1: float = 0.9,
@@ -147,6 +150,7 @@ def federated_training(
         momentum: Client SGD momentum.
         weight_decay: Client weight decay.
         mu: FedProx proximal weight (0: plain FedAvg local SGD).
+        algorithm: fedavg (local SGD) or scaffold (local SGD corrected by control variates).
         aggregator: fedavg, fedavgm, fedadagrad, fedadam or fedyogi.
         server_lr: Server learning rate (default 1.0 for fedavg/fedavgm, 0.01 for adaptive ones).
         beta1: Server momentum or first-moment decay.
