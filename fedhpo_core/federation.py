@@ -100,10 +100,11 @@ class FederationState:
     server_control: torch.Tensor | None = None  # SCAFFOLD's c, (P,)
 
     def controls(self, client: int) -> Controls | None:
-        """What `client` receives under SCAFFOLD besides the weights: its c_i and the server's c."""
+        """What `client` receives under SCAFFOLD besides the weights: its c_i and the server's c (c_i
+        a copy, not a view of every client's controls, which would travel whole to a Dask worker)."""
         if self.client_controls is None:
             return None
-        return Controls(self.client_controls[client], self.server_control)
+        return Controls(self.client_controls[client].clone(), self.server_control)
 
     def controls_after(self, updates: Sequence[ClientUpdate]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """SCAFFOLD's server step for the controls (Karimireddy et al. 2020, Algorithm 1): each

@@ -168,3 +168,13 @@ def test_unknown_algorithm_and_scaffold_with_dp_are_refused(capsys):
     assert error.count("\n") == 1 and "unknown algorithm 'fedsgd'; choose from fedavg, scaffold" in error
     with pytest.raises(SettingsError, match="algorithm scaffold cannot run with dp_clip"):
         TrainSettings(algorithm="scaffold", dp_clip=1.0)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_training_flow_runs_scaffold_and_logs_it(mlflow_client):
+    from flows.training import federated_training
+
+    summary = federated_training(clients=4, rounds=2, participation=0.5, algorithm="scaffold", experiment="scaffold")
+    run = mlflow_client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["algorithm"] == "scaffold"
+    assert summary["rounds_completed"] == 2 and not summary["diverged"]
