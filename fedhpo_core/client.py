@@ -1,4 +1,4 @@
-"""A client's round: local SGD (or FedProx) from the global model, then local validation."""
+"""A client's round: local SGD (or FedProx, or SCAFFOLD) from the global model, then local validation."""
 
 import math
 from abc import ABC, abstractmethod
@@ -92,6 +92,25 @@ class LocalSchedule(ABC):
 
 
 @dataclass(frozen=True, eq=False)
+class Controls:
+    """SCAFFOLD's control variates as a client receives them, flat like the weights (Karimireddy et
+    al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning", Algorithm 1)."""
+
+    client: torch.Tensor  # c_i
+    server: torch.Tensor  # c
+
+    @property
+    def correction(self) -> torch.Tensor:
+        """c - c_i, added to every local gradient: y <- y - eta_l (g_i(y) - c_i + c) (line 10)."""
+        return self.server - self.client
+
+    def delta(self, x: torch.Tensor, y: torch.Tensor, lr_sum: float) -> torch.Tensor:
+        """Delta c_i = c_i+ - c_i (line 13) with option II's c_i+ = c_i - c + (x - y_i) / (K eta_l)
+        (line 12), K eta_l being the sum of the K local steps' rates (a `LocalSchedule` varies them)."""
+        return (x - y) / lr_sum - self.server
+
+
+@dataclass(frozen=True, eq=False)
 class ClientJob:
     """What the server sends a client for one round, apart from the weights."""
 
@@ -100,6 +119,7 @@ class ClientJob:
     config: ClientConfig
     seed: int
     schedule: LocalSchedule | None = None  # the tuner's learning rate per local step, if any
+    controls: Controls | None = None  # under SCAFFOLD
 
     @property
     def generator(self) -> torch.Generator:
@@ -118,6 +138,7 @@ class ClientUpdate:
     val_acc: float
     num_val: int
     val_loss_before: float = math.nan  # the received global model on the same split (FedEx's "before")
+    control_delta: torch.Tensor | None = None  # SCAFFOLD's Delta c_i (`Controls.delta`)
 
     @property
     def diverged(self) -> bool:
@@ -150,12 +171,15 @@ def train_locally(
     config: ClientConfig,
     generator: torch.Generator,
     schedule: LocalSchedule | None = None,
-) -> float:
-    """`local_epochs` passes of mini-batch SGD over the client's shuffled training data.
+    controls: Controls | None = None,
+) -> tuple[float, float]:
+    """`local_epochs` passes of mini-batch SGD over the client's shuffled training data; returns the
+    mean loss and the sum of the steps' learning rates.
 
     FedProx (Li et al. 2020, eq. 2) adds mu/2 ||w - w_global||^2 to the local objective; its
-    gradient mu (w - w_global) is added to each parameter's gradient directly. A `schedule` sets
-    the learning rate of every step after the first from the steps' weight changes.
+    gradient mu (w - w_global) is added to each parameter's gradient directly, and so is SCAFFOLD's
+    correction c - c_i (`Controls.correction`) with `controls`. A `schedule` sets the learning rate
+    of every step after the first from the steps' weight changes.
     Training stops at the first non-finite loss; the returned mean loss is then non-finite too.
     Hyperparameters are taken at float32, the weights' precision: a value beyond its range (lr
     1e308) becomes inf and the run diverges, where torch would refuse the double as an overflow.
@@ -163,12 +187,17 @@ def train_locally(
     params = list(model.parameters())
     lr, weight_decay, mu = (as_float32(v) for v in (config.lr, config.weight_decay, config.mu))
     anchor = [p.detach().clone() for p in params] if mu > 0 else None
+    if controls:
+        flat = controls.correction.split([p.numel() for p in params])
+        corrections = [c.view_as(p) for c, p in zip(flat, params, strict=True)]
+    else:
+        corrections = None
     optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=weight_decay)
     running = type(schedule).start([schedule], torch.tensor([lr], device=params[0].device)) if schedule else None
     before = flat_weights(model) if running else None
     model.train()
     loss_sum = torch.zeros((), device=data.x.device)
-    steps = 0
+    steps, rate, lr_sum = 0, lr, 0.0
     for _ in range(config.local_epochs):
         order = data.train[torch.randperm(data.num_train, generator=generator).to(data.train.device)]
         for start in range(0, len(order), config.batch_size):
@@ -179,7 +208,11 @@ def train_locally(
             if anchor is not None:
                 for p, p0 in zip(params, anchor, strict=True):
                     p.grad.add_(p.detach() - p0, alpha=mu)
+            if corrections:
+                for p, correction in zip(params, corrections, strict=True):
+                    p.grad.add_(correction)
             optimizer.step()
+            lr_sum += rate
             if running:
                 now = flat_weights(model)
                 rate = float(running.step(steps, (now - before).unsqueeze(0))[0])
@@ -190,7 +223,7 @@ def train_locally(
             steps += 1
         if not torch.isfinite(loss_sum):
             break
-    return float(loss_sum) / steps
+    return float(loss_sum) / steps, lr_sum
 
 
 @contextmanager
@@ -216,16 +249,18 @@ def local_update(spec: ModelSpec, global_weights: torch.Tensor, data: ClientData
     with one_intra_op_thread():
         model = workspace_model(spec, global_weights)
         val_loss_before, _ = evaluate(model, data.x_val, data.y_val)
-        train_loss = train_locally(model, data, job.config, job.generator, job.schedule)
+        train_loss, lr_sum = train_locally(model, data, job.config, job.generator, job.schedule, job.controls)
         finite = math.isfinite(train_loss)
         val_loss, val_acc = evaluate(model, data.x_val, data.y_val) if finite else (math.nan, math.nan)
+    weights = flat_weights(model)
     return ClientUpdate(
         client=job.client,
-        weights=flat_weights(model),
+        weights=weights,
         num_samples=data.num_train,
         train_loss=train_loss,
         val_loss=val_loss,
         val_acc=val_acc,
         num_val=data.num_val,
         val_loss_before=val_loss_before,
+        control_delta=job.controls.delta(global_weights, weights, lr_sum) if job.controls else None,
     )

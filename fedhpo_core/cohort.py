@@ -8,8 +8,10 @@ SGD settings as per-client columns. It is the sequential engine's algorithm
 - the same seeded shuffles: each client draws one `randperm` per epoch from its job's generator,
   so it sees the same batches in the same order;
 - the same loss: each client's batch mean (a partial last batch is padded with weight-0 samples);
-- torch.optim.SGD's update with FedProx's term (Li et al. 2020, eq. 2):
-  g = grad + mu (w - w_global) + wd w,  b = momentum b + g (b = g without momentum),  w -= lr b;
+- torch.optim.SGD's update with FedProx's term (Li et al. 2020, eq. 2) and SCAFFOLD's correction
+  c - c_i (Karimireddy et al. 2020, Algorithm 1, line 10; zero without SCAFFOLD):
+  g = grad + mu (w - w_global) + (c - c_i) + wd w,  b = momentum b + g (b = g without momentum),
+  w -= lr b;
 - each client's `LocalSchedule` (a tuner's learning rate per local step), run for all clients
   whose schedules share a class at once.
 
@@ -62,22 +64,35 @@ def gather(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return pool.flatten(1).index_select(0, rows.flatten()).view(*rows.shape, *pool.shape[1:])
 
 
+def per_parameter(flat: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
+    """Flat vectors stacked, (k, P), as views of each parameter's stack, (k, *shape)."""
+    shapes = [p.shape for p in spec.build().parameters()]
+    parts = flat.split([shape.numel() for shape in shapes], dim=1)
+    return [part.view(len(flat), *shape) for part, shape in zip(parts, shapes, strict=True)]
+
+
 class CohortSGD:
-    """torch.optim.SGD with FedProx's proximal term over a cohort's stacked parameters, each client
-    with its own lr, momentum, weight decay and mu.
+    """torch.optim.SGD with FedProx's proximal term and SCAFFOLD's correction over a cohort's
+    stacked parameters, each client with its own lr, momentum, weight decay, mu and correction.
 
     Call `begin(k, lrs)` before each step of the first k clients (with their learning rates for
     the step), then `update` or `update_product` once for every parameter; `changes` then holds the
     step's change of each parameter (by index) where local schedules need them."""
 
-    def __init__(self, jobs: Sequence[ClientJob], anchors: list[torch.Tensor], keep_changes: bool):
+    def __init__(
+        self,
+        jobs: Sequence[ClientJob],
+        anchors: list[torch.Tensor],
+        keep_changes: bool,
+        corrections: list[torch.Tensor] | None = None,
+    ):
         device = anchors[0].device
 
         def setting(name):
             return torch.tensor([float(getattr(job.config, name)) for job in jobs], device=device)
 
         self.momentum, self.weight_decay, self.mu = setting("momentum"), setting("weight_decay"), setting("mu")
-        self.anchors, self.keep_changes = anchors, keep_changes
+        self.anchors, self.keep_changes, self.corrections = anchors, keep_changes, corrections
         self.with_momentum = bool((self.momentum > 0).any())
         self.with_decay, self.with_prox = bool((self.weight_decay > 0).any()), bool((self.mu > 0).any())
         shapes = [a.shape[1:] for a in anchors] if self.with_momentum else []
@@ -91,6 +106,8 @@ class CohortSGD:
         k, g = self.k, grad
         if self.with_prox:
             g = g + column(self.mu[:k], w) * (w - self.anchors[i])
+        if self.corrections:
+            g = g + self.corrections[i][:k]
         if self.with_decay:
             g = g + column(self.weight_decay[:k], w) * w
         if self.with_momentum:
@@ -101,8 +118,8 @@ class CohortSGD:
 
     def update_product(self, i: int, w: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
         """The same for a weight whose gradient is left^T right ((k, b, out), (k, b, in)): without
-        momentum or kept changes, w (1 - lr (wd + mu)) + lr mu w_global is accumulated with
-        -lr left^T right in one batched product."""
+        momentum or kept changes, w (1 - lr (wd + mu)) + lr mu w_global - lr (c - c_i) is accumulated
+        with -lr left^T right in one batched product."""
         if self.with_momentum or self.keep_changes:
             return self.update(i, w, torch.bmm(left.transpose(1, 2), right))
         k = self.k
@@ -110,6 +127,8 @@ class CohortSGD:
             w.mul_(column(1 - self.lr * (self.weight_decay[:k] + self.mu[:k]), w))
         if self.with_prox:
             w.addcmul_(column(self.lr * self.mu[:k], w), self.anchors[i])
+        if self.corrections:
+            w.addcmul_(column(-self.lr, w), self.corrections[i][:k])
         w.baddbmm_(left.transpose(1, 2), right * column(-self.lr, right))
 
 
@@ -331,24 +350,24 @@ class Cohort:
             rows, weights = plans[i]
             self.rows[slot, : len(rows)], self.sample_weights[slot, : len(rows)] = rows, weights
 
-    def initial_parameters(self) -> list[torch.Tensor]:
-        """Each parameter of the start weights, (1, *shape), and stacked for the cohort, (k, *shape)."""
-        anchors, offset = [], 0
-        for p in self.spec.build().parameters():
-            anchors.append(self.start[offset : offset + p.numel()].view(1, *p.shape))
-            offset += p.numel()
-        return anchors
+    def corrections(self) -> list[torch.Tensor] | None:
+        """Each parameter's SCAFFOLD correction c - c_i stacked for the cohort, (k, *shape); None
+        without SCAFFOLD."""
+        if self.jobs[0].controls is None:
+            return None
+        return per_parameter(torch.stack([job.controls.correction for job in self.jobs]), self.spec)
 
     def train(self) -> list[ClientUpdate]:
         k_all = len(self.jobs)
-        anchors = self.initial_parameters()
+        anchors = per_parameter(self.start.unsqueeze(0), self.spec)  # the start weights, (1, *shape)
         params = [a.expand(k_all, *a.shape[1:]).clone() for a in anchors]
         val_loss_before, _ = self.validate(params)
         lr = torch.tensor([job.config.lr for job in self.jobs], device=self.start.device)
         rates = CohortRates(self.jobs, lr)
-        sgd = CohortSGD(self.jobs, anchors, keep_changes=bool(rates.scheduled))
+        sgd = CohortSGD(self.jobs, anchors, keep_changes=bool(rates.scheduled), corrections=self.corrections())
         x_pool, y_pool = self.data[0].x, self.data[0].y
         loss_sum = torch.zeros(k_all, device=self.start.device)
+        lr_sum = torch.zeros(k_all, device=self.start.device, dtype=torch.float64)
         for step in range(int(self.steps[0])):
             k = int((self.steps > step).sum())
             rows = self.rows[:k, step]
@@ -356,10 +375,12 @@ class Cohort:
             loss = self.kernel.step(
                 [p[:k] for p in params], gather(x_pool, rows), y_pool[rows], self.sample_weights[:k, step], sgd
             )
+            lr_sum[:k] += rates.rates[:k]
             rates.after_step(step, k, sgd.changes)
             loss_sum[:k] += loss
         flat = torch.cat([p.reshape(k_all, -1) for p in params], dim=1)
         train_loss = (loss_sum / self.steps.to(loss_sum.device)).tolist()
+        lr_sums = lr_sum.tolist()
         val_loss, val_acc = self.validate(params)
         updates = {}
         for slot, (job, data) in enumerate(zip(self.jobs, self.data, strict=True)):
@@ -373,6 +394,7 @@ class Cohort:
                 val_acc=val_acc[slot] if finite else math.nan,
                 num_val=data.num_val,
                 val_loss_before=val_loss_before[slot],
+                control_delta=job.controls.delta(self.start, flat[slot], lr_sums[slot]) if job.controls else None,
             )
         return [updates[i] for i in range(k_all)]
 

@@ -81,6 +81,7 @@ def setting(default, help: str):
 # Beyond this, Dir(alpha) proportions are uniform to many decimals, and past ~1e300 NumPy's draw
 # degenerates (every proportion 0): IID is the partitioner for that.
 MAX_ALPHA = 1e6
+ALGORITHMS = ("fedavg", "scaffold", "scaffold-paper")
 TASK_RUNNERS = ("thread", "dask")
 ENGINES = ("cohort", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
@@ -141,6 +142,11 @@ class TrainSettings:
     momentum: float = setting(0.0, "client SGD momentum")
     weight_decay: float = setting(0.0, "client weight decay")
     mu: float = setting(0.0, "FedProx proximal weight (0: plain FedAvg local SGD)")
+    algorithm: str = setting(
+        "fedavg",
+        "fedavg: local SGD; scaffold: local SGD corrected by control variates (Karimireddy et al. 2020), "
+        "weighted by clients' samples; scaffold-paper: as its Algorithm 1, every client weighing the same",
+    )
     aggregator: str = setting("fedavg", "server aggregator: " + ", ".join(AGGREGATORS))
     server_lr: float | None = setting(
         None, "server learning rate (default: 1.0 for fedavg/fedavgm, 0.01 for the adaptive ones)"
@@ -164,6 +170,7 @@ class TrainSettings:
         _one_of("model", self.model, MODELS)
         _one_of("partition", self.partition, PARTITIONERS)
         _one_of("aggregator", self.aggregator, AGGREGATORS)
+        _one_of("algorithm", self.algorithm, ALGORITHMS)
         _check(
             0 < self.alpha <= MAX_ALPHA,
             f"alpha must be in (0, {MAX_ALPHA:g}], got {self.alpha} (larger is IID: use --partition iid)",
@@ -184,6 +191,11 @@ class TrainSettings:
         _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.deadline_s >= 0, f"deadline_s must be >= 0, got {self.deadline_s}")
         _check(0 <= self.target_acc <= 1, f"target_acc must be in [0, 1], got {self.target_acc}")
+        _check(
+            not self.algorithm.startswith("scaffold") or self.dp_clip == 0,
+            f"algorithm {self.algorithm} cannot run with dp_clip: its control variates would leave the clients "
+            "unprivatized",
+        )
         held, pool = split_sizes(DATASETS[self.dataset].num_train, self.val_fraction)
         _check(held >= 1, f"val_fraction {self.val_fraction} leaves the server no validation sample of {self.dataset}")
         _check(

@@ -117,6 +117,7 @@ def federated_training(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     mu: float = 0.0,
+    algorithm: str = "fedavg",
     aggregator: str = "fedavg",
     server_lr: float | None = None,
     beta1: float = 0.9,
@@ -157,6 +158,8 @@ def federated_training(
         momentum: Client SGD momentum.
         weight_decay: Client weight decay.
         mu: FedProx proximal weight (0: plain FedAvg local SGD).
+        algorithm: fedavg (local SGD), scaffold (local SGD corrected by control variates, weighted by
+            clients' samples) or scaffold-paper (SCAFFOLD as its Algorithm 1, every client weighing the same).
         aggregator: fedavg, fedavgm, fedadagrad, fedadam or fedyogi.
         server_lr: Server learning rate (default 1.0 for fedavg/fedavgm, 0.01 for adaptive ones).
         beta1: Server momentum or first-moment decay.

@@ -73,5 +73,5 @@ def test_update_reports_samples_and_local_validation():
 def test_huge_learning_rate_yields_a_non_finite_loss_not_an_exception():
     client = make_client()
     model = load_flat_weights(SPEC.build(), SPEC.initial_weights(0))
-    loss = train_locally(model, client, ClientConfig(lr=1e12, batch_size=4, local_epochs=5), torch.Generator())
+    loss, _ = train_locally(model, client, ClientConfig(lr=1e12, batch_size=4, local_epochs=5), torch.Generator())
     assert not math.isfinite(loss)
