@@ -84,12 +84,13 @@ def main() -> None:
         f"lr {args.lr}, batch {args.batch_size}, {args.local_epochs} local epoch(s); "
         f"rounds to val_acc >= {args.target}\n"
     )
-    print("| seed | FedAvg rounds | SCAFFOLD rounds | paper's SCAFFOLD rounds | val_acc at round r: FedAvg / SCAFFOLD / paper's (r) |")
+    print("| seed | FedAvg | SCAFFOLD | paper's SCAFFOLD | val_acc at round r: FedAvg / SCAFFOLD / paper's (r) |")
     print("|---|---|---|---|---|")
     for seed, result, both in rows:
         reached = " | ".join(shown(result[a][0]) for a in ALGORITHMS)
         accuracies = " / ".join(f"{result[a][1]:.4f}" for a in ALGORITHMS)
         print(f"| {seed} | {reached} | {accuracies} ({both}) |")
+
 
 if __name__ == "__main__":
     main()
