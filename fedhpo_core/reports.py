@@ -171,6 +171,21 @@ def study_table(study: optuna.Study, objectives: tuple[str, ...] = ()) -> pd.Dat
     return table.set_index("number", drop=False) if rows else table
 
 
+def pareto_figure(table: pd.DataFrame, front: list[int], cost: str) -> Figure:
+    """Validation accuracy against one cost for every complete trial, the Pareto front's trials
+    marked and joined in order of the cost."""
+    figure = Figure(figsize=(6, 4))
+    axes = figure.subplots()
+    complete = table[table.state == "COMPLETE"]
+    axes.scatter(complete[cost], complete.value, color="0.7", label="trial")
+    best = complete[complete.number.isin(front)].sort_values(cost)
+    axes.plot(best[cost], best.value, "o-", color="C3", label="Pareto front")
+    axes.set(xlabel=cost, ylabel="validation accuracy", title=f"accuracy against {cost}")
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
 def study_figures(table: pd.DataFrame, parameters: dict, most: int = 6) -> dict[str, Figure]:
     """Best-so-far validation score against rounds spent, and score against each setting."""
     progress = Figure(figsize=(6, 4))

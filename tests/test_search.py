@@ -147,6 +147,10 @@ def test_multiobjective_pareto_front_is_the_non_dominated_set():
     by_hand = {t.number for t in complete if not any(dominates(o, t) for o in complete)}
     assert {t.number for t in study.best_trials} == by_hand
     assert len(study.directions) == 4
+    method = METHODS["multiobjective"]()
+    reports = method.reports(study, study_table(study, method.objectives))
+    assert set(reports["pareto_front.csv"].number) == by_hand
+    assert {name for name in reports if name.endswith(".png")} == {f"pareto_front_{c}.png" for c in method.objectives}
 
 
 class PrivateFakeTrainer(FakeTrainer):

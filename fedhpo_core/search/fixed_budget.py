@@ -8,6 +8,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 import optuna
 
+from fedhpo_core.reports import pareto_figure
 from fedhpo_core.search.base import (
     SURPLUS_ATTR,
     Interrupted,
@@ -174,8 +175,12 @@ class MultiObjectiveSearch(FixedBudgetSearch):
         self.directions = ("maximize", *(["minimize"] * len(objectives)))
 
     def reports(self, study, table):
+        """The Pareto front's trials, and accuracy against each cost with the front marked."""
         front = [t.number for t in study.best_trials]
-        return {"pareto_front.csv": table[table.number.isin(front)]} if front else {}
+        if not front:
+            return {}
+        figures = {f"pareto_front_{cost}.png": pareto_figure(table, front, cost) for cost in self.objectives}
+        return {"pareto_front.csv": table[table.number.isin(front)]} | figures
 
     def sampler(self, parameters, seed):
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
