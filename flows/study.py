@@ -43,10 +43,13 @@ def study_markdown(summary: dict, table: pd.DataFrame, tune: TuneSettings, top: 
         "| | |",
         "|---|---|",
         f"| best trial | {summary['best_trial']} |",
-        f"| best validation score | {summary['best_val_score']:.4f} |",
         f"| rounds used | {summary['rounds_used']} of {tune.budget} |",
         f"| trials finished | {len(table)} |",
     ]
+    if "best_val_score" in summary:
+        lines.insert(5, f"| best validation score | {summary['best_val_score']:.4f} |")
+    else:
+        lines.insert(5, f"| best validation score | none within {limits_text(tune.search_method().limits)} |")
     if "final_test_acc" in summary:
         lines.append(f"| test accuracy, best retrained {tune.final_rounds} rounds | {summary['final_test_acc']:.4f} |")
     lines += [f"| MLflow run | `{summary['run_id']}` |", "", f"Best {min(top, len(table))} trials:", ""]

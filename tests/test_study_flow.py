@@ -357,3 +357,24 @@ def test_pbt_study_logs_its_lineage(mlflow_client, tmp_path):
     assert "study/pbt_lineage.png" in paths
     table = pd.read_csv(mlflow_client.download_artifacts(summary["run_id"], "study/trials.csv"))
     assert sorted(table.generation.unique()) == [0, 1] and table.parent_trial.notna().sum() == 4
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_privacy_budget_keeps_the_best_within_it_or_ends_without_one(mlflow_client, tmp_path):
+    private = FIXED | {"dp_clip": 1.0, "participation": 0.5, "clients": 4}
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: categorical, choices: [0.05, 0.1]}\ndp_noise: {type: categorical, choices: [0.5, 4]}\n")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    common = {"method": "grid", "budget": 12, "n_configs": 4, "final_rounds": 2, "storage": storage}
+    summary = hpo_study(**common, search_space=str(space), max_epsilon=5.0, train=private, study_name="within")
+    study = optuna.load_study(study_name="within", storage=storage)
+    spent = {t.number: t.user_attrs["result"]["objectives"]["epsilon"] for t in study.trials}
+    assert min(spent.values()) <= 5.0 < max(spent.values())  # noise 0.5 spends more than 5, 4.0 less
+    assert spent[summary["best_trial"]] <= 5.0 and "final_test_acc" in summary
+    feasible = [t for t in study.trials if spent[t.number] <= 5.0]
+    assert summary["best_val_score"] == max(t.value for t in feasible)
+
+    none = hpo_study(**common, search_space=str(space), max_epsilon=0.01, train=private, study_name="none")
+    assert none["best_trial"] is None and "final_test_acc" not in none
+    children = mlflow_client.search_runs([none["experiment_id"]], f"tags.`mlflow.parentRunId` = '{none['run_id']}'")
+    assert {r.data.tags["fedhpo.role"] for r in children} == {"trial"}  # trials, and no final run
