@@ -363,7 +363,7 @@ def test_pbt_study_logs_its_lineage(mlflow_client, tmp_path):
 def test_a_privacy_budget_keeps_the_best_within_it_or_ends_without_one(mlflow_client, tmp_path):
     private = FIXED | {"dp_clip": 1.0, "participation": 0.5, "clients": 4}
     space = tmp_path / "space.yaml"
-    space.write_text("lr: {type: categorical, choices: [0.05, 0.1]}\ndp_noise: {type: categorical, choices: [0.5, 4]}\n")
+    space.write_text("lr: {type: categorical, choices: [0.05, 0.1]}\ndp_noise: {type: categorical, choices: [0.5, 4]}")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     common = {"method": "grid", "budget": 12, "n_configs": 4, "final_rounds": 2, "storage": storage}
     summary = hpo_study(**common, search_space=str(space), max_epsilon=5.0, train=private, study_name="within")
