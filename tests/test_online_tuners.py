@@ -214,7 +214,7 @@ def test_fedhyper_schedulers_work_alone_and_scale_the_server_rate():
     weights = torch.zeros(2)
 
     def upload(values):
-        return [type("U", (), {"weights": torch.tensor(values), "num_samples": 1})()]
+        return [type("U", (), {"weights": torch.tensor(values), "num_samples": 1, "diverged": False})()]
 
     for schedulers, moves_alpha, moves_beta in [(("global",), True, False), (("server_local",), False, True)]:
         tuner = FedHyper(ClientConfig(lr=0.05), schedulers)
@@ -223,6 +223,9 @@ def test_fedhyper_schedulers_work_alone_and_scale_the_server_rate():
         assert (tuner.alpha != 1.0) == moves_alpha and (tuner.beta != 0.05) == moves_beta
         assert settings.lr == pytest.approx(tuner.alpha if moves_alpha else 1.0)
         assert tuner.configure(3, [0])[0].lr == pytest.approx(tuner.beta)
+        before = (tuner.alpha, tuner.beta)
+        tuner.server_settings(server, weights, [])  # a round where no client uploaded: no step
+        assert (tuner.alpha, tuner.beta) == before
     with pytest.raises(ValueError, match="schedulers"):
         FedHyper(ClientConfig(), ("server_side",))
 

@@ -107,9 +107,13 @@ class FedHyper(Tuner):
         self.previous = delta
 
     def server_settings(self, server, weights, updates):
-        delta = weighted_mean([u.weights for u in updates], [u.num_samples for u in updates]) - weights
-        if torch.isfinite(delta).all():
-            self.step(delta)
+        """The round's server settings, after a hypergradient step on the mean update of the
+        clients that uploaded a finite one (none in a round: no step)."""
+        finite = [u for u in updates if not u.diverged]
+        if finite:
+            delta = weighted_mean([u.weights for u in finite], [u.num_samples for u in finite]) - weights
+            if torch.isfinite(delta).all():
+                self.step(delta)
         return replace(server, lr=server.lr * self.alpha) if "global" in self.schedulers else server
 
     def observe(self, report):
