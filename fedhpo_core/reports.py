@@ -57,10 +57,10 @@ def partition_figure(histogram: np.ndarray, title: str) -> Figure:
 
 def round_metrics(report: RoundReport, evaluation: Evaluation) -> dict[str, float]:
     """One round's metrics (MLflow step = round): the global model's curves, the clients' mean
-    reports, the round's bytes and simulated time (and the run's simulated time so far), and what
-    only some runs have: the privacy spent, and the participants that dropped out, missed the
-    deadline or were left out for a non-finite upload (logged in the rounds where there were any).
-    Who took part, with which configuration, is a `ConfigTrajectory`."""
+    reports, the run's simulated time so far (each round's is its increase), and what only some
+    runs have: the privacy spent, and the participants that dropped out, missed the deadline or
+    were left out for a non-finite upload (logged in the rounds where there were any). Who took
+    part, with which configuration, is a `ConfigTrajectory`; the bytes sent are the run's total."""
     optional = {
         "epsilon": report.epsilon,
         "clients_dropped": len(report.plan.dropped) or None,
@@ -72,8 +72,6 @@ def round_metrics(report: RoundReport, evaluation: Evaluation) -> dict[str, floa
         "train_loss": report.train_loss,
         "client_val_loss": report.client_val_loss,
         "client_val_acc": report.client_val_acc,
-        "bytes_sent": report.bytes_sent,
-        "round_time_s": report.plan.seconds,
         "sim_time_s": report.sim_time_s,
     } | {k: v for k, v in optional.items() if v is not None}
 

@@ -48,9 +48,11 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
         bar().plan(settings.rounds)
 
         reached: list[float] = []  # the simulated time at which val_acc first reached target_acc
+        bytes_sent: list[int] = []
 
         def observe(report: RoundReport, evaluation: Evaluation) -> None:
             configs.record(report)
+            bytes_sent.append(report.bytes_sent)
             if settings.target_acc and not reached and evaluation.val_acc >= settings.target_acc:
                 reached.append(report.sim_time_s)
             tracker.log_metrics(round_metrics(report, evaluation), step=report.round)
@@ -77,6 +79,7 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
             "final_val_loss": final.val_loss,
             "final_test_loss": final.test_loss,
             "rounds_completed": result.state.round,
+            "total_bytes_sent": float(sum(bytes_sent)),
             "diverged": float(result.diverged),
             "wall_time_s": time.perf_counter() - started,
         }

@@ -132,12 +132,13 @@ def test_a_private_run_on_simulated_phones_logs_epsilon_time_and_who_was_left_ou
     assert {k: run.data.params[k] for k in private} == {k: str(v) for k, v in private.items()}
     history = {
         key: {m.step: m.value for m in mlflow_client.get_metric_history(run.info.run_id, key)}
-        for key in ("epsilon", "round_time_s", "sim_time_s", "clients_dropped", "clients_late", "val_acc")
+        for key in ("epsilon", "sim_time_s", "clients_dropped", "clients_late", "val_acc")
     }
     assert list(history["epsilon"]) == [1, 2, 3, 4] and history["epsilon"] == dict(sorted(history["epsilon"].items()))
     assert sorted(history["epsilon"].values()) == list(history["epsilon"].values())  # grows with rounds
-    assert all(seconds <= 1.0 for seconds in history["round_time_s"].values())  # the deadline
-    assert history["sim_time_s"][4] == pytest.approx(sum(history["round_time_s"].values()))
+    elapsed = [history["sim_time_s"][t] for t in range(1, 5)]
+    assert all(0 <= b - a <= 1.0 for a, b in zip([0.0, *elapsed], elapsed, strict=False))  # rounds within D
+    assert run.data.metrics["total_bytes_sent"] > 0
     assert history["clients_dropped"] or history["clients_late"]  # logged in the rounds that had any
     first = min(step for step, acc in history["val_acc"].items() if acc >= 0.05)
     assert run.data.metrics["time_to_target_s"] == history["sim_time_s"][first]
