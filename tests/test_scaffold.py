@@ -5,6 +5,7 @@ from dataclasses import fields, replace
 
 import pytest
 import torch
+from test_cohort import CONFIGS
 from torch.nn import functional as F
 
 from fedhpo_core.aggregators import ServerSettings
@@ -137,20 +138,12 @@ def test_engines_agree_on_a_corrected_round():
     """Nonzero controls with momentum, decay, FedProx, several batch sizes and epochs: the cohort's
     batched corrections (in `CohortSGD.update` and `update_product`) are the sequential engine's."""
     federation = digits_federation("scaffold")
-    configs = [
-        ClientConfig(lr=0.05),
-        ClientConfig(lr=0.1, momentum=0.9, batch_size=16),
-        ClientConfig(lr=0.02, weight_decay=1e-2, local_epochs=3),
-        ClientConfig(lr=0.08, mu=0.5, momentum=0.5, local_epochs=2),
-        ClientConfig(lr=0.03, weight_decay=1e-3, mu=0.1, batch_size=16),
-        ClientConfig(lr=0.05, batch_size=7, local_epochs=2),
-    ]
     generator = torch.Generator().manual_seed(1)
     x = federation.initial_state().weights
     server = 0.01 * torch.randn(len(x), generator=generator)
     jobs = [
         ClientJob(c, 1, config, 0, controls=Controls(0.01 * torch.randn(len(x), generator=generator), server))
-        for c, config in enumerate(configs)
+        for c, config in enumerate(CONFIGS)  # the cohort tests' clients, each training differently
     ]
     data = list(federation.data.clients)
     sequential = train_sequentially(federation.data.spec, x, jobs, data)
