@@ -28,6 +28,11 @@ from fedhpo_core.settings import SettingsError
 from fedhpo_core.stores import CONNECT_TIMEOUT_S, check_database, check_folder, one_line
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
+# MLflow 3's UI opens an experiment on its GenAI overview unless the URL asks for the model-training
+# view (the `workflowType` parameter; the experiment tag alone does not change the landing in 3.17).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+DESCRIPTION_TAG = "mlflow.note.content"  # a run's description: its Overview renders it as Markdown
 MAX_METRICS_PER_BATCH = 1000
 
 
@@ -149,7 +154,7 @@ class Tracker:
         if found := self.client.get_experiment_by_name(name):
             return found.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, tags=EXPERIMENT_KIND)
         except MlflowException:
             if found := self.client.get_experiment_by_name(name):
                 return found.experiment_id
@@ -197,6 +202,10 @@ class Tracker:
             self.log_figure(trajectory.figure(), "trajectory/client_hyperparameters.png")
         self.log_metric_history(trajectory.summaries())
 
+    def describe(self, markdown: str) -> None:
+        """The run's description, shown on its Overview."""
+        self.client.set_tag(self.run_id, DESCRIPTION_TAG, markdown)
+
     def set_tags(self, tags: Mapping[str, object]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
@@ -234,6 +243,13 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+def run_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A run's (or with no run, the experiment's) page in the MLflow UI at `base`, in the
+    model-training view."""
+    path = f"/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base.rstrip('/')}{path}?{MODEL_TRAINING_VIEW}"
 
 
 def load_state(uri: str, device: torch.device | str = "cpu") -> dict:

@@ -74,7 +74,7 @@ def train_command(args: argparse.Namespace) -> int:
     execution = _settings("train", ExecutionSettings, args)
     _check_stores("train")
     _check_data("train", settings)
-    from fedhpo_core.tracking import tracking_uri
+    from fedhpo_core.tracking import run_url, tracking_uri
     from flows.progress import live_bar
     from flows.training import federated_training
 
@@ -96,13 +96,13 @@ def train_command(args: argparse.Namespace) -> int:
     uri = tracking_uri()
     print(f"MLflow run {summary['run_id']} (experiment {settings.experiment!r}) in {uri}")
     print(f"Browse it: mlflow ui --backend-store-uri {uri}")
-    print(f"  then open http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs/{summary['run_id']}")
+    print(f"  then open {run_url('http://127.0.0.1:5000', summary['experiment_id'], summary['run_id'])}")
     return 0
 
 
 def tune_command(args: argparse.Namespace) -> int:
     from fedhpo_core.search.study import check_study, default_storage, limits_text, study_definition
-    from fedhpo_core.tracking import tracking_uri
+    from fedhpo_core.tracking import run_url, tracking_uri
 
     fixed = _settings("tune", TrainSettings, args)
     tune = _settings("tune", TuneSettings, args)
@@ -138,6 +138,7 @@ def tune_command(args: argparse.Namespace) -> int:
         print(f"Best configuration retrained for {tune.final_rounds} rounds: test_acc {summary['final_test_acc']:.4f}")
     print(f"Optuna study in {summary['storage']}; MLflow run {summary['run_id']} in {tracking_uri()}")
     print(f"Browse it: mlflow ui --backend-store-uri {tracking_uri()}")
+    print(f"  then open {run_url('http://127.0.0.1:5000', summary['experiment_id'], summary['run_id'])}")
     print(f"  and its trials, round by round: optuna-dashboard {summary['storage']} --host 127.0.0.1")
     return 0
 
@@ -167,7 +168,7 @@ def compare_command(args: argparse.Namespace) -> int:
 
     _check_stores("compare", tune.storage or default_storage(tracking_uri()))
     _check_data("compare", fixed)
-    from fedhpo_core.tracking import tracking_uri
+    from fedhpo_core.tracking import run_url, tracking_uri
     from flows.comparison import method_comparison
     from flows.progress import live_bar
 
@@ -187,6 +188,7 @@ def compare_command(args: argparse.Namespace) -> int:
     print(
         f"MLflow run {summary['run_id']} in {tracking_uri()}; browse it: mlflow ui --backend-store-uri {tracking_uri()}"
     )
+    print(f"  then open {run_url('http://127.0.0.1:5000', summary['experiment_id'], summary['run_id'])}")
     return 0
 
 

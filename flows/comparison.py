@@ -10,7 +10,7 @@ from prefect.runtime import flow_run
 from fedhpo_core.reports import comparison_figure, comparison_table, markdown_table, paired_differences
 from fedhpo_core.search.study import METHODS, TuneSettings
 from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
-from fedhpo_core.tracking import ROLE_TAG, Tracker
+from fedhpo_core.tracking import ROLE_TAG, Tracker, run_url
 from flows.interrupts import cooperative_interrupts
 from flows.progress import bar
 from flows.study import artifact_key, hpo_study
@@ -156,6 +156,7 @@ def method_comparison(
                             "final_test_acc": summary.get("final_test_acc", float("nan")),
                             "rounds_used": summary["rounds_used"],
                             "wall_time_s": summary["wall_time_s"],
+                            "run_id": summary["run_id"],
                         }
                         | {k: v for k, v in summary.items() if k in FINAL_COSTS}
                     )
@@ -175,13 +176,20 @@ def method_comparison(
         tracker.log_table(table.reset_index(), "comparison/table.csv")
         tracker.client.log_text(tracker.run_id, markdown_table(table), "comparison/table.md")
         tracker.log_figure(comparison_figure(results), "comparison/accuracy_vs_budget.png")
-        create_markdown_artifact(
+        studies = "\n".join(
+            f"- [{row['method']}, budget {row['budget']}, seed {row['seed']}]"
+            f"({run_url('', tracker.experiment_id, row['run_id'])}): final_test_acc {row['final_test_acc']:.4f}"
+            for row in rows
+        )
+        description = (
             f"### Method comparison `{flow_run.name}`\n\nTest accuracy of each study's retrained best configuration, "
             f"mean ± std over seeds {seeds}, and each method's difference from {reference} on the same seeds "
             f"(mean, 95% t-interval; `tie`: the interval holds 0); MLflow run `{tracker.run_id}`.\n\n"
-            f"{markdown_table(table)}",
-            key=artifact_key(f"comparison-{flow_run.name}"),
-            description="Method comparison",
+            f"{markdown_table(table)}\n\nStudies:\n\n{studies}"
+        )
+        tracker.describe(description)  # the run's Overview shows the comparison
+        create_markdown_artifact(
+            description, key=artifact_key(f"comparison-{flow_run.name}"), description="Method comparison"
         )
     return {
         "table": markdown_table(table),

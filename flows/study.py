@@ -43,13 +43,14 @@ def study_markdown(summary: dict, table: pd.DataFrame, tune: TuneSettings, top: 
         "| | |",
         "|---|---|",
         f"| best trial | {summary['best_trial']} |",
+        f"| best configuration | {summary.get('best_configuration', '-')} |",
         f"| rounds used | {summary['rounds_used']} of {tune.budget} |",
         f"| trials finished | {len(table)} |",
     ]
     if "best_val_score" in summary:
-        lines.insert(5, f"| best validation score | {summary['best_val_score']:.4f} |")
+        lines.insert(6, f"| best validation score | {summary['best_val_score']:.4f} |")
     else:
-        lines.insert(5, f"| best validation score | none within {limits_text(tune.search_method().limits)} |")
+        lines.insert(6, f"| best validation score | none within {limits_text(tune.search_method().limits)} |")
     if "final_test_acc" in summary:
         lines.append(f"| test accuracy, best retrained {tune.final_rounds} rounds | {summary['final_test_acc']:.4f} |")
     lines += [f"| MLflow run | `{summary['run_id']}` |", "", f"Best {min(top, len(table))} trials:", ""]
@@ -157,6 +158,7 @@ def run_study(
             configuration = Configuration(configuration_of(best))
             tracker.log_params({f"best.{k}": v for k, v in configuration.values.items()} | {"best.trial": best.number})
             summary |= {"best_trial": best.number, "best_val_score": best.values[0], **configuration.values}
+            summary["best_configuration"] = ", ".join(f"{k} {v}" for k, v in configuration.values.items())
         if best is not None and tune.final_rounds:
             final, costs = retrain(
                 data,
@@ -174,9 +176,9 @@ def run_study(
         summary |= {"rounds_used": budget.spent, "wall_time_s": time.perf_counter() - started}
         tracker.log_metrics({k: summary[k] for k in ("final_test_acc", "rounds_used", "wall_time_s") if k in summary})
         summary |= {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "storage": storage}
-        create_markdown_artifact(
-            study_markdown(summary, table, tune), key=artifact_key(f"study-{name}"), description=f"Study {name}"
-        )
+        description = study_markdown(summary, table, tune)
+        tracker.describe(description)  # the run's Overview says what the study found
+        create_markdown_artifact(description, key=artifact_key(f"study-{name}"), description=f"Study {name}")
         logger.info(
             "study %s: best trial %s %s; %d of %d rounds used",
             name,

@@ -8,6 +8,7 @@ import pytest
 import servers
 from mlflow import MlflowClient
 
+from fedhpo_core.tracking import run_url
 from flows.training import federated_training
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -60,3 +61,24 @@ def test_a_100_client_run_opens_on_its_learning_curves_with_a_bounded_set_of_met
     assert charts, "the run page drew no charts"
     assert len(charts) == len(keys[1]) and set(charts) == keys[1]  # a chart per metric, none per client
     assert set(charts[:2]) <= CURVES, charts  # the page opens on learning curves
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_comparison_opens_in_the_model_training_view_and_says_what_it_found(mlflow_server_url, monkeypatch, tmp_path):
+    from flows.comparison import method_comparison
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server_url)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    summary = method_comparison(
+        methods=["random", "tpe"], seeds=[0, 1], budgets=[4], n_configs=2, final_rounds=2,
+        storage=storage, train={"clients": 3, "experiment": "browse"},
+    )  # fmt: skip
+    experiment = rendered_page(run_url(mlflow_server_url, summary["experiment_id"]), tmp_path / "experiment")
+    assert "comparison-" in experiment  # the runs table, not the GenAI overview
+    comparison = rendered_page(
+        run_url(mlflow_server_url, summary["experiment_id"], summary["run_id"]), tmp_path / "comparison"
+    )
+    assert "Method comparison" in comparison and all(m in comparison for m in ("random", "tpe"))
+    study = summary["results"][0]
+    page = rendered_page(run_url(mlflow_server_url, summary["experiment_id"], study["run_id"]), tmp_path / "study")
+    assert "best configuration" in page and f"{study['final_test_acc']:.4f}" in page
