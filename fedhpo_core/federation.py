@@ -386,7 +386,7 @@ class Federation:
                 left_out,
                 self.epsilon(t),
             )
-            aggregated = [u for u in updates if u.client not in left_out]
+            aggregated = report.aggregated
             controls = state.controls_after(aggregated, [self.control_share(u.client) for u in aggregated])
             state = FederationState(t, weights, server_state, sim_time_s, *controls)
             evaluations.append(evaluation)
