@@ -316,12 +316,24 @@ def comparison_table(results: pd.DataFrame, reference: str | None = None) -> pd.
     return table[[c for b in dict.fromkeys(results.budget) for c in (f"budget {b}", f"budget {b}: vs {reference}")]]
 
 
+def comparison_winner(results: pd.DataFrame) -> pd.Series | None:
+    """The comparison's winner, one of `results`' rows (a study): of the method with the highest
+    mean `final_test_acc` at the largest budget (what the table ranks), the study whose retrained
+    model scored best on validation (`final_val_acc`: the model is chosen without the test set).
+    None when no study at that budget was retrained."""
+    largest = results[(results.budget == results.budget.max()) & results.final_test_acc.notna()]
+    if largest.empty:
+        return None
+    method = largest.groupby("method", sort=False).final_test_acc.mean().idxmax()
+    studies = largest[largest.method == method]
+    return studies.loc[studies.final_val_acc.idxmax()]
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     header = [table.index.name or "", *map(str, table.columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [
-        "| " + " | ".join([str(i), *map(str, row)]) + " |" for i, row in zip(table.index, table.values, strict=True)
-    ]
+    rows = zip(table.index, table.itertuples(index=False), strict=True)  # each column's own type: ints stay ints
+    lines += ["| " + " | ".join([str(i), *map(str, row)]) + " |" for i, row in rows]
     return "\n".join(lines) + "\n"
 
 

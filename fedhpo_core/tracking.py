@@ -7,6 +7,7 @@ to drain at the end than writing as we go. `MLFLOW_TRACKING_URI` chooses the sto
 default is `sqlite:///mlflow.db` in the working directory.
 """
 
+import json
 import os
 import socket
 import tempfile
@@ -206,6 +207,11 @@ class Tracker:
         """The run's description, shown on its Overview."""
         self.client.set_tag(self.run_id, DESCRIPTION_TAG, markdown)
 
+    def share_view(self, key: str, state: Mapping[str, object]) -> None:
+        """A view of the experiment's runs table (filter, columns, sort, grouping) that the UI opens
+        at `view_url(..., key)`: MLflow 3 keeps shared views as experiment tags."""
+        self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{key}", json.dumps(dict(state)))
+
     def set_tags(self, tags: Mapping[str, object]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
@@ -224,7 +230,7 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent))
         return f"runs:/{self.run_id}/{artifact_file}"
 
-    def log_model(self, model, input_example, name: str = "model") -> None:
+    def log_model(self, model, input_example, name: str = "model") -> str:
         """The model through `mlflow.pytorch.log_model` in its default 'pt2' format.
 
         pt2 needs `input_example` (without it the logged model ends FAILED) and fixes any example
@@ -234,22 +240,63 @@ class Tracker:
         if len(input_example) < 2:
             raise ValueError("input_example needs a batch of at least 2 so the batch size stays dynamic")
         with mlflow.start_run(run_id=self.run_id):  # so the model is filed under the run's experiment
-            mlflow.pytorch.log_model(
+            return mlflow.pytorch.log_model(
                 model,
                 name=name,
                 input_example=input_example,
                 pip_requirements=[f"torch=={torch_version()}"],
-            )
+            ).model_uri
+
+    def register_model(self, model_uri: str, name: str, tags: Mapping[str, object]) -> str:
+        """A new version of registered model `name` (created if missing) from a logged model, with
+        `tags` as version tags; the version's number."""
+        version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+        return str(version.version)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 
 
+def set_model_alias(name: str, alias: str, version: str) -> None:
+    """Point `alias` of registered model `name` at `version` (moved from any version it was on)."""
+    MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
+
+
+def ui_base() -> str:
+    """Where the MLflow UI of the tracking store is: the tracking server itself, else `mlflow ui`
+    started on the store (`browse_lines`)."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if urllib.parse.urlparse(uri).scheme in ("http", "https") else LOCAL_UI
+
+
 def run_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
-    """A run's (or with no run, the experiment's) page in the MLflow UI at `base`, in the
-    model-training view."""
+    """A run's (or with no run, the experiment's) page in the MLflow UI at `base` ('' for a link
+    within the UI), in the model-training view."""
     path = f"/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
     return f"{base.rstrip('/')}{path}?{MODEL_TRAINING_VIEW}"
+
+
+def view_url(base: str, experiment_id: str, key: str) -> str:
+    """The experiment's runs table in the shared view `key` (`Tracker.share_view`)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={key}&{MODEL_TRAINING_VIEW}"
+
+
+def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
+    """MLflow's compare view of these runs: a parallel-coordinates plot of the params that differ
+    between them (the first three, alphabetically) against a metric they share."""
+    runs, experiments = (urllib.parse.quote(json.dumps(v, separators=(",", ":"))) for v in (run_ids, [experiment_id]))
+    return f"{base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}&{MODEL_TRAINING_VIEW}"
+
+
+def browse_lines(experiment_id: str, run_id: str) -> list[str]:
+    """How to open a run in the MLflow UI: its URL, after starting `mlflow ui` where the store is local."""
+    url = run_url(ui_base(), experiment_id, run_id)
+    if ui_base() != LOCAL_UI:
+        return [f"Browse it: {url}"]
+    return [f"Browse it: mlflow ui --backend-store-uri {tracking_uri()}", f"  then open {url}"]
 
 
 def load_state(uri: str, device: torch.device | str = "cpu") -> dict:

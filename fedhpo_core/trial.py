@@ -4,8 +4,8 @@ they write. How a round's steps execute (`RoundSteps`) and what happens after ea
 (`on_round`: progress, stop requests) are given by the caller."""
 
 import math
-from collections.abc import Callable
-from dataclasses import fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import optuna
@@ -157,7 +157,7 @@ class TrialTrainer:
             return Tracker(self.fixed.experiment, run_id=run_id)
         tags = {ROLE_TAG: "trial", TRIAL_TAG: str(trial.number), STUDY_TAG: self.study_name}
         tracker = Tracker(self.fixed.experiment, f"trial-{trial.number}", tags, parent=self.study_run)
-        tracker.log_params({"trial": trial.number, **configuration.values})
+        tracker.log_params(configuration.values)  # only what differs between trials: the compare view plots them
         trial.set_user_attr(RUN_ATTR, tracker.run_id)
         return tracker
 
@@ -223,6 +223,36 @@ def align_trial_runs(tracker: Tracker, study: optuna.Study, name: str) -> None:
                     reopened.log_metrics(trial_metrics(result, rounds_used(trial)))
 
 
+@dataclass(frozen=True)
+class FinalRun:
+    """The best configuration retrained: its result, what it cost the system (`system_objectives`),
+    its MLflow run, and its model (None when it diverged) with the registered version, if any."""
+
+    result: FederationResult
+    costs: dict[str, float]
+    run_id: str
+    model_uri: str | None = None
+    model_version: str | None = None
+
+
+def final_markdown(about: Mapping[str, object], configuration: Configuration, final: FinalRun, registered: str) -> str:
+    """The final run's description: what was retrained, for how long, how good it is, where its model is."""
+    rows = dict(about) | {
+        "configuration": ", ".join(f"{k} {v}" for k, v in configuration.values.items()),
+        "rounds trained": len(final.result.evaluations),
+    }
+    if final.result.diverged:
+        rows["result"] = f"diverged at round {final.result.diverged_round}: no model"
+    else:
+        last = final.result.evaluations[-1]
+        rows |= {"validation accuracy": f"{last.val_acc:.4f}", "test accuracy": f"{last.test_acc:.4f}"}
+        rows["model"] = f"`{final.model_uri}`"
+    if final.model_version:
+        rows["registered"] = f"`models:/{registered}/{final.model_version}`"
+    lines = ["### Final run: the best configuration retrained from scratch", "", "| | |", "|---|---|"]
+    return "\n".join(lines + [f"| {k} | {v} |" for k, v in rows.items()]) + "\n"
+
+
 def retrain(
     data: FederatedData,
     fixed: TrainSettings,
@@ -232,16 +262,30 @@ def retrain(
     steps: RoundSteps,
     tuner: Tuner | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
-) -> tuple[FederationResult, dict[str, float]]:
+    about: Mapping[str, object] = {},  # noqa: B006 - read only
+    register_as: str | None = None,
+) -> FinalRun:
     """The best configuration from scratch for `rounds` rounds (driven by `tuner` if given), scored
-    on the test set; its model logged unless it diverged. Returns the result and what it cost the
-    system (`system_objectives`)."""
+    on the test set; its model logged unless it diverged, and registered as a version of
+    `register_as` if given, tagged with `about` (the method, the study), the seed and the
+    accuracies. The run's description says all of it."""
     with Tracker(fixed.experiment, "final", {ROLE_TAG: "final"}, parent=parent) as tracker:
         tracker.log_params(configuration.values | ({"scheduled_by": type(tuner).__name__} if tuner else {}))
         result, reports, _ = train_configuration(
             data, fixed, configuration, rounds, tracker, steps, tuner=tuner, on_round=on_round
         )
+        final = FinalRun(result, system_objectives(reports, fixed.target_acc), tracker.run_id)
         if not result.diverged:
             model = load_flat_weights(data.spec.build(), result.state.weights)
-            tracker.log_model(model, input_example=data.test[0][:8].cpu().numpy().astype(np.float32))
-    return result, system_objectives(reports, fixed.target_acc)
+            uri = tracker.log_model(model, input_example=data.test[0][:8].cpu().numpy().astype(np.float32))
+            final = replace(final, model_uri=uri)
+            if register_as:
+                last = result.evaluations[-1]
+                tags = dict(about) | {
+                    "seed": fixed.seed,
+                    "final_test_acc": last.test_acc,
+                    "final_val_acc": last.val_acc,
+                }
+                final = replace(final, model_version=tracker.register_model(uri, register_as, tags))
+        tracker.describe(final_markdown(about, configuration, final, register_as or ""))
+    return final

@@ -74,7 +74,7 @@ def train_command(args: argparse.Namespace) -> int:
     execution = _settings("train", ExecutionSettings, args)
     _check_stores("train")
     _check_data("train", settings)
-    from fedhpo_core.tracking import run_url, tracking_uri
+    from fedhpo_core.tracking import browse_lines, tracking_uri
     from flows.progress import live_bar
     from flows.training import federated_training
 
@@ -93,16 +93,14 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"Validation accuracy reached {settings.target_acc} after {summary['time_to_target_s']:.1f} simulated s")
     elif settings.target_acc:
         print(f"Validation accuracy did not reach {settings.target_acc}")
-    uri = tracking_uri()
-    print(f"MLflow run {summary['run_id']} (experiment {settings.experiment!r}) in {uri}")
-    print(f"Browse it: mlflow ui --backend-store-uri {uri}")
-    print(f"  then open {run_url('http://127.0.0.1:5000', summary['experiment_id'], summary['run_id'])}")
+    print(f"MLflow run {summary['run_id']} (experiment {settings.experiment!r}) in {tracking_uri()}")
+    print(*browse_lines(summary["experiment_id"], summary["run_id"]), sep="\n")
     return 0
 
 
 def tune_command(args: argparse.Namespace) -> int:
     from fedhpo_core.search.study import check_study, default_storage, limits_text, study_definition
-    from fedhpo_core.tracking import run_url, tracking_uri
+    from fedhpo_core.tracking import browse_lines, tracking_uri
 
     fixed = _settings("tune", TrainSettings, args)
     tune = _settings("tune", TuneSettings, args)
@@ -136,9 +134,10 @@ def tune_command(args: argparse.Namespace) -> int:
         )
     if "final_test_acc" in summary:
         print(f"Best configuration retrained for {tune.final_rounds} rounds: test_acc {summary['final_test_acc']:.4f}")
+    if "model_version" in summary:
+        print(f"Its model registered as models:/{tune.register_model}/{summary['model_version']}")
     print(f"Optuna study in {summary['storage']}; MLflow run {summary['run_id']} in {tracking_uri()}")
-    print(f"Browse it: mlflow ui --backend-store-uri {tracking_uri()}")
-    print(f"  then open {run_url('http://127.0.0.1:5000', summary['experiment_id'], summary['run_id'])}")
+    print(*browse_lines(summary["experiment_id"], summary["run_id"]), sep="\n")
     print(f"  and its trials, round by round: optuna-dashboard {summary['storage']} --host 127.0.0.1")
     return 0
 
@@ -168,7 +167,7 @@ def compare_command(args: argparse.Namespace) -> int:
 
     _check_stores("compare", tune.storage or default_storage(tracking_uri()))
     _check_data("compare", fixed)
-    from fedhpo_core.tracking import run_url, tracking_uri
+    from fedhpo_core.tracking import browse_lines, tracking_uri
     from flows.comparison import method_comparison
     from flows.progress import live_bar
 
@@ -185,10 +184,12 @@ def compare_command(args: argparse.Namespace) -> int:
         )
     print("final_test_acc, mean ± std over seeds, and the paired difference from the reference method:")
     print(summary["table"])
-    print(
-        f"MLflow run {summary['run_id']} in {tracking_uri()}; browse it: mlflow ui --backend-store-uri {tracking_uri()}"
-    )
-    print(f"  then open {run_url('http://127.0.0.1:5000', summary['experiment_id'], summary['run_id'])}")
+    if "champion" in summary:
+        print(f"Winner: {summary['champion']}")
+    if "champion_version" in summary:
+        print(f"Its model: models:/{tune.register_model}@champion (version {summary['champion_version']})")
+    print(f"MLflow run {summary['run_id']} in {tracking_uri()}")
+    print(*browse_lines(summary["experiment_id"], summary["run_id"]), sep="\n")
     return 0
 
 

@@ -6,18 +6,25 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from prefect.utilities.names import generate_slug
 
-from fedhpo_core.reports import comparison_figure, comparison_table, markdown_table, paired_differences
+from fedhpo_core.reports import (
+    comparison_figure,
+    comparison_table,
+    comparison_winner,
+    markdown_table,
+    paired_differences,
+)
 from fedhpo_core.search.study import METHODS, TuneSettings
 from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
-from fedhpo_core.tracking import ROLE_TAG, Tracker, run_url
+from fedhpo_core.tracking import ROLE_TAG, Tracker, run_url, set_model_alias, ui_base
 from flows.interrupts import cooperative_interrupts
 from flows.progress import bar
-from flows.study import artifact_key, hpo_study
+from flows.study import FINAL_COSTS, artifact_key, hpo_study
+from flows.training import run_parameters
 from tasks.training import dask_scheduler
 
-# What a study's final run cost besides rounds, kept in comparison/results.csv where a study has it.
-FINAL_COSTS = ("final_sim_time_s", "final_time_to_target_s", "final_epsilon")
+CHAMPION = "champion"  # the registered model's alias for the comparison winner's model
 
 
 def study_settings(tune: TuneSettings, method: str, budget: int) -> dict:
@@ -51,7 +58,44 @@ def check_comparison(
             TuneSettings(**study_settings(tune, method, budget)).check_with(fixed)
 
 
-@flow(name="method-comparison")
+def comparison_run_name() -> str:
+    """A comparison's flow run is named for its methods and dataset, and a random slug: its studies
+    are named after it, so two comparisons of the same methods never share a study."""
+    parameters = run_parameters(method_comparison.fn)
+    dataset = (parameters["train"] or {}).get("dataset", TrainSettings.dataset)
+    return f"{'-'.join(parameters['methods'])}-{dataset}-{generate_slug(2)}"
+
+
+def comparison_markdown(
+    name: str,
+    table: pd.DataFrame,
+    rows: list[dict],
+    reference: str,
+    seeds: list[int],
+    outcome: dict,
+    tracker: Tracker,
+    base: str = "",
+) -> str:
+    """The comparison table, its winner and a link to each study run in the MLflow UI at `base`
+    ('' within the MLflow UI): the run's description and the flow run's Markdown artifact."""
+    studies = "\n".join(
+        f"- [{row['method']}, budget {row['budget']}, seed {row['seed']}]"
+        f"({run_url(base, tracker.experiment_id, row['run_id'])}): final_test_acc {row['final_test_acc']:.4f}"
+        for row in rows
+    )
+    run = run_url(base, tracker.experiment_id, tracker.run_id)
+    winner = f"Winner: {outcome['champion']}" if "champion" in outcome else "No study was retrained."
+    if "champion_version" in outcome:
+        winner += f"; its model is version {outcome['champion_version']}, alias `{CHAMPION}`"
+    return (
+        f"### Method comparison `{name}`\n\nTest accuracy of each study's retrained best configuration, "
+        f"mean ± std over seeds {seeds}, and each method's difference from {reference} on the same seeds "
+        f"(mean, 95% t-interval; `tie`: the interval holds 0); [MLflow run]({run}).\n\n"
+        f"{markdown_table(table)}\n{winner}.\n\nStudies:\n\n{studies}\n"
+    )
+
+
+@flow(name="method-comparison", flow_run_name=comparison_run_name)
 def method_comparison(
     methods: list[str] = ["random", "hyperband", "tpe"],  # noqa: B006 - Prefect shows the default
     seeds: list[int] = [0, 1, 2],  # noqa: B006
@@ -66,6 +110,7 @@ def method_comparison(
     storage: str | None = None,
     workers: int = 1,
     max_epsilon: float = 0.0,
+    register_model: str | None = None,
     train: dict | None = None,
     task_runner: str = "thread",
     dask_address: str | None = None,
@@ -92,6 +137,8 @@ def method_comparison(
         storage: Optuna storage URL; default: optuna.db beside the MLflow store.
         workers: Trials trained at once in each study (random, grid, tpe, gp, multiobjective, asha, async-hyperband).
         max_epsilon: Privacy budget of every study: a trial that spent more epsilon is never the best (0: none).
+        register_model: Register every study's retrained best model as a version of this name in
+            MLflow's Model Registry; the winner's (`comparison_winner`) gets the alias `champion`.
         train: Fixed training settings (any parameter of federated-training).
         task_runner: thread (the round's clients in the flow's process) or dask (shares on a cluster).
         dask_address: Scheduler address of a running Dask cluster; default: start one local cluster
@@ -113,6 +160,7 @@ def method_comparison(
         storage=storage,
         workers=workers,
         max_epsilon=max_epsilon,
+        register_model=register_model,
     )
     execution = ExecutionSettings(task_runner, dask_address, dask_workers, engine, device)
     fixed = TrainSettings(**(train or {}))
@@ -154,9 +202,11 @@ def method_comparison(
                             "budget": budget,
                             "seed": seed,
                             "final_test_acc": summary.get("final_test_acc", float("nan")),
+                            "final_val_acc": summary.get("final_val_acc", float("nan")),
                             "rounds_used": summary["rounds_used"],
                             "wall_time_s": summary["wall_time_s"],
                             "run_id": summary["run_id"],
+                            "model_version": summary.get("model_version"),
                         }
                         | {k: v for k, v in summary.items() if k in FINAL_COSTS}
                     )
@@ -176,24 +226,25 @@ def method_comparison(
         tracker.log_table(table.reset_index(), "comparison/table.csv")
         tracker.client.log_text(tracker.run_id, markdown_table(table), "comparison/table.md")
         tracker.log_figure(comparison_figure(results), "comparison/accuracy_vs_budget.png")
-        studies = "\n".join(
-            f"- [{row['method']}, budget {row['budget']}, seed {row['seed']}]"
-            f"({run_url('', tracker.experiment_id, row['run_id'])}): final_test_acc {row['final_test_acc']:.4f}"
-            for row in rows
-        )
-        description = (
-            f"### Method comparison `{flow_run.name}`\n\nTest accuracy of each study's retrained best configuration, "
-            f"mean ± std over seeds {seeds}, and each method's difference from {reference} on the same seeds "
-            f"(mean, 95% t-interval; `tie`: the interval holds 0); MLflow run `{tracker.run_id}`.\n\n"
-            f"{markdown_table(table)}\n\nStudies:\n\n{studies}"
-        )
-        tracker.describe(description)  # the run's Overview shows the comparison
+        means = results.groupby(["method", "budget"], sort=False).final_test_acc.mean()
+        for (method, budget), mean in means.items():  # a chart per method: accuracy against budget
+            tracker.log_metrics({f"mean_final_test_acc/{method}": mean}, step=int(budget))
+        outcome = {}
+        if (winner := comparison_winner(results)) is not None:
+            tracker.log_params({"winner": winner.method})
+            outcome["champion"] = f"{winner.method}, budget {winner.budget}, seed {winner.seed}"
+            if register_model and winner.model_version:
+                set_model_alias(register_model, CHAMPION, winner.model_version)
+                outcome["champion_version"] = winner.model_version
+        tracker.describe(comparison_markdown(flow_run.name, table, rows, reference, seeds, outcome, tracker))
         create_markdown_artifact(
-            description, key=artifact_key(f"comparison-{flow_run.name}"), description="Method comparison"
+            comparison_markdown(flow_run.name, table, rows, reference, seeds, outcome, tracker, ui_base()),
+            key=artifact_key(f"comparison-{flow_run.name}"),
+            description="Method comparison",
         )
     return {
         "table": markdown_table(table),
         "results": rows,
         "run_id": tracker.run_id,
         "experiment_id": tracker.experiment_id,
-    }
+    } | outcome

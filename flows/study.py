@@ -23,10 +23,20 @@ from fedhpo_core.search.study import (
     study_definition,
 )
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
-from fedhpo_core.tracking import ROLE_TAG, STUDY_TAG, Tracker, tracking_uri
+from fedhpo_core.tracking import (
+    ROLE_TAG,
+    STUDY_TAG,
+    Tracker,
+    compare_url,
+    run_url,
+    tracking_uri,
+    ui_base,
+    view_url,
+)
 from fedhpo_core.trial import TrialTrainer, align_trial_runs, retrain
 from flows.interrupts import cooperative_interrupts
 from flows.progress import StudyProgress
+from flows.training import run_parameters
 from tasks.training import load_data, partition_data, round_steps
 
 
@@ -35,28 +45,65 @@ def artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
 
 
-def study_markdown(summary: dict, table: pd.DataFrame, tune: TuneSettings, top: int = 10) -> str:
-    """The study's summary and its best trials, for a Prefect Markdown artifact."""
-    lines = [
-        f"### Study `{summary['study_name']}`: {tune.method}, budget {tune.budget} rounds",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| best trial | {summary['best_trial']} |",
-        f"| best configuration | {summary.get('best_configuration', '-')} |",
-        f"| rounds used | {summary['rounds_used']} of {tune.budget} |",
-        f"| trials finished | {len(table)} |",
-    ]
-    if "best_val_score" in summary:
-        lines.insert(6, f"| best validation score | {summary['best_val_score']:.4f} |")
+def study_markdown(summary: dict, table: pd.DataFrame, tune: TuneSettings, base: str = "", top: int = 10) -> str:
+    """The study's summary and its best trials, with links to its MLflow runs in the UI at `base`
+    ('' within the MLflow UI): the run's description and the flow run's Markdown artifact."""
+
+    def link(text: str, run_id: str) -> str:
+        return f"[{text}]({run_url(base, summary['experiment_id'], run_id)})"
+
+    trials = compare_url(base, summary["experiment_id"], summary["trial_run_ids"])
+    rows = {
+        "study": link(summary["study_name"], summary["run_id"]),
+        "method": tune.method,
+        "rounds used": f"{summary['rounds_used']} of {tune.budget}",
+        "trials finished": f"{len(table)} ([compared]({trials}): hyperparameters against score)",
+    }
+    if summary["best_trial"] is None:
+        rows["best validation score"] = f"none within {limits_text(tune.search_method().limits)}"
     else:
-        lines.insert(6, f"| best validation score | none within {limits_text(tune.search_method().limits)} |")
+        rows["best trial"] = link(f"trial {summary['best_trial']}", summary["best_trial_run_id"])
+        rows["best configuration"] = summary["best_configuration"]
+        rows["best validation score"] = f"{summary['best_val_score']:.4f}"
     if "final_test_acc" in summary:
-        lines.append(f"| test accuracy, best retrained {tune.final_rounds} rounds | {summary['final_test_acc']:.4f} |")
-    lines += [f"| MLflow run | `{summary['run_id']}` |", "", f"Best {min(top, len(table))} trials:", ""]
+        retrained = link(f"best retrained {tune.final_rounds} rounds", summary["final_run_id"])
+        rows[f"test accuracy, {retrained}"] = f"{summary['final_test_acc']:.4f}"
+    if "model_version" in summary:
+        rows["registered model"] = f"`models:/{tune.register_model}/{summary['model_version']}`"
+    lines = [f"### Study: {tune.method}, budget {tune.budget} rounds", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows.items()]
+    studies = view_url(base, summary["experiment_id"], STUDIES_VIEW)
+    lines += ["", f"[All studies of the experiment]({studies}), grouped by method, the best test accuracy first."]
+    lines += ["", f"Best {min(top, len(table))} trials:", ""]
     columns = ["value", "rounds_used", *(c for c in table.columns if c.startswith("params_"))]
     best = table.sort_values("value", ascending=False).head(top)[columns]
+    best = best.round({"value": 4}).astype({"rounds_used": int}).rename(columns={"value": "validation score"})
     return "\n".join(lines) + "\n" + markdown_table(best.rename(columns=lambda c: c.removeprefix("params_")))
+
+
+# What a final run cost besides rounds, as the study run's metrics `final_<cost>` where it has them
+# (and a comparison's columns).
+SHOWN_COSTS = ("sim_time_s", "time_to_target_s", "epsilon")
+FINAL_COSTS = tuple(f"final_{k}" for k in SHOWN_COSTS)
+# The task a study tunes for, as params of its run (the runs table groups and filters on them); the
+# other fixed settings are params `fixed.<name>`.
+TASK_PARAMS = ("dataset", "model", "partition", "alpha", "clients", "seed")
+# The experiment's runs table as a comparison of its studies: grouped by method, the most accurate first.
+STUDIES_VIEW = "fedhpo-studies"
+
+
+def studies_view() -> dict:
+    """The shared view `STUDIES_VIEW` (`Tracker.share_view`): study runs, their method, budget,
+    seed and dataset beside what they found (a screen wide; the other task params filter)."""
+    columns = [f"params.`{name}`" for name in ("method", "budget", "seed", "dataset")]
+    columns += [f"metrics.`{name}`" for name in ("final_test_acc", "best_val_score", "rounds_used")]
+    return {
+        "searchFilter": f"tags.`{ROLE_TAG}` = 'study'",
+        "selectedColumns": columns,
+        "orderByKey": "metrics.`final_test_acc`",
+        "orderByAsc": False,
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": "method"}]},
+    }
 
 
 def run_study(
@@ -89,9 +136,13 @@ def run_study(
         if parent_id is None:
             if RUN_ATTR not in study.user_attrs:
                 study.set_user_attr(RUN_ATTR, tracker.run_id)
+            tracker.share_view(STUDIES_VIEW, studies_view())
+            fixed_values = asdict(fixed)
             tracker.log_params(
-                {**asdict(tune), **{f"fixed.{k}": v for k, v in asdict(fixed).items()}, "storage": storage}
-                | {"study_name": name, "seed": fixed.seed}
+                asdict(tune)
+                | {k: fixed_values[k] for k in TASK_PARAMS}
+                | {f"fixed.{k}": v for k, v in fixed_values.items() if k not in TASK_PARAMS}
+                | {"storage": storage, "study_name": name}
                 | {f"execution.{k}": v for k, v in asdict(execution).items()}
             )
         progress = StudyProgress(study, tune.budget)
@@ -134,9 +185,6 @@ def run_study(
 
         table = study_table(study, method.objectives if len(study.directions) > 1 else ())
         tracker.log_table(table, "study/trials.csv")
-        for number, row in table.iterrows():
-            values = {f"config/{k.removeprefix('params_')}": v for k, v in row.items() if k.startswith("params_")}
-            tracker.log_metrics({**values, "trial_score": row["value"]}, step=int(number))
         for artifact, figure in study_figures(table, space.parameters(tune.scope, fixed.clients)).items():
             tracker.log_figure(figure, f"study/{artifact}")
         importances = importance_table(study, fixed.seed)
@@ -159,8 +207,9 @@ def run_study(
             tracker.log_params({f"best.{k}": v for k, v in configuration.values.items()} | {"best.trial": best.number})
             summary |= {"best_trial": best.number, "best_val_score": best.values[0], **configuration.values}
             summary["best_configuration"] = ", ".join(f"{k} {v}" for k, v in configuration.values.items())
+            summary["best_trial_run_id"] = best.user_attrs.get(RUN_ATTR)
         if best is not None and tune.final_rounds:
-            final, costs = retrain(
+            final = retrain(
                 data,
                 fixed,
                 configuration,
@@ -169,16 +218,28 @@ def run_study(
                 steps,
                 method.final_tuner(fixed),
                 lambda _: stop.check(),
+                about={"method": tune.method, "study": name},
+                register_as=tune.register_model,
             )
-            summary["final_test_acc"] = final.evaluations[-1].test_acc
-            shown = ("sim_time_s", "time_to_target_s", "epsilon")  # what a comparison shows beside accuracy
-            summary |= {f"final_{k}": costs[k] for k in shown if k in costs}
-        summary |= {"rounds_used": budget.spent, "wall_time_s": time.perf_counter() - started}
-        tracker.log_metrics({k: summary[k] for k in ("final_test_acc", "rounds_used", "wall_time_s") if k in summary})
+            last = final.result.evaluations[-1]
+            summary |= {"final_test_acc": last.test_acc, "final_val_acc": last.val_acc, "final_run_id": final.run_id}
+            summary |= {f"final_{k}": final.costs[k] for k in SHOWN_COSTS if k in final.costs}
+            if final.model_version:
+                summary["model_version"] = final.model_version
+        summary |= {"rounds_used": budget.spent, "trials_finished": len(table)}
+        ran = [t for t in study.trials if t.number in table.index and RUN_ATTR in t.user_attrs]
+        summary["trial_run_ids"] = [t.user_attrs[RUN_ATTR] for t in ran]
+        summary["wall_time_s"] = time.perf_counter() - started
+        # The run's metrics are what the study found (the best first, alphabetically), never the last trial's.
+        found = ("best_val_score", "final_test_acc", "final_val_acc", "rounds_used", "trials_finished", "wall_time_s")
+        tracker.log_metrics({k: summary[k] for k in (*found, *FINAL_COSTS) if k in summary})
         summary |= {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "storage": storage}
-        description = study_markdown(summary, table, tune)
-        tracker.describe(description)  # the run's Overview says what the study found
-        create_markdown_artifact(description, key=artifact_key(f"study-{name}"), description=f"Study {name}")
+        tracker.describe(study_markdown(summary, table, tune))  # the run's Overview says what the study found
+        create_markdown_artifact(
+            study_markdown(summary, table, tune, ui_base()),
+            key=artifact_key(f"study-{name}"),
+            description=f"Study {name}",
+        )
         logger.info(
             "study %s: best trial %s %s; %d of %d rounds used",
             name,
@@ -190,7 +251,16 @@ def run_study(
     return summary
 
 
-@flow(name="hpo-study")
+def study_run_name() -> str:
+    """A study's flow run is named for what it tunes (method, dataset, budget, seed): a week of
+    scheduled runs reads apart in the Prefect UI."""
+    parameters = run_parameters(hpo_study.fn)
+    train = parameters["train"] or {}
+    dataset, seed = train.get("dataset", TrainSettings.dataset), train.get("seed", TrainSettings.seed)
+    return f"{parameters['method']}-{dataset}-b{parameters['budget']}-s{seed}"
+
+
+@flow(name="hpo-study", flow_run_name=study_run_name)
 def hpo_study(
     method: str = "tpe",
     budget: int = 30,
@@ -209,6 +279,7 @@ def hpo_study(
     schedulers: str = "global,server_local,client_local",
     objectives: str = "bytes_sent,client_compute_samples,unfairness",
     max_epsilon: float = 0.0,
+    register_model: str | None = None,
     train: dict | None = None,
     task_runner: str = "thread",
     dask_address: str | None = None,
@@ -240,6 +311,8 @@ def hpo_study(
         objectives: The multiobjective method's costs to minimize beside accuracy, comma-separated: bytes_sent,
             client_compute_samples, unfairness, sim_time_s, time_to_target_s, epsilon.
         max_epsilon: Privacy budget: a trial that spent more epsilon is never the best (0: none).
+        register_model: Register the retrained best model as a version of this name in MLflow's
+            Model Registry (tagged with the method, study, seed and test accuracy).
         train: Fixed training settings (any parameter of federated-training).
         task_runner: thread (the round's clients in the flow's process) or dask (shares on a cluster).
         dask_address: Scheduler address of a running Dask cluster; default: start a local one.

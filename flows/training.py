@@ -1,11 +1,13 @@
 """The `federated-training` flow: partition, train round by round, evaluate, track in MLflow."""
 
+import inspect
 import time
 from dataclasses import asdict, fields
 
 import numpy as np
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.utilities.names import generate_slug
 
 from fedhpo_core.federation import Evaluation, FederatedData, Federation, RoundReport
 from fedhpo_core.models import load_flat_weights
@@ -17,6 +19,20 @@ from fedhpo_core.tuners import FixedConfig
 from flows.interrupts import cooperative_interrupts
 from flows.progress import bar
 from tasks.training import load_data, partition_data, round_steps
+
+
+def run_parameters(flow_function) -> dict:
+    """The current flow run's parameters over the flow function's defaults (a deployment's run
+    holds only those it was given)."""
+    defaults = {name: p.default for name, p in inspect.signature(flow_function).parameters.items()}
+    return defaults | flow_run.parameters
+
+
+def training_run_name() -> str:
+    """A training's flow run (and MLflow run) is named for its dataset, model and seed, and a random
+    slug: a week of scheduled runs reads apart in the Prefect UI."""
+    parameters = run_parameters(federated_training.fn)
+    return f"{parameters['dataset']}-{parameters['model']}-s{parameters['seed']}-{generate_slug(2)}"
 
 
 def partition_title(settings: TrainSettings) -> str:
@@ -101,7 +117,7 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
     }
 
 
-@flow(name="federated-training")
+@flow(name="federated-training", flow_run_name=training_run_name)
 def federated_training(
     dataset: str = "digits",
     data_root: str = "data",

@@ -200,6 +200,7 @@ def test_deploy_all_then_a_worker_runs_a_deployment_into_mlflow(prefect_api_url,
         flow_run = client.read_flow_run(flow_run_id)
         assert flow_run.state.type == StateType.COMPLETED
         assert flow_run.parameters == {"dataset": "digits", "clients": 10, "rounds": 2}
+        assert flow_run.name.startswith("digits-mlp-s0-")  # named for its parameters, then a random slug
         assert flow_run.deployment_id == client.read_deployment_by_name("federated-training/digits").id
 
         # The server's scheduler turns the nightly cron into scheduled runs of the comparison.

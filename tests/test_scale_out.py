@@ -17,6 +17,7 @@ from fedhpo_core.search.halving import plan_rungs
 from fedhpo_core.search.space import SearchSpace
 from fedhpo_core.search.study import METHODS, open_study, run_search
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
+from fedhpo_core.tracking import run_url
 from flows.comparison import method_comparison
 from flows.study import artifact_key, hpo_study
 from flows.training import federated_training
@@ -274,7 +275,8 @@ def test_a_study_and_a_comparison_leave_progress_and_markdown_summaries_in_prefe
     artifacts = artifacts_of(state.state_details.flow_run_id)
     [markdown] = artifacts["markdown"]
     assert markdown["key"] == "study-artifact-study" == artifact_key("study-Artifact Study!")
-    assert f"| best trial | {summary['best_trial']} |" in markdown["data"]
+    best_run = run_url("http://127.0.0.1:5000", summary["experiment_id"], summary["best_trial_run_id"])  # `mlflow ui`
+    assert f"| best trial | [trial {summary['best_trial']}]({best_run}) |" in markdown["data"]
     assert "| rounds used | 4 of 4 |" in markdown["data"] and f"{summary['final_test_acc']:.4f}" in markdown["data"]
     [progress] = artifacts["progress"]
     assert progress["data"] == 100.0  # 4 of 4 rounds

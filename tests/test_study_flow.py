@@ -32,8 +32,13 @@ def test_study_leaves_a_parent_run_a_child_per_trial_and_a_final_run(mlflow_clie
     parent = mlflow_client.get_run(summary["run_id"])
     assert parent.data.tags["fedhpo.role"] == "study"
     assert parent.data.params["method"] == "random" and parent.data.params["budget"] == "6"
-    assert {"final_test_acc", "rounds_used", "wall_time_s"} <= set(parent.data.metrics)
-    assert "best.lr" in parent.data.params
+    task = {"dataset": "digits", "model": "mlp", "partition": "iid", "clients": "3", "seed": "0"}
+    assert task.items() <= parent.data.params.items() and "fixed.lr" in parent.data.params
+    # What the study found, never the last trial's configuration under a name that reads like a result.
+    found = {"best_val_score", "final_test_acc", "final_val_acc", "rounds_used", "trials_finished", "wall_time_s"}
+    assert set(parent.data.metrics) == found | {"final_sim_time_s"}
+    assert parent.data.metrics["best_val_score"] == summary["best_val_score"]
+    assert parent.data.metrics["trials_finished"] == 3 and "best.lr" in parent.data.params
 
     children = mlflow_client.search_runs(
         [summary["experiment_id"]], f"tags.`mlflow.parentRunId` = '{summary['run_id']}'"
@@ -54,8 +59,11 @@ def test_study_leaves_a_parent_run_a_child_per_trial_and_a_final_run(mlflow_clie
         assert trial.user_attrs["mlflow_run_id"] == trial_runs[str(trial.number)]
         assert sorted(trial.intermediate_values) == [1, 2] and trial.intermediate_values[2] == trial.value
 
-    trajectory = mlflow_client.get_metric_history(summary["run_id"], "config/lr")
-    assert sorted(m.step for m in trajectory) == [0, 1, 2]
+    (final,) = [r for r in children if r.data.tags["fedhpo.role"] == "final"]
+    description = final.data.tags["mlflow.note.content"]
+    assert f"| test accuracy | {summary['final_test_acc']:.4f} |" in description
+    assert "| rounds trained | 2 |" in description
+    assert f"| study | {summary['study_name']} |" in description and "| method | random |" in description
     artifacts = {a.path for a in mlflow_client.list_artifacts(summary["run_id"], "study")}
     assert artifacts == {
         "study/trials.csv",
@@ -106,6 +114,11 @@ BAD_TUNE = {
     ),
     "unknown fedhyper scheduler": (["--method", "fedhyper", "--schedulers", "global,local"], "scheduler 'local'"),
     "fedhyper's option with another method": (["--schedulers", "global"], "an option of fedhyper, not of tpe"),
+    "a model name the registry refuses": (["--register-model", "team/model"], "'team/model' is not a model name"),
+    "registering without a final model": (
+        ["--register-model", "m", "--final-rounds", "0"],
+        "register_model needs final_rounds >= 1",
+    ),
 }
 
 
@@ -250,6 +263,7 @@ def test_comparison_pairs_methods_on_seeds_and_tabulates_them(mlflow_client, tmp
         (["--methods", "random,annealing"], "unknown method 'annealing'"),
         (["--budgets", "30,5"], "smaller than one round per configuration"),
         (["--seeds", ""], "at least one value"),
+        (["--register-model", "a:b"], "'a:b' is not a model name"),
     ],
 )
 def test_bad_compare_input_fails_fast_with_one_line(flags, message, capsys, tmp_path, monkeypatch):

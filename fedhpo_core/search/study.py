@@ -126,6 +126,9 @@ class TuneSettings:
         ",".join(DEFAULT_COSTS), "multiobjective's costs to minimize beside accuracy, any of: " + ", ".join(COSTS)
     )
     max_epsilon: float = setting(0.0, "privacy budget: a trial that spent more epsilon is never the best (0: none)")
+    register_model: str | None = setting(
+        None, "register the retrained best model as a version of this name in MLflow's Model Registry"
+    )
 
     def __post_init__(self):
         if self.method in RENAMED:
@@ -164,6 +167,12 @@ class TuneSettings:
                 raise SettingsError(f"{option} is an option of {METHOD_OPTIONS[option]}, not of {self.method}")
         if self.max_epsilon < 0 or not math.isfinite(self.max_epsilon):
             raise SettingsError(f"max_epsilon must be a number >= 0, got {self.max_epsilon}")
+        if self.register_model is not None:
+            if not self.register_model.strip() or any(c in self.register_model for c in "/:"):
+                # what MLflow's Model Registry refuses, said before any work (not after the study)
+                raise SettingsError(f"register_model: {self.register_model!r} is not a model name (empty, '/' or ':')")
+            if not self.final_rounds:
+                raise SettingsError("register_model needs final_rounds >= 1: the retrained best model is registered")
         self.search_method().check_budget(self.budget, self.n_configs)
 
     def check_with(self, fixed: TrainSettings) -> None:
