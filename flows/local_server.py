@@ -111,7 +111,8 @@ def start(home: Path) -> str:
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
-            env=SERVER_ENVIRONMENT | os.environ,
+            # its UI calls this server's API (by default it would call port 4200's)
+            env=SERVER_ENVIRONMENT | {"PREFECT_SERVER_UI_API_URL": f"{url}/api"} | os.environ,
             start_new_session=True,
         )
     (home / "fedhpo-server.json").write_text(json.dumps({"pid": process.pid, "url": url}))

@@ -1,11 +1,13 @@
 """Start-up: the warm runner that runs `fedhpo` commands and the local Prefect server they share,
 with real processes and real signals."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -62,7 +64,9 @@ def test_two_commands_started_together_on_a_fresh_machine_both_run(tmp_path):
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
 
     state = tmp_path / "prefect-home" / "fedhpo-server.json"
-    assert state.exists()
+    url = json.loads(state.read_text())["url"]  # the server's UI talks to the server's own API
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"{url}/ui-settings", timeout=10) as answer:
+        assert json.load(answer)["api_url"] == f"{url}/api"
     stopped = subprocess.run([FEDHPO, "server", "stop"], env=env, capture_output=True, text=True, timeout=60)
     assert stopped.returncode == 0 and "Stopped the local Prefect server" in stopped.stdout, stopped.stdout
     assert "Stopped the warm runner" in stopped.stdout and not state.exists()
@@ -77,7 +81,7 @@ def test_the_runner_passes_on_exit_status_and_signals_and_stops_a_command_whose_
     output = bad.communicate(timeout=300)[0]
     assert bad.returncode == 2 and output == "fedhpo train: error: seed must be >= 0, got -1\n", output
 
-    runner_pid = int(__import__("json").loads(warm.address().with_suffix(".json").read_text())["pid"])
+    runner_pid = int(json.loads(warm.address().with_suffix(".json").read_text())["pid"])
     for how in (signal.SIGINT, signal.SIGKILL):
         process = fedhpo("train", "--rounds", "100000", *SMALL, cwd=tmp_path)
         wait_for_line(process, "round 2/")
