@@ -247,15 +247,19 @@ def test_a_bracket_interrupted_mid_way_ends_as_if_it_had_not_been():
     assert summary == [(t.params, t.state, t.values, t.user_attrs[ROUNDS_ATTR]) for t in whole.trials]
 
 
-def test_a_promoted_trial_killed_inside_its_record_continues_from_the_state_it_recorded(tmp_path, monkeypatch):
+@pytest.mark.parametrize("rung", [1, 2])
+def test_a_promoted_trial_killed_inside_its_record_continues_from_the_state_it_recorded(rung, tmp_path, monkeypatch):
+    """Killed inside the record of its training to `rung`: the middle one (it trains on), the
+    last (it is told, and shows the rounds it recorded)."""
     whole, _, _ = search("sha", budget=60, n_configs=9)
     winner = max(whole.trials, key=lambda t: t.values[0]).number
     storage, store = f"sqlite:///{tmp_path / 'optuna.db'}", {}
     shown = base_module.show_result
+    rungs = plan_rungs(9, 60)
 
     def die_after_the_winners_promotion(trial, result, used):
-        if trial.number == winner and used == plan_rungs(9, 60)[1].rounds:
-            raise SystemExit(-9)  # its result is written; its separate attributes still name round 2
+        if trial.number == winner and used == rungs[rung].rounds:
+            raise SystemExit(-9)  # its result is written; its separate attributes still name the rung before
         shown(trial, result, used)
 
     with monkeypatch.context() as patch:
@@ -265,7 +269,10 @@ def test_a_promoted_trial_killed_inside_its_record_continues_from_the_state_it_r
             search("sha", budget=60, n_configs=9, trainer=FakeTrainer(store=store), storage=storage)
     resumed = FakeTrainer(store=store)
     study, spent, _ = search("sha", budget=60, n_configs=9, storage=storage, resume=True, trainer=resumed)
-    assert resumed.calls[-1] == (winner, 12, 6)  # from the round-6 state it recorded, not round 2's
+    if rung + 1 < len(rungs):  # from the state it recorded (round 6), not the rung before's (round 2)
+        assert resumed.calls[-1] == (winner, rungs[rung + 1].rounds - rungs[rung].rounds, rungs[rung].rounds)
+    else:
+        assert winner not in {number for number, _, _ in resumed.calls}
     assert spent.spent == plan_cost(plan_rungs(9, 60))
     summary = [(t.params, t.state, t.values, t.user_attrs[ROUNDS_ATTR]) for t in study.trials]
     assert summary == [(t.params, t.state, t.values, t.user_attrs[ROUNDS_ATTR]) for t in whole.trials]

@@ -140,10 +140,12 @@ class SearchContext:
 
     def complete(self, trial: optuna.trial.Trial, result: TrialResult) -> None:
         """Tell the study a trained trial's values."""
+        show_recorded(trial)
         finish_trial(self.study, trial, result, self.method)
 
     def prune(self, trial: optuna.trial.Trial) -> None:
         """Tell the study the trial stopped early (its rounds stay charged)."""
+        show_recorded(trial)
         self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
 
 
@@ -256,6 +258,15 @@ def show_result(trial: optuna.trial.Trial, result: TrialResult, used: int) -> No
     trial.set_user_attr(DIVERGED_ATTR, result.diverged)
     if result.checkpoint:
         trial.set_user_attr(CHECKPOINT_ATTR, result.checkpoint)
+
+
+def show_recorded(trial: optuna.trial.Trial) -> None:
+    """The recorded result's attributes shown again where they lag behind it: a kill between
+    `record_result`'s writes leaves the trial's last training recorded but not shown, and a
+    resumed method tells such a trial without training it again."""
+    result = recorded_result(trial)
+    if result is not None and trial.user_attrs.get(ROUNDS_ATTR) != rounds_used(trial):
+        show_result(trial, result, rounds_used(trial))
 
 
 def finish_trial(study: optuna.Study, trial: optuna.trial.Trial, result: TrialResult, method: SearchMethod) -> None:
