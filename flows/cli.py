@@ -193,7 +193,7 @@ def compare_command(args: argparse.Namespace) -> int:
     return 0
 
 
-LOCAL_SERVER_RETRIES = 1
+LOCAL_SERVER_RETRIES = 3
 # Set per study by the comparison; fedhyper is compared with all its schedulers, multiobjective
 # with its default costs.
 COMPARISON_SKIPS = ("method", "budget", "study_name", "resume", "join", "schedulers", "objectives")
@@ -288,8 +288,10 @@ def local_prefect():
 
     # Heartbeats let a server mark crashed runs, but joining the heartbeat thread added up to a
     # second to every flow run; runs against a server of the user's own keep them. A server on
-    # this machine that refuses a connection is gone, not slow: one retry, not five with backoff
-    # (which held a run whose server was stopped for ~3 minutes of retries).
+    # this machine that refuses a connection is gone, not slow, while one that answers 503 is busy
+    # (its SQLite database locked by the commands sharing it, seen in CI): three retries (2, 4, 8 s)
+    # ride out the busy server, not Prefect's five (which held a run whose server was stopped for ~3
+    # minutes of retries).
     updates = {
         PREFECT_API_URL: local_server.api_url(),
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
