@@ -238,7 +238,7 @@ class FinalRun:
 def final_markdown(about: Mapping[str, object], configuration: Configuration, final: FinalRun, registered: str) -> str:
     """The final run's description: what was retrained, for how long, how good it is, where its model is."""
     rows = dict(about) | {
-        "configuration": ", ".join(f"{k} {v}" for k, v in configuration.values.items()),
+        "configuration": configuration.text(),
         "rounds trained": len(final.result.evaluations),
     }
     if final.result.diverged:

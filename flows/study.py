@@ -206,7 +206,7 @@ def run_study(
             configuration = Configuration(configuration_of(best))
             tracker.log_params({f"best.{k}": v for k, v in configuration.values.items()} | {"best.trial": best.number})
             summary |= {"best_trial": best.number, "best_val_score": best.values[0], **configuration.values}
-            summary["best_configuration"] = ", ".join(f"{k} {v}" for k, v in configuration.values.items())
+            summary["best_configuration"] = configuration.text()
             summary["best_trial_run_id"] = best.user_attrs.get(RUN_ATTR)
         if best is not None and tune.final_rounds:
             final = retrain(

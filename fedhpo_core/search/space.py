@@ -150,6 +150,10 @@ class Configuration:
 
     values: Mapping[str, object]  # Optuna parameter name -> value
 
+    def text(self) -> str:
+        """The configuration as users read it: 'lr 0.1, weight_decay 0.0001'."""
+        return ", ".join(f"{k} {v}" for k, v in self.values.items())
+
     def settings(self, fixed: TrainSettings) -> TrainSettings:
         """The fixed settings with the global (and server) values of this configuration."""
         global_values = {k: v for k, v in self.values.items() if "/" not in k}
