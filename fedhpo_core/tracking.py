@@ -5,16 +5,23 @@ in SQLite here, about the same per row whether batched per round or per run, and
 asynchronous logging left a backlog that competed with training for the cores and took longer
 to drain at the end than writing as we go. `MLFLOW_TRACKING_URI` chooses the store; MLflow's
 default is `sqlite:///mlflow.db` in the working directory.
+
+Every write goes through the store's `Outbox`: with a tracking server, writes made while it is
+away are kept (in memory, then in a spool folder) and sent in order when it is back; calls that
+need its answer (a new run, a read) wait for it. MLflow's own retries are shortened to a few
+seconds (`MLFLOW_RETRIES`; the user's settings win): the outbox rides out longer outages.
 """
 
+import contextlib
 import json
+import logging
 import os
 import socket
 import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import mlflow
@@ -22,9 +29,12 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
+from requests.exceptions import ConnectionError as RequestsConnectionError
+from requests.exceptions import HTTPError, RetryError, Timeout
 
 from fedhpo_core.locking import file_lock
+from fedhpo_core.outbox import Outbox, replay_spools
 from fedhpo_core.settings import SettingsError
 from fedhpo_core.stores import CONNECT_TIMEOUT_S, check_database, check_folder, one_line
 
@@ -72,6 +82,16 @@ def check_tracking_store() -> None:
 
 
 _prepared: set[str] = set()
+_outboxes: dict[str, Outbox] = {}
+# MLflow's client retries: ~2 s (0 + 1 + 2 s back-off), not its ~4 minutes; the outbox does the rest.
+MLFLOW_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+HEALTH_TIMEOUT_S = 2.0
+SPOOL_ROOT = "fedhpo-spool"  # in the working directory, beside the default stores; FEDHPO_SPOOL overrides
+log = logging.getLogger("fedhpo.tracking")
 # fedhpo's MLflow run tags, all of them here.
 ROLE_TAG = "fedhpo.role"  # what a run is: train, study, trial, final, comparison
 STUDY_TAG = "fedhpo.study"  # the study a study or trial run belongs to
@@ -88,6 +108,110 @@ def process_identity(pid: int) -> str | None:
     except (OSError, IndexError):
         return None
     return f"{socket.gethostname()}:{pid}:{started}"
+
+
+def is_server(uri: str) -> bool:
+    return urllib.parse.urlparse(uri).scheme in ("http", "https")
+
+
+def server_answers(uri: str) -> bool:
+    """Whether the tracking server at `uri` answers its health check (through the environment's proxies, as MLflow)."""
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def server_away(uri: str, error: BaseException) -> bool:
+    """Whether `error` says the tracking server at `uri` is away (not reached, or answering only
+    errors while its health check fails too), rather than refusing a request it understood."""
+    if not is_server(uri):
+        return False
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, RestException):
+            return False  # the server answered, with a reason
+        if isinstance(seen, (RequestsConnectionError, Timeout, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(seen, (RetryError, HTTPError)):
+            return not server_answers(uri)
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def send_to(uri: str):
+    """How a kept write (`Outbox`) is made on the store at `uri`."""
+    client = MlflowClient(uri)
+
+    def send(record: dict, file: Path | None) -> None:
+        kind, run_id = record["op"], record.get("run_id")
+        if kind == "log_batch":
+            metrics = [Metric(k, v, ts, step) for k, v, ts, step in record.get("metrics", [])]
+            params = [Param(k, v) for k, v in record.get("params", [])]
+            tags = [RunTag(k, v) for k, v in record.get("tags", [])]
+            client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+        elif kind == "set_status":
+            client.update_run(run_id, status=record["status"])
+        elif kind == "set_terminated":
+            client.set_terminated(run_id, record["status"], end_time=record["end_time"])
+        elif kind == "log_artifact":
+            client.log_artifact(run_id, str(file), record["artifact_path"] or None)
+        elif kind == "set_experiment_tag":
+            client.set_experiment_tag(record["experiment_id"], record["key"], record["value"])
+        else:
+            raise ValueError(f"unknown tracking write {kind!r}")
+
+    return send
+
+
+def spool_root() -> Path:
+    return Path(os.environ.get("FEDHPO_SPOOL", SPOOL_ROOT)).absolute()
+
+
+def outbox() -> Outbox:
+    """The outbox of the tracking store in use (one per store and process)."""
+    uri = tracking_uri()
+    if uri not in _outboxes:
+        identity = process_identity(os.getpid()) or f"{socket.gethostname()}:{os.getpid()}:0"
+        _outboxes[uri] = Outbox(
+            uri,
+            spool_root() / identity,
+            send_to(uri),
+            is_outage=lambda error: server_away(uri, error),
+            reachable=lambda: server_answers(uri),
+            say=log.warning,
+        )
+    return _outboxes[uri]
+
+
+def process_gone(folder_name: str) -> bool:
+    """Whether the process a spool folder is named for (host:pid:start) no longer runs here."""
+    host, pid, _ = folder_name.split(":")
+    return host == socket.gethostname() and process_identity(int(pid)) != folder_name
+
+
+def sync(uri: str | None = None) -> dict[str, int]:
+    """Send the spools left by processes that ended with writes unsent (those for `uri` only, if
+    given); {spool folder: writes sent}. Raises what the server's absence raises."""
+    return replay_spools(spool_root(), uri, send_to, alive=lambda name: not process_gone(name))
+
+
+def set_aside_unsent() -> list[str]:
+    """At the end of a command: writes no server took go to their spools; a line naming each."""
+    return [line for box in _outboxes.values() if (line := box.set_aside())]
+
+
+@contextlib.contextmanager
+def waits_interrupted_by(check: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, waiting out a tracking server's outage calls `check`, which may end
+    the wait by raising (a stop request)."""
+    box = outbox()
+    previous, box.on_wait = box.on_wait, check
+    try:
+        yield
+    finally:
+        box.on_wait = previous
 
 
 def close_orphaned_runs(client: MlflowClient) -> list[str]:
@@ -113,19 +237,26 @@ def close_orphaned_runs(client: MlflowClient) -> list[str]:
 def prepare_store() -> None:
     """Open the MLflow store once per process, creating it where missing (for SQLite under a lock
     file beside the database: a new SQLite store is migrated at first use, and two processes doing
-    so at once race: one dies), and close the runs killed processes left RUNNING."""
+    so at once race: one dies), send what ended processes left in their spools for it, and close
+    the runs killed processes left RUNNING."""
     uri = tracking_uri()
     if uri in _prepared:
         return
+    for name, value in MLFLOW_RETRIES.items():
+        os.environ.setdefault(name, value)
     if uri.startswith("sqlite:///"):
         with file_lock(Path(uri.removeprefix("sqlite:///") + ".lock")):
             MlflowClient().search_experiments(max_results=1)
-    close_orphaned_runs(MlflowClient())
+    if is_server(uri):
+        for folder, sent in outbox().call(sync, uri).items():
+            log.warning("sent %d MLflow writes a stopped process left in %s", sent, folder)
+    outbox().call(close_orphaned_runs, MlflowClient())
     _prepared.add(uri)
 
 
 class Tracker:
-    """An MLflow run, written through the client API (no global active run, so safe in threads)."""
+    """An MLflow run, written through the client API (no global active run, so safe in threads) and
+    the store's `Outbox`: writes are sent, or kept through an outage; reads wait it out."""
 
     def __init__(
         self,
@@ -138,17 +269,22 @@ class Tracker:
         """A new run (nested under `parent` if given), or with `run_id` that run reopened."""
         prepare_store()
         self.client = MlflowClient()
+        self.outbox = outbox()
         if run_id:
-            self.run_id, self.experiment_id = run_id, self.client.get_run(run_id).info.experiment_id
-            self.client.update_run(run_id, status="RUNNING")
+            run = self.outbox.call(self.client.get_run, run_id)
+            self.run_id, self.experiment_id = run_id, run.info.experiment_id
+            self.params = dict(run.data.params)
+            self.outbox.write({"op": "set_status", "run_id": run_id, "status": "RUNNING"})
             if identity := process_identity(os.getpid()):
-                self.client.set_tag(run_id, PROCESS_TAG, identity)
+                self.set_tags({PROCESS_TAG: identity})
             return
-        self.experiment_id = self._experiment_id(experiment)
+        self.params = {}
+        self.experiment_id = self.outbox.call(self._experiment_id, experiment)
         tags = dict(tags or {}) | ({"mlflow.parentRunId": parent.run_id} if parent else {})
         if identity := process_identity(os.getpid()):  # where /proc tells (Linux); else no sweep
             tags[PROCESS_TAG] = identity
-        self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        run = self.outbox.call(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
 
     def _experiment_id(self, name: str) -> str:
         """The experiment's id, creating it if missing; another process may create it first."""
@@ -172,31 +308,36 @@ class Tracker:
         else:
             self.finish("FAILED" if isinstance(error, Exception) else "KILLED")
 
+    def _log_batch(self, metrics=(), params=(), tags=()) -> None:
+        """One write of MLflow's log_batch (metrics as (key, value, timestamp, step))."""
+        record = {"op": "log_batch", "run_id": self.run_id}
+        for name, items in (("metrics", metrics), ("params", params), ("tags", tags)):
+            if items:
+                record[name] = [list(item) for item in items]
+        self.outbox.write(record)
+
     def log_params(self, params: Mapping[str, object]) -> None:
-        items = [Param(k, str(v)) for k, v in params.items()]
+        items = [(k, str(v)) for k, v in params.items()]
+        self.params |= dict(items)
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
+            self._log_batch(params=items[start : start + MAX_PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for start in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
+        self.log_metric_history({step: metrics})
 
     def log_metric_history(self, history: Mapping[int, Mapping[str, float]]) -> None:
         """Metrics of many steps ({step: {key: value}}) in as few batches as MLflow allows."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for step, metrics in history.items() for k, v in metrics.items()]
+        items = [(k, float(v), now, step) for step, metrics in history.items() for k, v in metrics.items()]
         for start in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
+            self._log_batch(metrics=items[start : start + MAX_METRICS_PER_BATCH])
 
     def log_client_configs(self, trajectory) -> None:
         """The clients' configurations over the run (`reports.ConfigTrajectory`): settings that never
         changed as params (unless the run holds them already), the others as
         `trajectory/client_hyperparameters.csv` and `.png` and per-round `hp/<name>/mean|min|max`
         (and `clients_sampled` where the number of clients per round changed)."""
-        held = self.client.get_run(self.run_id).data.params
-        self.log_params({name: value for name, value in trajectory.constant().items() if name not in held})
+        self.log_params({name: value for name, value in trajectory.constant().items() if name not in self.params})
         table = trajectory.table()
         if not table.empty:
             self.log_table(table, "trajectory/client_hyperparameters.csv")
@@ -205,29 +346,41 @@ class Tracker:
 
     def describe(self, markdown: str) -> None:
         """The run's description, shown on its Overview."""
-        self.client.set_tag(self.run_id, DESCRIPTION_TAG, markdown)
+        self.set_tags({DESCRIPTION_TAG: markdown})
 
     def share_view(self, key: str, state: Mapping[str, object]) -> None:
         """A view of the experiment's runs table (filter, columns, sort, grouping) that the UI opens
         at `view_url(..., key)`: MLflow 3 keeps shared views as experiment tags."""
-        self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{key}", json.dumps(dict(state)))
+        value = json.dumps(dict(state))
+        record = {"op": "set_experiment_tag", "experiment_id": self.experiment_id, "value": value}
+        self.outbox.write(record | {"key": f"mlflow.sharedViewState.{key}"})
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._log_batch(tags=[(k, str(v)) for k, v in tags.items()])
+
+    def log_file(self, write, artifact_file: str) -> None:
+        """The artifact `artifact_file` that `write(path)` writes."""
+        folder_name = str(Path(artifact_file).parent)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / Path(artifact_file).name
+            write(path)
+            under = "" if folder_name == "." else folder_name
+            record = {"op": "log_artifact", "run_id": self.run_id, "artifact_path": under}
+            self.outbox.write(record, path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.log_file(lambda path: path.write_text(text), artifact_file)
 
     def log_table(self, table: pd.DataFrame, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, table.to_csv(index=False), artifact_file)
+        self.log_text(table.to_csv(index=False), artifact_file)
 
     def log_figure(self, figure, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        self.log_file(figure.savefig, artifact_file)
 
     def log_state(self, state: Mapping[str, object], artifact_file: str) -> str:
         """Tensors and numbers (a `FederationState`'s fields) as a torch file; returns the URI any
         process of the study reads it back from (`load_state`)."""
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / Path(artifact_file).name
-            torch.save(dict(state), path)
-            self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent))
+        self.log_file(lambda path: torch.save(dict(state), path), artifact_file)
         return f"runs:/{self.run_id}/{artifact_file}"
 
     def log_model(self, model, input_example, name: str = "model") -> str:
@@ -239,27 +392,37 @@ class Tracker:
         """
         if len(input_example) < 2:
             raise ValueError("input_example needs a batch of at least 2 so the batch size stays dynamic")
-        with mlflow.start_run(run_id=self.run_id):  # so the model is filed under the run's experiment
-            return mlflow.pytorch.log_model(
-                model,
-                name=name,
-                input_example=input_example,
-                pip_requirements=[f"torch=={torch_version()}"],
-            ).model_uri
+
+        def log() -> str:
+            with mlflow.start_run(run_id=self.run_id):  # so the model is filed under the run's experiment
+                return mlflow.pytorch.log_model(
+                    model,
+                    name=name,
+                    input_example=input_example,
+                    pip_requirements=[f"torch=={torch_version()}"],
+                ).model_uri
+
+        return self.outbox.call(log)
 
     def register_model(self, model_uri: str, name: str, tags: Mapping[str, object]) -> str:
         """A new version of registered model `name` (created if missing) from a logged model, with
         `tags` as version tags; the version's number."""
-        version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
-        return str(version.version)
+        tags = {k: str(v) for k, v in tags.items()}
+        return str(self.outbox.call(mlflow.register_model, model_uri, name, tags=tags).version)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+    def search_runs(self, filter_string: str) -> list:
+        """Runs of the run's experiment that match `filter_string`."""
+        return self.outbox.call(self.client.search_runs, [self.experiment_id], filter_string)
+
+    def finish(self, status: str = "FINISHED", run_id: str | None = None) -> None:
+        """End the run (or another, `run_id`) with `status`."""
+        record = {"op": "set_terminated", "run_id": run_id or self.run_id, "status": status}
+        self.outbox.write(record | {"end_time": int(time.time() * 1000)})
 
 
 def set_model_alias(name: str, alias: str, version: str) -> None:
     """Point `alias` of registered model `name` at `version` (moved from any version it was on)."""
-    MlflowClient().set_registered_model_alias(name, alias, version)
+    outbox().call(MlflowClient().set_registered_model_alias, name, alias, version)
 
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
@@ -302,5 +465,5 @@ def browse_lines(experiment_id: str, run_id: str) -> list[str]:
 def load_state(uri: str, device: torch.device | str = "cpu") -> dict:
     """What `Tracker.log_state` stored at `uri`, its tensors on `device`."""
     with tempfile.TemporaryDirectory() as folder:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder)
+        path = outbox().call(mlflow.artifacts.download_artifacts, artifact_uri=uri, dst_path=folder)
         return torch.load(path, map_location=device, weights_only=True)

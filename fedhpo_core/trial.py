@@ -1,7 +1,7 @@
 """One configuration trained and scored, Prefect-free: the trial trainer a search method's driver
 calls (`search.base.Trainer`), the final retraining of the best configuration, and the MLflow runs
 they write. How a round's steps execute (`RoundSteps`) and what happens after each round
-(`on_round`: progress, stop requests) are given by the caller."""
+(`on_round`: progress) are given by the caller."""
 
 import math
 from collections.abc import Callable, Mapping
@@ -24,6 +24,7 @@ from fedhpo_core.models import load_flat_weights
 from fedhpo_core.reports import ConfigTrajectory, round_metrics, trajectory_figure
 from fedhpo_core.search.base import (
     RUN_ATTR,
+    TRAINED_ATTR,
     TrialResult,
     recorded_result,
     rounds_used,
@@ -107,11 +108,13 @@ def train_configuration(
     return result, reports, trajectory
 
 
-def trial_metrics(result: TrialResult, rounds: int) -> dict[str, float]:
+def trial_metrics(result: TrialResult, rounds: int, trained: int) -> dict[str, float]:
     """A trial run's summary metrics: `score` is the value the study is told (0 for a diverged
-    trial), `rounds_used` the rounds the trial trained (a promoted trial's over all its rungs)."""
+    trial), `rounds_used` the rounds charged to the budget for the trial (a promoted trial's over
+    all its rungs), `rounds_trained` the rounds its trainings ran, as the trainer counted them."""
     objectives = {f"objective/{k}": v for k, v in result.objectives.items()}
-    return {"score": score_of(result), "rounds_used": rounds, "diverged": float(result.diverged)} | objectives
+    summary = {"score": score_of(result), "rounds_used": rounds, "rounds_trained": trained}
+    return summary | {"diverged": float(result.diverged)} | objectives
 
 
 class TrialTrainer:
@@ -191,7 +194,9 @@ class TrialTrainer:
                 chosen=tuner.chosen() if tuner else {},
                 checkpoint=tracker.log_state(stored, f"checkpoint/state-round{state.round}.pt"),
             )
-            tracker.log_metrics(trial_metrics(result, rounds_used(trial) + result.rounds))
+            trained = trial.user_attrs.get(TRAINED_ATTR, 0) + len(reports)
+            trial.set_user_attr(TRAINED_ATTR, trained)
+            tracker.log_metrics(trial_metrics(result, rounds_used(trial) + result.rounds, trained))
             if trajectory:
                 table = pd.DataFrame(trajectory)
                 tracker.log_table(table, "trajectory/tuner_state.csv")
@@ -209,18 +214,19 @@ def align_trial_runs(tracker: Tracker, study: optuna.Study, name: str) -> None:
     KILLED for a failed one (interrupted, or left by a killed process). Trials still RUNNING (in
     another process sharing the study, or paused between rungs) are left alone."""
     states = {t.number: t for t in study.get_trials(deepcopy=False)}
-    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`{STUDY_TAG}` = '{name}'")
+    runs = tracker.search_runs(f"tags.`{STUDY_TAG}` = '{name}'")
     for run in runs:
         trial = states.get(int(run.data.tags.get(TRIAL_TAG, -1)))
         if trial is None or trial.state == optuna.trial.TrialState.RUNNING:
             continue
         if trial.state == optuna.trial.TrialState.FAIL:
             if run.info.status != "KILLED":
-                tracker.client.set_terminated(run.info.run_id, "KILLED")
+                tracker.finish("KILLED", run.info.run_id)
         elif run.info.status != "FINISHED":
             with Tracker(name, run_id=run.info.run_id) as reopened:  # ends FINISHED
                 if (result := recorded_result(trial)) and "score" not in run.data.metrics:
-                    reopened.log_metrics(trial_metrics(result, rounds_used(trial)))
+                    trained = trial.user_attrs.get(TRAINED_ATTR, rounds_used(trial))
+                    reopened.log_metrics(trial_metrics(result, rounds_used(trial), trained))
 
 
 @dataclass(frozen=True)

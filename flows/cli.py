@@ -258,7 +258,32 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
     )
     server.add_argument("action", choices=["start", "status", "stop"])
     server.set_defaults(handler=server_command)
+
+    sync = commands.add_parser(
+        "sync",
+        help="send MLflow writes that commands left unsent in their spools (./fedhpo-spool) to their tracking servers",
+        description="A fedhpo command that ends while its MLflow tracking server is away leaves what it could not "
+        "send in a spool (./fedhpo-spool, or FEDHPO_SPOOL); this sends every such spool to the server it was for, "
+        "in order, each write once. The next fedhpo command on that server does the same.",
+    )
+    sync.set_defaults(handler=sync_command)
     return parser
+
+
+def sync_command(args: argparse.Namespace) -> int:
+    from fedhpo_core.outbox import spools
+    from fedhpo_core.tracking import spool_root, sync
+
+    left = [spool.folder for spool in spools(spool_root())]
+    if not left:
+        print(f"Nothing to send: no spool in {spool_root()}.")
+        return 0
+    sent = sync()
+    for folder, count in sent.items():
+        print(f"Sent {count} MLflow writes from {folder}.")
+    for folder in set(map(str, left)) - set(sent):
+        print(f"Left {folder}: the process that writes it is still running.")
+    return 0
 
 
 @contextmanager
@@ -278,6 +303,8 @@ def local_prefect():
     )
 
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)  # one line per round, not per task
+    # MLflow's client retries say so once per retry; the outbox says once that the server is away.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     if not os.environ.get("FEDHPO_DEBUG"):
         _console_without_tracebacks()
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")  # and so on Dask workers
@@ -374,8 +401,8 @@ def _interrupt(number: int, _frame) -> None:
 # What an interrupted command leaves, for its one line.
 INTERRUPTED = {
     "train": "its MLflow run is marked KILLED",
-    "tune": "what finished training is recorded in the study, the training cut short is not charged (its MLflow "
-    "run KILLED); the same command with --resume continues the study where it stood",
+    "tune": "what was trained is recorded in the study (a training cut short as far as it went, charged once); "
+    "the same command with --resume continues the study where it stood",
     "compare": "finished studies are recorded; the study in progress is marked as `fedhpo tune` marks one",
 }
 
@@ -403,3 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        _set_aside_unsent()
+
+
+def _set_aside_unsent() -> None:
+    """Writes the MLflow tracking server did not take before the command ended: to the spool, in one line."""
+    if "fedhpo_core.tracking" in sys.modules:
+        from fedhpo_core.tracking import set_aside_unsent
+
+        for line in set_aside_unsent():
+            print(f"fedhpo: {line}", file=sys.stderr)

@@ -224,7 +224,7 @@ def method_comparison(
         tracker.log_table(results, "comparison/results.csv")
         tracker.log_table(paired_differences(results, reference), "comparison/paired.csv")
         tracker.log_table(table.reset_index(), "comparison/table.csv")
-        tracker.client.log_text(tracker.run_id, markdown_table(table), "comparison/table.md")
+        tracker.log_text(markdown_table(table), "comparison/table.md")
         tracker.log_figure(comparison_figure(results), "comparison/accuracy_vs_budget.png")
         means = results.groupby(["method", "budget"], sort=False).final_test_acc.mean()
         for (method, budget), mean in means.items():  # a chart per method: accuracy against budget

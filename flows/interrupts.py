@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fedhpo_core.search.base import Interrupted
+from fedhpo_core.tracking import waits_interrupted_by
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -48,7 +49,8 @@ def cooperative_interrupts() -> Iterator[StopRequest]:
 
     previous = {number: signal.signal(number, request) for number in SIGNALS}
     try:
-        yield stop
+        with waits_interrupted_by(stop.check):  # a wait for MLflow's server ends on the request too
+            yield stop
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)

@@ -147,10 +147,6 @@ def run_study(
             )
         progress = StudyProgress(study, tune.budget)
 
-        def after_round() -> None:
-            progress.round()
-            stop.check()
-
         trainer = TrialTrainer(
             data,
             fixed,
@@ -158,7 +154,7 @@ def run_study(
             tracker,
             name,
             steps,
-            on_round=after_round,
+            on_round=progress.round,  # a stop request ends a trial at its round's end (`SearchContext.train`)
             log=lambda line: logger.info("%s %s", line, progress.trial()),
             evaluation=tune.evaluation(),
         )

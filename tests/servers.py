@@ -236,11 +236,12 @@ def venv_bin(name: str) -> str:
 
 
 @contextlib.contextmanager
-def mlflow_server(tmpdir: Path, backend_store_uri: str | None = None) -> Iterator[str]:
+def mlflow_server(tmpdir: Path, backend_store_uri: str | None = None, port: int | None = None) -> Iterator[str]:
     """An MLflow tracking server that stores runs in `backend_store_uri` (default: SQLite under `tmpdir`) and
-    artifacts under `tmpdir`/artifacts, proxied through the server; yields its tracking URL."""
+    artifacts under `tmpdir`/artifacts, proxied through the server, on `port` (default: a free one; the same
+    port and `tmpdir` start it again on the same stores); yields its tracking URL."""
     tmpdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--host", LOCALHOST,
@@ -253,7 +254,7 @@ def mlflow_server(tmpdir: Path, backend_store_uri: str | None = None) -> Iterato
     # Job execution (GenAI scorers) would start seven huey consumers and leave a folder in /dev/shm per server.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     url = f"http://{LOCALHOST}:{port}"
-    with ServerProcess(command, tmpdir / "mlflow-server.log", env=env, cwd=tmpdir) as server:
+    with ServerProcess(command, tmpdir / f"mlflow-server-{time.time_ns()}.log", env=env, cwd=tmpdir) as server:
         server.wait_ready(f"{url}/health", timeout=120)
         yield url
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 ROUNDS_ATTR = "rounds_used"  # Optuna user attribute: rounds a trial spent, charged to the budget
+TRAINED_ATTR = "rounds_trained"  # Optuna user attribute: rounds a trial's trainings ran, as the trainer counts
 CHOSEN_ATTR = "chosen"  # Optuna user attribute: the client configuration a round-level tuner settled on
 RESULT_ATTR = "result"  # Optuna user attribute: a trial's result, written the moment its training ends
 CHECKPOINT_ATTR = "checkpoint"  # Optuna user attribute: where the state a trial reached is stored
@@ -126,17 +127,31 @@ class SearchContext:
     ) -> TrialResult:
         """Train the trial for `rounds` rounds (continuing from the state `start_from` reached: the
         trial itself when promoted, a parent for PBT), charge them and record the result on the
-        trial (`record_result`) before anything else happens to it. Safe in worker threads."""
+        trial (`record_result`) before anything else happens to it. Safe in worker threads.
+
+        Asked to stop (`stop`), the training ends at its round's end and what it reached is
+        recorded and charged like any result before the interrupt goes on: the trial is told that
+        result, or continued from it by a method that pauses trials, so every round trained is
+        charged once and none is trained again."""
         if self.stop.is_set():  # asked to stop: no trial starts
-            raise Interrupted(getattr(self.stop, "number", signal.SIGINT))
+            raise self.interrupt()
         with self.lock:
             self.started.add(trial.number)
         start = self.trainer.load(recorded_result(start_from).checkpoint) if start_from is not None else None
-        result = self.trainer(trial, configuration, rounds, start, tuner, keep_going)
+
+        def going(round: int) -> bool:
+            return not self.stop.is_set() and (keep_going is None or keep_going(round))
+
+        result = self.trainer(trial, configuration, rounds, start, tuner, going)
         with self.lock:
             self.budget.spend(result.rounds)
         record_result(trial, result, rounds_used(trial) + result.rounds)
+        if self.stop.is_set():
+            raise self.interrupt()
         return result
+
+    def interrupt(self) -> "Interrupted":
+        return Interrupted(getattr(self.stop, "number", signal.SIGINT))
 
     def complete(self, trial: optuna.trial.Trial, result: TrialResult) -> None:
         """Tell the study a trained trial's values."""
