@@ -89,6 +89,12 @@ class PrefectSteps(RoundSteps):
     task run each (a cohort per share), submitted at once. Not one task run per client: a Prefect
     task run on a Dask worker costs ~120-170 ms of API calls (measured on 2 cores, trivial body),
     three times a client's MNIST round.
+
+    A worker that dies mid-round costs time, not results: Dask's scheduler runs its share again
+    elsewhere, from the same weights and jobs, and a client's shuffling derives from its job's seed
+    alone, so the round ends bit for bit as without the death; the share's task run keeps its id and
+    ends COMPLETED. A share that has seen more workers die than `distributed.scheduler.allowed-failures`
+    (3) is taken for their cause: `KilledWorker` fails the round and the flow.
     """
 
     def __init__(
