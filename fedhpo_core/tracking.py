@@ -194,7 +194,14 @@ def process_gone(folder_name: str) -> bool:
 def sync(uri: str | None = None) -> dict[str, int]:
     """Send the spools left by processes that ended with writes unsent (those for `uri` only, if
     given); {spool folder: writes sent}. Raises what the server's absence raises."""
+    shorten_retries()
     return replay_spools(spool_root(), uri, send_to, alive=lambda name: not process_gone(name))
+
+
+def shorten_retries() -> None:
+    """MLflow's client retries as `MLFLOW_RETRIES` sets them, unless the environment sets them."""
+    for name, value in MLFLOW_RETRIES.items():
+        os.environ.setdefault(name, value)
 
 
 def set_aside_unsent() -> list[str]:
@@ -242,8 +249,7 @@ def prepare_store() -> None:
     uri = tracking_uri()
     if uri in _prepared:
         return
-    for name, value in MLFLOW_RETRIES.items():
-        os.environ.setdefault(name, value)
+    shorten_retries()
     if uri.startswith("sqlite:///"):
         with file_lock(Path(uri.removeprefix("sqlite:///") + ".lock")):
             MlflowClient().search_experiments(max_results=1)
