@@ -83,7 +83,7 @@ def check_tracking_store() -> None:
 
 _prepared: set[str] = set()
 _outboxes: dict[str, Outbox] = {}
-# MLflow's client retries: ~2 s (0 + 1 + 2 s back-off), not its ~4 minutes; the outbox does the rest.
+# MLflow's client retries: two, after 0 and 2 s (plus jitter), not seven over ~4 minutes; the outbox does the rest.
 MLFLOW_RETRIES = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
