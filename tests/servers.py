@@ -1,7 +1,8 @@
 """Real local servers for integration tests: PostgreSQL, an MLflow tracking server and a Prefect API server.
 
 Each is a context manager that binds 127.0.0.1 on a free port, yields the URL to reach it, and stops the server
-when the `with` block ends, also when the block raises.
+when the `with` block ends, also when the block raises. `PostgresCluster` yields itself (its `url`), to be
+restarted within the block.
 """
 
 import contextlib
@@ -187,47 +188,73 @@ def as_user(user: str) -> list[str]:
     return ["su", "-s", "/bin/sh", user, "-c", '"$0" "$@"', "--"]
 
 
-@contextlib.contextmanager
-def postgres(tmpdir: Path) -> Iterator[str]:
-    """A throwaway PostgreSQL cluster with an empty database `fedhpo`; yields its SQLAlchemy URL.
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with an empty database `fedhpo` at `url`; `stop` and `start`
+    restart it on the same port and data (what a database server's restart is to its clients).
 
     PostgreSQL refuses to run as root, so as root the cluster runs as the postgres user, in a folder of its own
     under the system temp folder (pytest's temp folders are private to root); otherwise it lives under `tmpdir`.
     """
-    bin_dir = postgres_bin_dir()
-    if bin_dir is None:
-        skip_or_fail("no PostgreSQL binaries (initdb, pg_ctl, createdb) on PATH or under /usr/lib/postgresql/*/bin")
-    as_root = os.geteuid() == 0
-    run_as = []
-    if as_root:
-        try:
-            account = pwd.getpwnam(POSTGRES_USER)
-        except KeyError:
-            skip_or_fail(f"running as root, PostgreSQL needs a {POSTGRES_USER!r} system user to run as")
-        run_as = as_user(POSTGRES_USER)
-    workdir = Path(tempfile.mkdtemp(prefix="fedhpo-postgres-", dir=None if as_root else tmpdir))
-    if as_root:
-        os.chown(workdir, account.pw_uid, account.pw_gid)
-    data, log = workdir / "data", workdir / "postgres.log"
-    port = free_port()
 
-    def run(tool: str, *args: object, check: bool = True) -> None:
-        command = [*run_as, str(bin_dir / tool), *map(str, args)]
-        done = subprocess.run(command, cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    def __init__(self, tmpdir: Path):
+        self.bin_dir = postgres_bin_dir()
+        if self.bin_dir is None:
+            skip_or_fail("no PostgreSQL binaries (initdb, pg_ctl, createdb) on PATH or under /usr/lib/postgresql/*/bin")
+        as_root = os.geteuid() == 0
+        self.run_as = []
+        if as_root:
+            try:
+                account = pwd.getpwnam(POSTGRES_USER)
+            except KeyError:
+                skip_or_fail(f"running as root, PostgreSQL needs a {POSTGRES_USER!r} system user to run as")
+            self.run_as = as_user(POSTGRES_USER)
+        self.workdir = Path(tempfile.mkdtemp(prefix="fedhpo-postgres-", dir=None if as_root else tmpdir))
+        if as_root:
+            os.chown(self.workdir, account.pw_uid, account.pw_gid)
+        self.data, self.log = self.workdir / "data", self.workdir / "postgres.log"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg2://{POSTGRES_USER}@{LOCALHOST}:{self.port}/fedhpo"
+
+    def run(self, tool: str, *args: object, check: bool = True) -> None:
+        command = [*self.run_as, str(self.bin_dir / tool), *map(str, args)]
+        done = subprocess.run(command, cwd=self.workdir, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if check and done.returncode != 0:
             raise RuntimeError(
-                f"{shlex.join(command)} failed ({done.returncode}):\n{done.stdout}{done.stderr}\n{log_tail(log)}"
+                f"{shlex.join(command)} failed ({done.returncode}):\n{done.stdout}{done.stderr}\n{log_tail(self.log)}"
             )
 
-    try:
-        run("initdb", "-D", data, "-U", POSTGRES_USER, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync")
-        run("pg_ctl", "-D", data, "-l", log, "-o", f"-h {LOCALHOST} -p {port} -k {workdir}", "-w", "-t", 60, "start")
-        run("createdb", "-h", LOCALHOST, "-p", port, "-U", POSTGRES_USER, "fedhpo")
-        yield f"postgresql+psycopg2://{POSTGRES_USER}@{LOCALHOST}:{port}/fedhpo"
-    finally:
-        # Fails harmlessly where the server never started.
-        run("pg_ctl", "-D", data, "-m", "immediate", "stop", check=False)
-        shutil.rmtree(workdir, ignore_errors=True)
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        options = f"-h {LOCALHOST} -p {self.port} -k {self.workdir}"
+        self.run("pg_ctl", "-D", self.data, "-l", self.log, "-o", options, "-w", "-t", 60, "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (fast: its clients are disconnected) and wait until it has."""
+        self.run("pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", 60, "stop")
+
+    def __enter__(self) -> "PostgresCluster":
+        try:
+            self.run(
+                "initdb", "-D", self.data, "-U", POSTGRES_USER, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"
+            )
+            self.start()
+            self.run("createdb", "-h", LOCALHOST, "-p", self.port, "-U", POSTGRES_USER, "fedhpo")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        # Fails harmlessly where the server never started or is stopped.
+        self.run("pg_ctl", "-D", self.data, "-m", "immediate", "stop", check=False)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres(tmpdir: Path) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster (`PostgresCluster`); yields its SQLAlchemy URL."""
+    with PostgresCluster(tmpdir) as cluster:
+        yield cluster.url
 
 
 def venv_bin(name: str) -> str:

@@ -36,7 +36,9 @@ _local_lock = threading.Lock()  # for storages that live in this process (tests'
 def study_lock(study: optuna.Study) -> Iterator[None]:
     """Exclusive, for every thread and process of the study: a lock file beside an SQLite storage,
     an advisory lock in PostgreSQL; a lock of this process for a storage in memory."""
-    backend = getattr(study._storage, "_backend", study._storage)  # Optuna wraps RDB storages in a cache
+    backend = study._storage
+    while hasattr(backend, "_backend"):  # Optuna's cache around an RDB storage, our reconnecting wrapper around it
+        backend = backend._backend
     url = getattr(backend, "url", None)
     if url is None:
         with _local_lock:

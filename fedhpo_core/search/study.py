@@ -42,6 +42,7 @@ from fedhpo_core.search.online import (
 )
 from fedhpo_core.search.pbt import PopulationBasedTraining
 from fedhpo_core.search.space import SCOPES, SearchSpace
+from fedhpo_core.search.storage import open_storage
 from fedhpo_core.settings import SettingsError, TrainSettings, setting
 from fedhpo_core.stores import one_line
 from fedhpo_core.tuners.fedhyper import SCHEDULERS
@@ -306,7 +307,7 @@ def check_study(
         raise SettingsError(f"a study named {name!r} exists in {storage}; pass --resume or another --study-name")
     if exists:
         try:
-            study = optuna.load_study(study_name=name, storage=storage)
+            study = optuna.load_study(study_name=name, storage=open_storage(storage))
         except Exception as error:  # a storage of another Optuna version, or not Optuna's at all
             raise SettingsError(f"cannot read study {name!r} in {storage} ({one_line(error)})") from error
         check_continuation(study, method, definition, "--resume" if resume else "--join")
@@ -322,13 +323,13 @@ def open_study(
     if join:
         study = while_schema_settles(
             lambda: optuna.create_study(
-                storage=storage, study_name=name, directions=list(method.directions), load_if_exists=True
+                storage=open_storage(storage), study_name=name, directions=list(method.directions), load_if_exists=True
             )
         )
     elif resume:
-        return optuna.load_study(study_name=name, storage=storage)
+        return optuna.load_study(study_name=name, storage=open_storage(storage))
     else:
-        study = optuna.create_study(storage=storage, study_name=name, directions=list(method.directions))
+        study = optuna.create_study(storage=open_storage(storage), study_name=name, directions=list(method.directions))
     if definition is not None and DEFINITION_ATTR not in study.user_attrs:
         study.set_user_attr(DEFINITION_ATTR, definition)
     check_continuation(study, method, definition, "--join")  # a joiner that created it at the same time

@@ -1,0 +1,151 @@
+"""A study's PostgreSQL database restarting mid-study costs a reconnect, not the study: the storage
+wrapper that retries calls that lose their connection, and a real `fedhpo tune` whose real
+PostgreSQL server is stopped and started again while trials train."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import servers
+import sqlalchemy
+from optuna.exceptions import StorageInternalError
+from optuna.storages import InMemoryStorage
+
+from fedhpo_core.search import storage as study_database
+from fedhpo_core.search.storage import ReconnectingStorage
+
+FEDHPO = str(Path(sys.executable).with_name("fedhpo"))
+BUDGET, CONFIGS = 40, 4  # 10 rounds per trial
+OUTAGE_S = 10
+WAIT_S = 300  # a bound on hanging, not a speed measurement
+UNREACHABLE, REACHABLE = "study database unreachable", "study database reachable again"
+
+
+def connection_error(cause: Exception) -> StorageInternalError:
+    """What Optuna's RDB storage raises when a call's SQL fails: its error, caused by SQLAlchemy's."""
+    error = StorageInternalError("An exception is raised during the commit.")
+    error.__cause__ = cause
+    return error
+
+
+def lose_connection(storage: InMemoryStorage, method: str, times: int, committed: bool = False, cause=None) -> None:
+    """Have the storage's `method` lose its connection `times` times, after its work where `committed`."""
+    real, left = getattr(storage, method), [times]
+    cause = cause or sqlalchemy.exc.OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+    def call(*args, **kwargs):
+        if not left[0]:
+            return real(*args, **kwargs)
+        left[0] -= 1
+        if committed:
+            real(*args, **kwargs)
+        raise connection_error(cause)
+
+    setattr(storage, method, call)
+
+
+@pytest.fixture
+def study(monkeypatch) -> optuna.Study:
+    monkeypatch.setattr(study_database, "FIRST_BACKOFF_S", 0.01)
+    return optuna.create_study(storage=ReconnectingStorage(InMemoryStorage()))
+
+
+def database_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "fedhpo.study_database"]
+
+
+def test_calls_that_lose_the_connection_are_tried_again_with_one_line_each_way(study, caplog):
+    trial = study.ask()
+    backend = study._storage._backend
+    lose_connection(backend, "set_trial_user_attr", 3)
+    lose_connection(backend, "set_trial_intermediate_value", 2)
+    trial.set_user_attr("rounds_used", 1)
+    trial.report(0.5, 1)
+    assert study.trials[0].user_attrs == {"rounds_used": 1} and study.trials[0].intermediate_values == {1: 0.5}
+    lines = database_lines(caplog)  # a line when each call lost the database, one when it found it again
+    assert lines[0] == f"{UNREACHABLE} (server closed the connection); retrying for up to 300 s", lines
+    assert [line.split(" (")[0].split(" after")[0] for line in lines] == [UNREACHABLE, REACHABLE] * 2, lines
+
+
+def test_a_state_set_whose_lost_attempt_committed_is_done_once(study):
+    trial = study.ask()
+    lose_connection(study._storage._backend, "set_trial_state_values", 1, committed=True)
+    study.tell(trial, 0.75)
+    assert [(t.state, t.value) for t in study.trials] == [(optuna.trial.TrialState.COMPLETE, 0.75)]
+
+
+def test_a_trial_whose_lost_creation_committed_is_created_once(study):
+    lose_connection(study._storage._backend, "create_new_trial", 1, committed=True)
+    trial = study.ask()
+    assert [t.number for t in study.trials] == [trial.number] == [0]
+    assert study.trials[0].state == optuna.trial.TrialState.RUNNING
+
+
+def test_other_storage_errors_are_raised_at_once(study):
+    trial = study.ask()
+    lose_connection(study._storage._backend, "set_trial_user_attr", 1, cause=sqlalchemy.exc.DataError("", {}, None))
+    with pytest.raises(StorageInternalError):
+        trial.set_user_attr("long", "x")
+
+
+def test_an_outage_longer_than_the_window_fails_the_call_in_one_line(study, monkeypatch):
+    monkeypatch.setattr(study_database, "RECONNECT_WINDOW_S", 0)
+    trial = study.ask()
+    lose_connection(study._storage._backend, "set_trial_user_attr", 1000)
+    with pytest.raises(StorageInternalError, match="^study database unreachable for 0 s"):
+        trial.set_user_attr("rounds_used", 1)
+
+
+def wait_for(condition, timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def trial_lines(log: Path) -> int:
+    return sum(" - trial " in line and "rounds ->" in line for line in log.read_text(errors="replace").splitlines())
+
+
+def test_a_study_survives_a_restart_of_its_postgres_database_and_charges_every_round_once(tmp_path):
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    log = tmp_path / "log.txt"
+    with servers.PostgresCluster(tmp_path / "postgres") as database, open(log, "w") as output:
+        command = [FEDHPO, "tune", "--method", "random", "--workers", "2", "--budget", str(BUDGET)]
+        command += ["--n-configs", str(CONFIGS), "--clients", "3", "--final-rounds", "0", "--storage", database.url]
+        command += ["--study-name", "restart", "--experiment", "restart"]
+        process = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            wait_for(lambda: trial_lines(log) >= 1 or process.poll() is not None)
+            database.stop()  # two trials in training
+            time.sleep(OUTAGE_S)
+            database.start()
+            assert process.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        trials = optuna.load_study(study_name="restart", storage=database.url).trials
+
+    text = log.read_text()
+    assert text.count(UNREACHABLE) == text.count(REACHABLE) == 1 and "Traceback" not in text, text[-3000:]
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * CONFIGS  # none RUNNING
+    charged = {t.number: t.user_attrs["rounds_used"] for t in trials}
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("restart").experiment_id
+    runs = client.search_runs([experiment], "tags.`fedhpo.role` = 'trial'")
+    recorded = {int(r.data.tags["fedhpo.trial"]): int(r.data.metrics["rounds_used"]) for r in runs}
+    trained = {
+        int(r.data.tags["fedhpo.trial"]): [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
+        for r in runs
+    }
+    assert len(runs) == CONFIGS and charged == recorded and sum(charged.values()) == BUDGET
+    assert all(sorted(steps) == list(range(1, charged[number] + 1)) for number, steps in trained.items()), trained
