@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fedhpo_core.search.base import Interrupted
+from fedhpo_core.search.storage import waits_interrupted_by as study_database_waits_interrupted_by
 from fedhpo_core.tracking import waits_interrupted_by
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -49,7 +50,8 @@ def cooperative_interrupts() -> Iterator[StopRequest]:
 
     previous = {number: signal.signal(number, request) for number in SIGNALS}
     try:
-        with waits_interrupted_by(stop.check):  # a wait for MLflow's server ends on the request too
+        # Waits for MLflow's server or the study's database end on the request too.
+        with waits_interrupted_by(stop.check), study_database_waits_interrupted_by(stop.check):
             yield stop
     finally:
         for number, handler in previous.items():

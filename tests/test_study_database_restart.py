@@ -149,3 +149,16 @@ def test_a_study_survives_a_restart_of_its_postgres_database_and_charges_every_r
     }
     assert len(runs) == CONFIGS and charged == recorded and sum(charged.values()) == BUDGET
     assert all(sorted(steps) == list(range(1, charged[number] + 1)) for number, steps in trained.items()), trained
+
+
+def test_a_stop_request_ends_the_wait_for_the_database(study):
+    trial = study.ask()
+    lose_connection(study._storage._backend, "set_trial_user_attr", 10**6)
+
+    def stop_requested():
+        raise KeyboardInterrupt
+
+    started = time.monotonic()
+    with study_database.waits_interrupted_by(stop_requested), pytest.raises(KeyboardInterrupt):
+        trial.set_user_attr("rounds_used", 1)
+    assert time.monotonic() - started < 5

@@ -6,12 +6,13 @@ is tried again, with backoff, for up to RECONNECT_WINDOW_S (`ReconnectingStorage
 trials pause at their next storage call and go on once the database answers.
 """
 
+import contextlib
 import copy
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import optuna
 import sqlalchemy
@@ -27,6 +28,23 @@ FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.5, 2.0  # at most 2 s between the database's 
 REQUEST_ATTR = "fedhpo:request"  # Optuna system attribute: the create_new_trial call that made the trial
 
 logger = logging.getLogger("fedhpo.study_database")
+_wait_checks: list[Callable[[], None]] = []  # innermost last (`waits_interrupted_by`)
+
+
+def on_wait() -> None:
+    """Called between attempts while the database is away: the innermost check may end the wait by raising."""
+    if _wait_checks:
+        _wait_checks[-1]()
+
+
+@contextlib.contextmanager
+def waits_interrupted_by(check: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, waiting out the database's absence calls `check` (a stop request), which may raise."""
+    _wait_checks.append(check)
+    try:
+        yield
+    finally:
+        _wait_checks.remove(check)
 
 
 def open_storage(url: str | BaseStorage) -> BaseStorage:
@@ -84,6 +102,7 @@ class ReconnectingStorage(BaseStorage):
                 if not lost_connection(error):
                     raise
                 self._unreachable(error)
+                on_wait()
                 time.sleep(backoff)
                 backoff, lost = min(2 * backoff, MAX_BACKOFF_S), True
                 continue
