@@ -21,12 +21,14 @@ from prefect.logging.handlers import APILogWorker, set_api_log_sink
 logger = get_logger("fedhpo")
 EVENTS_CLIENT = logging.getLogger("prefect.events.clients")
 SERVICES = logging.getLogger("prefect._internal.concurrency")
+EVENTS_WORKER = logging.getLogger("EventsWorker")
 
 
 class Outage(logging.Filter):
     """The server's outage as the command's deliveries see it. A filter on Prefect's loggers of event
     delivery: their lines per failed event become its first line, the client's (debug) line that it
-    resends the events it kept becomes its last; their other debug lines are dropped."""
+    resends the events it kept becomes its last; their other debug lines, and the worker's count of
+    the events it still has to send at the end (every 4 s), are dropped."""
 
     def __init__(self, url: str, level: int):
         super().__init__()
@@ -61,6 +63,8 @@ class Outage(logging.Filter):
             return False
         if str(record.msg).startswith("Resending %s unconfirmed events") and self.ongoing:
             self.end(record.args[0])
+        if str(record.msg).startswith("Still processing items"):
+            return False
         return record.levelno >= self.level
 
 
@@ -90,14 +94,14 @@ def watch(url: str) -> Iterator[Outage]:
     level = EVENTS_CLIENT.level
     _outage = Outage(url, EVENTS_CLIENT.getEffectiveLevel())
     EVENTS_CLIENT.setLevel(logging.DEBUG)  # for the line that ends an outage
-    for source in (EVENTS_CLIENT, SERVICES):
+    for source in (EVENTS_CLIENT, SERVICES, EVENTS_WORKER):
         source.addFilter(_outage)
     set_api_log_sink(lambda log: CountedLogWorker.instance().send(log))
     try:
         yield _outage
     finally:
         set_api_log_sink(None)
-        for source in (EVENTS_CLIENT, SERVICES):
+        for source in (EVENTS_CLIENT, SERVICES, EVENTS_WORKER):
             source.removeFilter(_outage)
         EVENTS_CLIENT.setLevel(level)
         if _outage.ongoing:
