@@ -65,7 +65,7 @@ class Outage(logging.Filter):
             self.end(record.args[0])
         if str(record.msg).startswith("Still processing items"):
             return False
-        return record.levelno >= self.level
+        return record.name != EVENTS_CLIENT.name or record.levelno >= self.level
 
 
 _outage = Outage("", logging.NOTSET)
