@@ -194,6 +194,7 @@ def compare_command(args: argparse.Namespace) -> int:
 
 
 LOCAL_SERVER_RETRIES = 3
+USER_SERVER_RETRIES = 6
 # Set per study by the comparison; fedhyper is compared with all its schedulers, multiobjective
 # with its default costs.
 COMPARISON_SKIPS = ("method", "budget", "study_name", "resume", "join", "schedulers", "objectives")
@@ -290,7 +291,8 @@ def sync_command(args: argparse.Namespace) -> int:
 def local_prefect():
     """Prefect set up for a run from this machine: against PREFECT_API_URL where it is set, else
     against the local server that `fedhpo` commands share (`flows.local_server`), whose address Dask
-    workers are given too (else each would start a server of its own)."""
+    workers are given too (else each would start a server of its own). An outage of the server is
+    one line each way (`flows.prefect_outages`)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from an offline run
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # not every step of a local cluster's start
     from prefect.events.worker import EventsWorker
@@ -308,28 +310,36 @@ def local_prefect():
     if not os.environ.get("FEDHPO_DEBUG"):
         _console_without_tracebacks()
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")  # and so on Dask workers
-    if get_current_settings().api.url is not None:
-        yield
-        return
-    from flows import local_server
+    from flows import local_server, prefect_outages
 
-    # Heartbeats let a server mark crashed runs, but joining the heartbeat thread added up to a
-    # second to every flow run; runs against a server of the user's own keep them. A server on
-    # this machine that refuses a connection is gone, not slow, while one that answers 503 is busy
-    # (its SQLite database locked by the commands sharing it, seen in CI): three retries (2, 4, 8 s)
-    # ride out the busy server, not Prefect's five (which held a run whose server was stopped for ~3
-    # minutes of retries).
-    updates = {
-        PREFECT_API_URL: local_server.api_url(),
-        PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
-        PREFECT_CLIENT_MAX_RETRIES: LOCAL_SERVER_RETRIES,
-    }
-    with temporary_settings(updates=updates):
+    settings = get_current_settings()
+    if settings.api.url is not None:
+        # A server of the user's own may be restarted under a run: the client's retries (backing off
+        # 2, 4, 8... s) ride out about two minutes of it, where the user did not set their number.
+        url, server_up = settings.api.url, lambda: not outage.ongoing
+        chosen = "max_retries" in settings.client.model_fields_set
+        updates = {} if chosen else {PREFECT_CLIENT_MAX_RETRIES: USER_SERVER_RETRIES}
+    else:
+        # Heartbeats let a server mark crashed runs, but joining the heartbeat thread added up to a
+        # second to every flow run; runs against a server of the user's own keep them. A server on
+        # this machine that refuses a connection is gone, not slow, while one that answers 503 is busy
+        # (its SQLite database locked by the commands sharing it, seen in CI): three retries (2, 4, 8 s)
+        # ride out the busy server, not Prefect's five (which held a run whose server was stopped for ~3
+        # minutes of retries).
+        url, server_up = local_server.api_url(), local_server.status
+        updates = {
+            PREFECT_API_URL: url,
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+            PREFECT_CLIENT_MAX_RETRIES: LOCAL_SERVER_RETRIES,
+        }
+    with temporary_settings(updates=updates), prefect_outages.watch(url) as outage:
         try:
             yield
         finally:
-            if local_server.status():
-                EventsWorker.drain_all()  # deliver the last task-run events before this process ends
+            if server_up():
+                # The last task-run events, before this process ends (the warm runner's commands
+                # skip the interpreter's exit, where Prefect would deliver them).
+                EventsWorker.drain_all()
             else:
                 _abandon_deliveries()
 

@@ -8,6 +8,7 @@ terminal, or outside a command (a deployment's run), the bar draws nothing and t
 all there is.
 """
 
+import contextlib
 import logging
 import sys
 import threading
@@ -15,14 +16,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import optuna
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 from rich.console import Console
 from rich.default_styles import DEFAULT_STYLES
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.theme import Theme
 
 from fedhpo_core.search.base import finished_trials, rounds_spent
+from flows.prefect_outages import server_away
 
 
 class Bar:
@@ -120,7 +124,8 @@ def live_bar() -> Iterator[Bar]:
 class StudyProgress:
     """Counters of a study in progress: trials finished and rounds spent against the budget, in the
     log (`trial`), on the command's bar, and in a Prefect progress artifact (the UI) updated at
-    most once a second (an API call each). Thread-safe: parallel trials share one."""
+    most once a second (an API call each, skipped while the server is away). Thread-safe: parallel
+    trials share one."""
 
     UPDATE_INTERVAL_S = 1.0
 
@@ -143,9 +148,17 @@ class StudyProgress:
             self.rounds += 1
             self.trained += 1
             if time.monotonic() - self.updated >= self.UPDATE_INTERVAL_S:
-                update_progress_artifact(self.artifact, self.percent)
+                self.update_unless_away()
                 self.updated = time.monotonic()
         self.bar.advance(rounds=1)
+
+    def update_unless_away(self) -> None:
+        """Update the artifact where the Prefect server answers at once: training does not wait for a
+        server that is away (restarted, say); a later update catches up."""
+        if server_away():
+            return
+        with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), contextlib.suppress(httpx.HTTPError):
+            update_progress_artifact(self.artifact, self.percent)
 
     def finish(self, spent: int) -> None:
         """The study's rounds spent, by every process that shared it."""

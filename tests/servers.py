@@ -287,10 +287,11 @@ def mlflow_server(tmpdir: Path, backend_store_uri: str | None = None, port: int 
 
 
 @contextlib.contextmanager
-def prefect_server(tmpdir: Path) -> Iterator[str]:
-    """A Prefect API server (no UI) with its home and SQLite database under `tmpdir`; yields its API URL."""
+def prefect_server(tmpdir: Path, port: int | None = None) -> Iterator[str]:
+    """A Prefect API server (no UI) with its home and SQLite database under `tmpdir`, on `port` (default: a free
+    one); yields its API URL. The same `tmpdir` and `port` again restart the server on its database."""
     tmpdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     command = [venv_bin("prefect"), "server", "start", "--host", LOCALHOST, "--port", port]
     env = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
     env |= {
