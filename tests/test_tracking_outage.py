@@ -7,6 +7,8 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import optuna
 import servers
@@ -61,30 +63,36 @@ def check_every_round_arrived(url: str, storage: str) -> optuna.Study:
     return study
 
 
-def test_a_study_rides_out_a_tracking_server_outage_and_every_round_arrives(tmp_path):
-    port = servers.free_port()
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    log = tmp_path / "log.txt"
+@contextlib.contextmanager
+def study_whose_server_goes_away(tmp_path: Path, port: int, storage: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A `fedhpo tune` against an `mlflow server` on `port` that is stopped (SIGTERM) mid-trial; yields the
+    process and the server's URL once the study said the server is unreachable; the process is killed on exit."""
     with contextlib.ExitStack() as first:
         url = first.enter_context(servers.mlflow_server(tmp_path / "mlflow", port=port))
         env = os.environ | {"MLFLOW_TRACKING_URI": url}
-        with open(log, "w") as output:
+        with open(tmp_path / "log.txt", "w") as output:
             process = subprocess.Popen(
                 tune_command(storage), cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT
             )
         try:
             stop_mid_trial(first, url)
-            wait_for(lambda: "unreachable" in log.read_text(), timeout=60)
-            time.sleep(OUTAGE_S)
-            with servers.mlflow_server(tmp_path / "mlflow", port=port):
-                assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
-                text = log.read_text()
-                check_every_round_arrived(url, storage)
-                experiment = MlflowClient(url).get_experiment_by_name("away").experiment_id
-                (study_run,) = MlflowClient(url).search_runs([experiment], "tags.`fedhpo.role`='study'")
-                assert study_run.info.status == "FINISHED" and "final_test_acc" in study_run.data.metrics
+            wait_for(lambda: "unreachable" in (tmp_path / "log.txt").read_text(), timeout=60)
+            yield process, url
         finally:
             process.kill()
+
+
+def test_a_study_rides_out_a_tracking_server_outage_and_every_round_arrives(tmp_path):
+    port, storage = servers.free_port(), f"sqlite:///{tmp_path / 'optuna.db'}"
+    with study_whose_server_goes_away(tmp_path, port, storage) as (process, url):
+        time.sleep(OUTAGE_S)
+        with servers.mlflow_server(tmp_path / "mlflow", port=port):
+            assert process.wait(timeout=300) == 0, (tmp_path / "log.txt").read_text()[-3000:]
+            check_every_round_arrived(url, storage)
+            experiment = MlflowClient(url).get_experiment_by_name("away").experiment_id
+            (study_run,) = MlflowClient(url).search_runs([experiment], "tags.`fedhpo.role`='study'")
+            assert study_run.info.status == "FINISHED" and "final_test_acc" in study_run.data.metrics
+    text = (tmp_path / "log.txt").read_text()
     assert text.count("unreachable") == 1 and text.count("reachable again") == 1, text[-3000:]
     assert re.search(r"reachable again after \d+ s; sent the [1-9]\d* writes kept meanwhile", text)  # training went on
     assert "Traceback" not in text and "Max retries" not in text
@@ -92,33 +100,22 @@ def test_a_study_rides_out_a_tracking_server_outage_and_every_round_arrives(tmp_
 
 
 def test_a_study_stopped_while_its_tracking_server_is_away_leaves_a_spool_that_sync_sends(tmp_path):
-    port = servers.free_port()
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    log = tmp_path / "log.txt"
-    with contextlib.ExitStack() as first:
-        url = first.enter_context(servers.mlflow_server(tmp_path / "mlflow", port=port))
-        env = os.environ | {"MLFLOW_TRACKING_URI": url}
-        with open(log, "w") as output:
-            process = subprocess.Popen(
-                tune_command(storage), cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT
-            )
-        try:
-            stop_mid_trial(first, url)
-            wait_for(lambda: "unreachable" in log.read_text(), timeout=60)
-            time.sleep(3)  # training went on, its logs kept
-            os.kill(process.pid, signal.SIGINT)
-            stopped = time.monotonic()
-            process.wait(timeout=120)
-        finally:
-            process.kill()
+    port, storage = servers.free_port(), f"sqlite:///{tmp_path / 'optuna.db'}"
+    with study_whose_server_goes_away(tmp_path, port, storage) as (process, url):
+        time.sleep(3)  # training went on, its logs kept
+        os.kill(process.pid, signal.SIGINT)
+        stopped = time.monotonic()
+        process.wait(timeout=120)
     took = time.monotonic() - stopped
-    lines = log.read_text().rstrip().splitlines()
+    text = (tmp_path / "log.txt").read_text()
+    lines = text.rstrip().splitlines()
     assert process.returncode == 128 + signal.SIGINT and took < ENDS_WITHIN_S, (took, lines[-10:])
     spool_root = tmp_path / "fedhpo-spool"
     assert lines[-1].startswith("fedhpo: MLflow tracking server") and str(spool_root) in lines[-1], lines[-5:]
-    assert "Traceback" not in log.read_text()
+    assert "Traceback" not in text
     (spool,) = [f for f in spool_root.iterdir() if f.is_dir()]
 
+    env = os.environ | {"MLFLOW_TRACKING_URI": url}
     with servers.mlflow_server(tmp_path / "mlflow", port=port):
         synced = subprocess.run([FEDHPO, "sync"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert synced.returncode == 0 and f"from {spool}" in synced.stdout, synced.stdout + synced.stderr
