@@ -13,6 +13,7 @@ seconds (`MLFLOW_RETRIES`; the user's settings win): the outbox rides out longer
 """
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -141,11 +142,13 @@ def server_away(uri: str, error: BaseException) -> bool:
 
 
 def send_to(uri: str):
-    """How a kept write (`Outbox`) is made on the store at `uri`."""
-    client = MlflowClient(uri)
+    """How a kept write (`Outbox`) is made on the store at `uri`. The client is made at the first
+    write: making one opens the store, which `prepare_store` must do first (a new SQLite store is
+    created under its lock)."""
+    client_once = functools.cache(lambda: MlflowClient(uri))
 
     def send(record: dict, file: Path | None) -> None:
-        kind, run_id = record["op"], record.get("run_id")
+        kind, run_id, client = record["op"], record.get("run_id"), client_once()
         if kind == "log_batch":
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in record.get("metrics", [])]
             params = [Param(k, v) for k, v in record.get("params", [])]
