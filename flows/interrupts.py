@@ -25,10 +25,17 @@ class StopRequest(threading.Event):
     """Set by the first signal; `number` is that signal's."""
 
     number: int = signal.SIGINT
+    signalled: bool = False  # set by a signal, not by the work stopping itself (a failed trial)
 
     def check(self) -> None:
         """Leave by `Interrupted` if a stop was asked for: call at safe points."""
         if self.is_set():
+            raise Interrupted(self.number)
+
+    def check_signal(self) -> None:
+        """Leave by `Interrupted` if a signal asked to stop: a wait for a server that is away ends
+        on the user's request, not when the work stops itself on an error (which goes on)."""
+        if self.signalled:
             raise Interrupted(self.number)
 
 
@@ -45,13 +52,13 @@ def cooperative_interrupts() -> Iterator[StopRequest]:
     def request(number: int, _frame) -> None:
         if stop.is_set():  # asked twice: at once
             raise Interrupted(number)
-        stop.number = number
+        stop.number, stop.signalled = number, True
         stop.set()
 
     previous = {number: signal.signal(number, request) for number in SIGNALS}
     try:
         # Waits for MLflow's server or the study's database end on the request too.
-        with waits_interrupted_by(stop.check), study_database_waits_interrupted_by(stop.check):
+        with waits_interrupted_by(stop.check_signal), study_database_waits_interrupted_by(stop.check_signal):
             yield stop
     finally:
         for number, handler in previous.items():

@@ -162,3 +162,12 @@ def test_a_stop_request_ends_the_wait_for_the_database(study):
     with study_database.waits_interrupted_by(stop_requested), pytest.raises(KeyboardInterrupt):
         trial.set_user_attr("rounds_used", 1)
     assert time.monotonic() - started < 5
+
+
+def test_a_session_left_by_a_lost_connection_is_retried_like_one(study):
+    """Optuna catches a lost connection in a query and falls back to another, whose session then
+    refuses work (PendingRollbackError) until it is reset: the database's outage, not an error."""
+    trial = study.ask()
+    pending = sqlalchemy.exc.PendingRollbackError("Can't reconnect until invalid transaction is rolled back")
+    lose_connection(study._storage._backend, "get_all_trials", 2, cause=pending)
+    assert [t.number for t in study.get_trials()] == [trial.number]

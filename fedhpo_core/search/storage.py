@@ -59,10 +59,18 @@ def open_storage(url: str | BaseStorage) -> BaseStorage:
     return ReconnectingStorage(optuna.storages.get_storage(RDBStorage(url, engine_kwargs=engine_kwargs)))
 
 
+# PendingRollbackError: a thread's session whose connection was lost inside a query that Optuna
+# caught (its "falling back to a slower alternative") refuses work until it is reset.
+DISCONNECTS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.PendingRollbackError)
+
+
 def lost_connection(error: Exception) -> bool:
-    """Whether a storage call failed for want of the database: Optuna wraps SQLAlchemy's
-    OperationalError (connection refused, closed, server shutting down or starting up)."""
-    return isinstance(error, StorageInternalError) and isinstance(error.__cause__, sqlalchemy.exc.OperationalError)
+    """Whether a storage call failed for want of the database: SQLAlchemy's OperationalError
+    (connection refused, closed, server shutting down or starting up), InterfaceError (a
+    connection already closed), PendingRollbackError (a session left by a lost connection), or an
+    error on a connection SQLAlchemy found gone; Optuna wraps most as StorageInternalError."""
+    cause = error.__cause__ if isinstance(error, StorageInternalError) else error
+    return isinstance(cause, DISCONNECTS) or getattr(cause, "connection_invalidated", False)
 
 
 def _retried(name: str) -> Callable:
@@ -98,10 +106,12 @@ class ReconnectingStorage(BaseStorage):
         while True:
             try:
                 result = (again or call)() if lost else call()
-            except StorageInternalError as error:
+            except (StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as error:
                 if not lost_connection(error):
                     raise
                 self._unreachable(error)
+                with contextlib.suppress(Exception):  # a fresh session (of the RDB storage in Optuna's cache)
+                    getattr(self._backend, "_backend", self._backend).remove_session()
                 on_wait()
                 time.sleep(backoff)
                 backoff, lost = min(2 * backoff, MAX_BACKOFF_S), True
@@ -110,9 +120,10 @@ class ReconnectingStorage(BaseStorage):
                 self._reachable()
             return result
 
-    def _unreachable(self, error: StorageInternalError) -> None:
+    def _unreachable(self, error: Exception) -> None:
         """Say so the first time; give up RECONNECT_WINDOW_S after."""
-        reason = one_line(getattr(error.__cause__, "orig", None) or error.__cause__)
+        cause = error.__cause__ if isinstance(error, StorageInternalError) else error
+        reason = one_line(getattr(cause, "orig", None) or cause)
         with self._lock:
             if self._unreachable_since is None:
                 self._unreachable_since = time.monotonic()
