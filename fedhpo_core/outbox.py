@@ -134,8 +134,8 @@ class Outbox:
             time.sleep(self.probe_interval)
 
     def kept(self) -> int:
-        """Writes kept and not yet sent."""
-        return len(self.memory) + (self.spool.pending() if self.spooled else 0)
+        """Writes kept (those in the spool counted until all of it is sent): no read of the spool per write."""
+        return len(self.memory) + self.spooled
 
     def flush(self) -> bool:
         """Send what was kept if the server answers; whether nothing is left."""
