@@ -18,8 +18,9 @@ from fedhpo_core.settings import ExecutionSettings, TrainSettings
 from fedhpo_core.tuners import FixedConfig
 from tasks.training import round_steps
 
-# Enough local epochs that a share trains for seconds (on 2 cores), not the moment a kill takes.
-SETTINGS = TrainSettings(clients=4, rounds=3, local_epochs=10, partition="dirichlet", alpha=0.5)
+# Enough local epochs that a share trains for seconds (10 took 0.6 s on 2 cores: a kill 0.5 s in
+# came after the share had finished), not the moment a kill takes.
+SETTINGS = TrainSettings(clients=4, rounds=3, local_epochs=60, partition="dirichlet", alpha=0.5)
 ENDS_WITHIN_S = 300  # a bound on hanging, not a speed measurement
 TRAINING_BEFORE_KILL_S = 0.5  # the share's Prefect task run has started and its clients train
 
@@ -41,8 +42,9 @@ def dask_training(address: str) -> list[tuple]:
 
 
 class WorkerKiller(threading.Thread):
-    """SIGKILLs the worker process that runs a share of round 2: the first task the scheduler
-    reports processing after round 1's two shares, once it has trained for a moment."""
+    """SIGKILLs the worker process that runs a share of round 2 or 3: the first task the scheduler
+    reports processing after round 1's two shares, once it has trained for a moment and is still
+    processing (else the next share)."""
 
     def __init__(self, client: Client):
         super().__init__(daemon=True)
@@ -58,6 +60,8 @@ class WorkerKiller(threading.Thread):
                 seen += [key for key in keys if key not in seen]
                 if keys and seen.index(keys[0]) >= 2:
                     time.sleep(TRAINING_BEFORE_KILL_S)
+                    if keys[0] not in self.client.processing(workers=[worker])[worker]:
+                        continue
                     os.kill(pids[worker], signal.SIGKILL)
                     self.killed = (worker, keys[0])
                     return

@@ -147,10 +147,15 @@ def test_parallel_trials_overlap_and_spend_the_budget_once(mlflow_client, tmp_pa
 
 
 class FakeTraining:
-    """Scores a configuration by its lr after `delay` seconds a round, reporting every round."""
+    """Scores a configuration by its lr after `delay` seconds a round, reporting every round; with
+    `worse_each_trial`, by its trial's number instead: each trial worse than every earlier one, so
+    one that reaches a rung after an earlier trial of its bracket is not in its top 1/eta."""
 
-    def __init__(self, delay: float):
-        self.delay, self.calls = delay, []
+    def __init__(self, delay: float, worse_each_trial: bool = False):
+        self.delay, self.worse_each_trial, self.calls = delay, worse_each_trial, []
+
+    def score(self, trial, configuration, trained: int) -> float:
+        return (1 / (1 + trial.number) if self.worse_each_trial else configuration.values["lr"]) * trained
 
     def load(self, checkpoint):
         raise AssertionError("no method here continues a trial")
@@ -160,16 +165,17 @@ class FakeTraining:
         while trained < rounds:
             time.sleep(self.delay)
             trained += 1
-            trial.report(configuration.values["lr"] * trained, trained)
+            trial.report(self.score(trial, configuration, trained), trained)
             if keep_going and not keep_going(trained):
                 break
         self.calls.append((trial.number, trained))
-        score = configuration.values["lr"] * trained
-        return TrialResult(score=score, rounds=trained, state=FederationState(trained, None))
+        return TrialResult(
+            score=self.score(trial, configuration, trained), rounds=trained, state=FederationState(trained, None)
+        )
 
 
-def fake_training(delay: float) -> FakeTraining:
-    return FakeTraining(delay)
+def fake_training(delay: float, worse_each_trial: bool = False) -> FakeTraining:
+    return FakeTraining(delay, worse_each_trial)
 
 
 @pytest.mark.parametrize("method", [RandomSearch, GridSearch])
@@ -206,10 +212,11 @@ def test_processes_sharing_a_study_split_it_without_losing_or_repeating_a_trial(
 def test_asynchronous_halving_shared_by_processes_stays_within_budget_and_runs_nothing_twice(method, tmp_path):
     """Three searchers on one storage, as separate processes would be, two trials at once each:
     rounds granted never exceed the budget, every trained round is charged once, and Optuna's
-    pruner stopped some trials at a rung."""
+    pruner stopped some trials at a rung. Scores planted to fall with each trial: whether a random
+    configuration is pruned would depend on the order the threads reach a rung in."""
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     space = SearchSpace.from_dict({"lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True}})
-    trainers = [fake_training(0.005) for _ in range(3)]
+    trainers = [fake_training(0.005, worse_each_trial=True) for _ in range(3)]
 
     def searcher(trainer):
         study = open_study(METHODS[method](), storage, "shared", resume=False, join=True)
