@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fedhpo_core.locking import file_lock
+from fedhpo_core.stores import while_waiting
 
 MEMORY_LIMIT = 16 * 2**20  # bytes of writes kept in memory before they go to the spool on disk
 PROBE_INTERVAL_S = 2.0  # how often an outage is checked on: the server is used within this of its return
@@ -101,7 +102,6 @@ class Outbox:
         self.down_since: float | None = None
         self.last_probe = 0.0
         self.lock = threading.RLock()
-        self.on_wait: Callable[[], None] = lambda: None  # called while waiting; raise to stop waiting
 
     def write(self, record: dict, file: Path | None = None) -> None:
         """Send a write (uploading `file`, if given), or keep it behind those kept before it."""
@@ -120,7 +120,7 @@ class Outbox:
 
     def call(self, function: Callable, *args, **kwargs):
         """`function`'s answer from the server, after every kept write is sent: waits out an outage,
-        asking again every `probe_interval` seconds (`on_wait` may end the wait by raising)."""
+        asking again every `probe_interval` seconds (a stop request may end the wait: `stores.while_waiting`)."""
         while True:
             with self.lock:
                 if self.flush():
@@ -130,7 +130,7 @@ class Outbox:
                         if not self.is_outage(error):
                             raise
                         self._went_away(error)
-            self.on_wait()
+            while_waiting()
             time.sleep(self.probe_interval)
 
     def kept(self) -> int:

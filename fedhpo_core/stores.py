@@ -3,8 +3,10 @@ before any work: a malformed URL, a folder that is missing or read-only, a file 
 database, or a server that does not answer each give one line (`SettingsError`), not a
 traceback after start-up or minutes of retries."""
 
+import contextlib
 import sqlite3
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import sqlalchemy
@@ -12,6 +14,7 @@ import sqlalchemy
 from fedhpo_core.settings import SettingsError
 
 CONNECT_TIMEOUT_S = 5
+_wait_checks: list[Callable[[], None]] = []  # innermost last (`waits_interrupted_by`)
 
 
 def one_line(error: BaseException) -> str:
@@ -68,3 +71,20 @@ def check_database(url: str, what: str) -> None:
         engine.dispose()
     except Exception as error:  # a missing driver, an unknown dialect, a refused connection, bad credentials
         raise SettingsError(f"{what}: cannot use {shown} ({type(error).__name__}: {one_line(error)})") from error
+
+
+def while_waiting() -> None:
+    """Called between attempts while a store's server is away (MLflow's, the study database): the
+    innermost check given to `waits_interrupted_by` may end the wait by raising."""
+    if _wait_checks:
+        _wait_checks[-1]()
+
+
+@contextlib.contextmanager
+def waits_interrupted_by(check: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, waiting out a store server's absence calls `check` (a stop request), which may raise."""
+    _wait_checks.append(check)
+    try:
+        yield
+    finally:
+        _wait_checks.remove(check)

@@ -12,7 +12,6 @@ need its answer (a new run, a read) wait for it. MLflow's own retries are shorte
 seconds (`MLFLOW_RETRIES`; the user's settings win): the outbox rides out longer outages.
 """
 
-import contextlib
 import functools
 import json
 import logging
@@ -22,7 +21,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import mlflow
@@ -210,18 +209,6 @@ def shorten_retries() -> None:
 def set_aside_unsent() -> list[str]:
     """At the end of a command: writes no server took go to their spools; a line naming each."""
     return [line for box in _outboxes.values() if (line := box.set_aside())]
-
-
-@contextlib.contextmanager
-def waits_interrupted_by(check: Callable[[], None]) -> Iterator[None]:
-    """While the block runs, waiting out a tracking server's outage calls `check`, which may end
-    the wait by raising (a stop request)."""
-    box = outbox()
-    previous, box.on_wait = box.on_wait, check
-    try:
-        yield
-    finally:
-        box.on_wait = previous
 
 
 def close_orphaned_runs(client: MlflowClient) -> list[str]:

@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fedhpo_core.search.base import Interrupted
-from fedhpo_core.search.storage import waits_interrupted_by as study_database_waits_interrupted_by
-from fedhpo_core.tracking import waits_interrupted_by
+from fedhpo_core.stores import waits_interrupted_by
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -58,7 +57,7 @@ def cooperative_interrupts() -> Iterator[StopRequest]:
     previous = {number: signal.signal(number, request) for number in SIGNALS}
     try:
         # Waits for MLflow's server or the study's database end on the request too.
-        with waits_interrupted_by(stop.check_signal), study_database_waits_interrupted_by(stop.check_signal):
+        with waits_interrupted_by(stop.check_signal):
             yield stop
     finally:
         for number, handler in previous.items():

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from fedhpo_core.outbox import Outbox, Spool, replay_spools, spools
+from fedhpo_core.stores import waits_interrupted_by
 
 
 class Server:
@@ -74,13 +75,16 @@ def test_a_call_that_needs_the_server_sends_what_was_kept_first_and_a_stop_ends_
         if len(waits) == 3:
             server.up = True
 
-    box.on_wait = come_back_on_the_third_wait
-    assert box.call(lambda: len(server.received)) == 1  # the kept write went first
+    with waits_interrupted_by(come_back_on_the_third_wait):
+        assert box.call(lambda: len(server.received)) == 1  # the kept write went first
     assert len(waits) == 3
 
     server.up = False
-    box.on_wait = lambda: (_ for _ in ()).throw(KeyboardInterrupt)  # a stop request
-    with pytest.raises(KeyboardInterrupt):
+
+    def stop_requested():
+        raise KeyboardInterrupt
+
+    with waits_interrupted_by(stop_requested), pytest.raises(KeyboardInterrupt):
         box.call(server.send, {"n": 2}, None)
 
 

@@ -19,6 +19,7 @@ from optuna.storages import InMemoryStorage
 
 from fedhpo_core.search import storage as study_database
 from fedhpo_core.search.storage import ReconnectingStorage
+from fedhpo_core.stores import waits_interrupted_by
 
 FEDHPO = str(Path(sys.executable).with_name("fedhpo"))
 BUDGET, CONFIGS = 40, 4  # 10 rounds per trial
@@ -159,7 +160,7 @@ def test_a_stop_request_ends_the_wait_for_the_database(study):
         raise KeyboardInterrupt
 
     started = time.monotonic()
-    with study_database.waits_interrupted_by(stop_requested), pytest.raises(KeyboardInterrupt):
+    with waits_interrupted_by(stop_requested), pytest.raises(KeyboardInterrupt):
         trial.set_user_attr("rounds_used", 1)
     assert time.monotonic() - started < 5
 

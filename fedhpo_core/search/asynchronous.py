@@ -28,6 +28,7 @@ from fedhpo_core.search.base import GRANTED_ATTR, SURPLUS_ATTR, SearchContext, r
 from fedhpo_core.search.fixed_budget import RandomSearch
 from fedhpo_core.search.halving import ETA, plan_rungs
 from fedhpo_core.search.space import Configuration
+from fedhpo_core.search.storage import innermost
 
 _local_lock = threading.Lock()  # for storages that live in this process (tests' in-memory ones)
 
@@ -36,9 +37,7 @@ _local_lock = threading.Lock()  # for storages that live in this process (tests'
 def study_lock(study: optuna.Study) -> Iterator[None]:
     """Exclusive, for every thread and process of the study: a lock file beside an SQLite storage,
     an advisory lock in PostgreSQL; a lock of this process for a storage in memory."""
-    backend = study._storage
-    while hasattr(backend, "_backend"):  # Optuna's cache around an RDB storage, our reconnecting wrapper around it
-        backend = backend._backend
+    backend = innermost(study._storage)
     url = getattr(backend, "url", None)
     if url is None:
         with _local_lock:

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import optuna
 import sqlalchemy
@@ -20,7 +20,7 @@ from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 
-from fedhpo_core.stores import one_line
+from fedhpo_core.stores import one_line, while_waiting
 
 RECONNECT_WINDOW_S = 300  # how long storage calls are tried again while the database is unreachable
 CONNECT_TIMEOUT_S = 10  # a connection attempt to a host that does not answer fails in this time
@@ -28,23 +28,6 @@ FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.5, 2.0  # at most 2 s between the database's 
 REQUEST_ATTR = "fedhpo:request"  # Optuna system attribute: the create_new_trial call that made the trial
 
 logger = logging.getLogger("fedhpo.study_database")
-_wait_checks: list[Callable[[], None]] = []  # innermost last (`waits_interrupted_by`)
-
-
-def on_wait() -> None:
-    """Called between attempts while the database is away: the innermost check may end the wait by raising."""
-    if _wait_checks:
-        _wait_checks[-1]()
-
-
-@contextlib.contextmanager
-def waits_interrupted_by(check: Callable[[], None]) -> Iterator[None]:
-    """While the block runs, waiting out the database's absence calls `check` (a stop request), which may raise."""
-    _wait_checks.append(check)
-    try:
-        yield
-    finally:
-        _wait_checks.remove(check)
 
 
 def open_storage(url: str | BaseStorage) -> BaseStorage:
@@ -57,6 +40,13 @@ def open_storage(url: str | BaseStorage) -> BaseStorage:
     if url.startswith("postgresql"):  # Optuna checks pooled connections itself only for MySQL
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
     return ReconnectingStorage(optuna.storages.get_storage(RDBStorage(url, engine_kwargs=engine_kwargs)))
+
+
+def innermost(storage: BaseStorage) -> BaseStorage:
+    """The storage under its wrappers (`ReconnectingStorage`, Optuna's cache around an RDB storage)."""
+    while hasattr(storage, "_backend"):
+        storage = storage._backend
+    return storage
 
 
 # PendingRollbackError: a thread's session whose connection was lost inside a query that Optuna
@@ -111,8 +101,8 @@ class ReconnectingStorage(BaseStorage):
                     raise
                 self._unreachable(error)
                 with contextlib.suppress(Exception):  # a fresh session (of the RDB storage in Optuna's cache)
-                    getattr(self._backend, "_backend", self._backend).remove_session()
-                on_wait()
+                    innermost(self._backend).remove_session()
+                while_waiting()
                 time.sleep(backoff)
                 backoff, lost = min(2 * backoff, MAX_BACKOFF_S), True
                 continue
