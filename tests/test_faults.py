@@ -21,6 +21,7 @@ import pytest
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, Federation, RoundSteps
 from fedhpo_core.partition import partition_dataset
+from fedhpo_core.search.base import recorded_result, rounds_used
 from fedhpo_core.search.halving import plan_cost, plan_rungs
 from fedhpo_core.search.study import METHODS, TuneSettings, check_study, open_study, study_definition
 from fedhpo_core.settings import SettingsError, TrainSettings
@@ -306,9 +307,10 @@ def test_a_study_killed_mid_bracket_or_generation_resumes_from_its_checkpoints(m
     before = optuna.load_study(study_name="midway", storage=storage).trials
     # A FAIL trial (killed between its start and its record) has no rounds_used.
     kept = {t.number: (t.params, t.state, t.user_attrs.get("rounds_used")) for t in before if t.state.is_finished()}
-    paused = {
-        t.number: t.user_attrs["rounds_used"] for t in before if t.state.name == "RUNNING" and "result" in t.user_attrs
-    }
+    # A RUNNING trial with a recorded result paused between rungs (or was killed right after its
+    # record, before the result's parts were written as attributes of their own): its rounds are
+    # the recorded result's.
+    paused = {t.number: rounds_used(t) for t in before if t.state.name == "RUNNING" and recorded_result(t)}
     if method != "pbt":
         assert paused  # surviving configurations between rungs
 
