@@ -2,10 +2,12 @@
 wrapper that retries calls that lose their connection, and a real `fedhpo tune` whose real
 PostgreSQL server is stopped and started again while trials train."""
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +24,8 @@ from fedhpo_core.search.storage import ReconnectingStorage
 from fedhpo_core.stores import waits_interrupted_by
 
 FEDHPO = str(Path(sys.executable).with_name("fedhpo"))
-BUDGET, CONFIGS = 40, 4  # 10 rounds per trial
+BUDGET = 40
+CONFIGS = {"random": 4, "asha": 9}  # random: 10 rounds per trial; asha: rungs at 1, 3 and 9 rounds
 OUTAGE_S = 10
 WAIT_S = 300  # a bound on hanging, not a speed measurement
 UNREACHABLE, REACHABLE = "study database unreachable", "study database reachable again"
@@ -114,13 +117,14 @@ def trial_lines(log: Path) -> int:
     return sum(" - trial " in line and "rounds ->" in line for line in log.read_text(errors="replace").splitlines())
 
 
-def test_a_study_survives_a_restart_of_its_postgres_database_and_charges_every_round_once(tmp_path):
+@pytest.mark.parametrize("method", CONFIGS)  # asha: a round granted per round, under an advisory lock
+def test_a_study_survives_a_restart_of_its_postgres_database_and_charges_every_round_once(method, tmp_path):
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     log = tmp_path / "log.txt"
     with servers.PostgresCluster(tmp_path / "postgres") as database, open(log, "w") as output:
-        command = [FEDHPO, "tune", "--method", "random", "--workers", "2", "--budget", str(BUDGET)]
-        command += ["--n-configs", str(CONFIGS), "--clients", "3", "--final-rounds", "0", "--storage", database.url]
-        command += ["--study-name", "restart", "--experiment", "restart"]
+        command = [FEDHPO, "tune", "--method", method, "--workers", "2", "--budget", str(BUDGET)]
+        command += ["--n-configs", str(CONFIGS[method]), "--clients", "3", "--final-rounds", "0"]
+        command += ["--storage", database.url, "--study-name", "restart", "--experiment", "restart"]
         process = subprocess.Popen(
             command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -138,7 +142,13 @@ def test_a_study_survives_a_restart_of_its_postgres_database_and_charges_every_r
 
     text = log.read_text()
     assert text.count(UNREACHABLE) == text.count(REACHABLE) == 1 and "Traceback" not in text, text[-3000:]
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * CONFIGS  # none RUNNING
+    assert "Falling back to a slower alternative" not in text  # Optuna's warning when a query lost it
+    if method == "random":
+        assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * CONFIGS[method]  # none RUNNING
+    else:  # trained until pruned at a rung, or ran out of budget where it stood; admitted past it: FAIL
+        trained_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        assert all(t.state in trained_states or t.user_attrs.get("surplus") for t in trials)
+        trials = [t for t in trials if t.state in trained_states]
     charged = {t.number: t.user_attrs["rounds_used"] for t in trials}
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("restart").experiment_id
@@ -148,7 +158,7 @@ def test_a_study_survives_a_restart_of_its_postgres_database_and_charges_every_r
         int(r.data.tags["fedhpo.trial"]): [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
         for r in runs
     }
-    assert len(runs) == CONFIGS and charged == recorded and sum(charged.values()) == BUDGET
+    assert len(runs) == len(trials) and charged == recorded and sum(charged.values()) == BUDGET
     assert all(sorted(steps) == list(range(1, charged[number] + 1)) for number, steps in trained.items()), trained
 
 
@@ -172,3 +182,47 @@ def test_a_session_left_by_a_lost_connection_is_retried_like_one(study):
     pending = sqlalchemy.exc.PendingRollbackError("Can't reconnect until invalid transaction is rolled back")
     lose_connection(study._storage._backend, "get_all_trials", 2, cause=pending)
     assert [t.number for t in study.get_trials()] == [trial.number]
+
+
+def test_optunas_fallback_warning_is_dropped_only_when_the_database_went_away():
+    def warning(error: str) -> logging.LogRecord:
+        message = f"Caught an error from sqlalchemy: {error}. Falling back to a slower alternative."
+        return logging.LogRecord("optuna.storages._rdb.storage", logging.WARNING, __file__, 1, message, None, None)
+
+    lost = "(psycopg2.OperationalError) server closed the connection unexpectedly\n\tThis probably means ..."
+    refused = '(psycopg2.OperationalError) connection to server at "127.0.0.1", port 5432 failed: Connection refused'
+    shutdown = "(psycopg2.OperationalError) terminating connection due to administrator command"
+    too_many = "(sqlite3.OperationalError) too many SQL variables"
+    kept = [study_database.quiet_fallback_on_lost_connection(warning(e)) for e in (lost, refused, shutdown, too_many)]
+    assert kept == [False, False, False, True]
+
+
+def test_the_study_lock_rides_out_a_restart_held_and_while_being_taken(tmp_path, caplog):
+    """The asynchronous methods' round grants run under a PostgreSQL advisory lock on the study."""
+    with servers.PostgresCluster(tmp_path / "postgres") as database:
+        storage = study_database.open_storage(database.url)
+        key = optuna.create_study(storage=storage, study_name="locked")._study_id
+        other = sqlalchemy.create_engine(database.url, poolclass=sqlalchemy.pool.NullPool)
+
+        def taken_elsewhere() -> bool:
+            with other.connect() as connection:
+                query = sqlalchemy.text("SELECT pg_try_advisory_lock(:key)")
+                return not connection.execute(query, {"key": key}).scalar()  # released with its session
+
+        with study_database.advisory_lock(storage, key):
+            assert taken_elsewhere()
+            database.stop()  # the lock goes with its connection
+            database.start()
+        assert not taken_elsewhere()  # released without an error
+
+        database.stop()
+        restart = threading.Timer(3, database.start)
+        restart.start()
+        try:
+            with study_database.advisory_lock(storage, key):  # taken once the database is back
+                assert taken_elsewhere()
+        finally:
+            restart.join()
+        other.dispose()
+    lines = database_lines(caplog)  # the lock taken while the database was away; none for its release
+    assert [line.split(" (")[0].split(" after")[0] for line in lines] == [UNREACHABLE, REACHABLE], lines

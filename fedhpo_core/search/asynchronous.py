@@ -21,14 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
-import sqlalchemy
 
 from fedhpo_core.locking import file_lock
 from fedhpo_core.search.base import GRANTED_ATTR, SURPLUS_ATTR, SearchContext, rounds_used
 from fedhpo_core.search.fixed_budget import RandomSearch
 from fedhpo_core.search.halving import ETA, plan_rungs
 from fedhpo_core.search.space import Configuration
-from fedhpo_core.search.storage import innermost
+from fedhpo_core.search.storage import advisory_lock, innermost
 
 _local_lock = threading.Lock()  # for storages that live in this process (tests' in-memory ones)
 
@@ -46,12 +45,8 @@ def study_lock(study: optuna.Study) -> Iterator[None]:
         with file_lock(Path(f"{url.removeprefix('sqlite:///')}.study-{study._study_id}.lock")):
             yield
     elif url.startswith("postgresql"):
-        with backend.engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": study._study_id})
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": study._study_id})
+        with advisory_lock(study._storage, study._study_id):
+            yield
     else:
         raise NotImplementedError(f"asynchronous methods need an SQLite or PostgreSQL storage, not {url}")
 

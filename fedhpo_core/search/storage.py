@@ -2,8 +2,9 @@
 
 A server database (PostgreSQL) that restarts mid-study costs a reconnect, not the study: pooled
 connections are checked before use (`pool_pre_ping`), and a storage call that loses its connection
-is tried again, with backoff, for up to RECONNECT_WINDOW_S (`ReconnectingStorage`). The study's
-trials pause at their next storage call and go on once the database answers.
+is tried again, with backoff, for up to RECONNECT_WINDOW_S (`ReconnectingStorage`), as is taking
+the study's advisory lock (`advisory_lock`). The study's trials pause at their next storage call
+and go on once the database answers.
 """
 
 import contextlib
@@ -12,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import optuna
 import sqlalchemy
@@ -39,6 +40,7 @@ def open_storage(url: str | BaseStorage) -> BaseStorage:
     engine_kwargs = {}
     if url.startswith("postgresql"):  # Optuna checks pooled connections itself only for MySQL
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+        logging.getLogger("optuna.storages._rdb.storage").addFilter(quiet_fallback_on_lost_connection)
     return ReconnectingStorage(optuna.storages.get_storage(RDBStorage(url, engine_kwargs=engine_kwargs)))
 
 
@@ -61,6 +63,19 @@ def lost_connection(error: Exception) -> bool:
     error on a connection SQLAlchemy found gone; Optuna wraps most as StorageInternalError."""
     cause = error.__cause__ if isinstance(error, StorageInternalError) else error
     return isinstance(cause, DISCONNECTS) or getattr(cause, "connection_invalidated", False)
+
+
+# How psycopg2 says a connection was lost or refused (PostgreSQL shutting down, restarting, gone).
+LOST_CONNECTION_TEXTS = ("server closed the connection", "terminating connection", "connection to server")
+
+
+def quiet_fallback_on_lost_connection(record: logging.LogRecord) -> bool:
+    """Drop Optuna's warning that a trials query failed and it falls back to another (meant for
+    too many query variables) where the failure was the database going away: a multi-line error
+    and its SQL, while the outage gets its own line from `ReconnectingStorage`."""
+    message = record.getMessage()
+    fallback = message.startswith("Caught an error from sqlalchemy")
+    return not (fallback and any(text in message for text in LOST_CONNECTION_TEXTS))
 
 
 def _retried(name: str) -> Callable:
@@ -178,3 +193,35 @@ class ReconnectingStorage(BaseStorage):
     get_all_trials = _retried("get_all_trials")
     get_best_trial = _retried("get_best_trial")
     remove_session = _retried("remove_session")
+
+
+@contextlib.contextmanager
+def advisory_lock(storage: BaseStorage, key: int) -> Iterator[None]:
+    """PostgreSQL's session advisory lock on `key`, exclusive for every process of the study.
+    Taking it is tried again while the database is unreachable, like the storage's calls. A lock
+    whose connection is lost went with it (the server ends a session's locks), so releasing it then
+    is done. Left open: a restart inside the locked section (a few storage calls) lets another
+    process in before it ends; for the round grants of the asynchronous methods, one round over."""
+    engine = innermost(storage).engine
+    retried = storage._retry if isinstance(storage, ReconnectingStorage) else (lambda call: call())
+
+    def lock() -> sqlalchemy.Connection:
+        connection = engine.connect()
+        try:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    connection = retried(lock)
+    try:
+        yield
+    finally:
+        try:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        except sqlalchemy.exc.SQLAlchemyError as error:
+            if not lost_connection(error):
+                raise
+        finally:
+            connection.close()
