@@ -11,6 +11,7 @@ import torch
 from fedhpo_core.client import ClientJob, ClientUpdate
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, FederationState, RoundSteps, clients_of, partition_of
+from fedhpo_core.search import fixed_budget
 from fedhpo_core.search.base import ROUNDS_ATTR, TrialResult, planned_trials, rounds_spent
 from fedhpo_core.search.fixed_budget import GridSearch, RandomSearch
 from fedhpo_core.search.halving import plan_rungs
@@ -206,6 +207,40 @@ def test_processes_sharing_a_study_split_it_without_losing_or_repeating_a_trial(
         assert len(set(points)) == len(points)
     else:  # all three were given seed 0: joined processes still draw different streams
         assert len(set(points[:3])) > 1
+
+
+def test_a_grid_point_asked_for_twice_at_once_goes_to_the_earlier_trial(tmp_path, monkeypatch):
+    """Planted: two processes' asks interleave; the earlier trial is created first but given its
+    point after the later one was given the same point (the only one free). Once the earlier trial
+    holds it, the later one is not admitted; an earlier trial that never gets a point (its process
+    killed mid-ask) holds none and stops nothing."""
+    monkeypatch.setattr(fixed_budget, "ASKING_S", 1.0)
+    method, parameters = GridSearch(), SearchSpace.load(None).parameters("global", 1)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'grid.db'}", sampler=method.sampler(parameters, 0))
+
+    def earlier_than(trial):
+        return [t for t in planned_trials(study) if t._trial_id < trial._trial_id]
+
+    earlier = study.ask()  # created, its point not yet given
+    later = study.ask(parameters)  # given the first point of the order: no trial holds one yet
+    assert later.params == method.order[0]
+
+    def give_the_earlier_its_point():
+        for name, value in later.params.items():
+            distribution = parameters[name]
+            study._storage.set_trial_param(earlier._trial_id, name, distribution.to_internal_repr(value), distribution)
+
+    giving = threading.Timer(0.3, give_the_earlier_its_point)
+    giving.start()
+    try:
+        assert not method.admissible(later, earlier_than(later))
+    finally:
+        giving.join()
+
+    study.ask()  # its process killed mid-ask: never given a point
+    study.tell(later, state=optuna.trial.TrialState.FAIL)
+    following = study.ask(parameters)
+    assert following.params == method.order[1] and method.admissible(following, earlier_than(following))
 
 
 @pytest.mark.parametrize("method", ["asha", "async-hyperband"])

@@ -3,6 +3,7 @@ search, grid search and Bayesian optimization (FedTune paper, section 4.1: 30 co
 Random and Bayesian), and the system-aware multi-objective search."""
 
 import contextvars
+import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
@@ -20,6 +21,7 @@ from fedhpo_core.search.base import (
 from fedhpo_core.search.space import Configuration, grid_points
 
 POLL_S = 0.2  # how often the search looks for a stop request while trials train
+ASKING_S = 2.0  # an ask gives its trial its point within this time
 # The system costs a multi-objective study can minimize (`trial.system_objectives`), and its defaults.
 COSTS = ("bytes_sent", "client_compute_samples", "unfairness", "sim_time_s", "time_to_target_s", "epsilon")
 DEFAULT_COSTS = ("bytes_sent", "client_compute_samples", "unfairness")
@@ -140,6 +142,14 @@ class GridSearch(FixedBudgetSearch):
         return GridPointSampler(self.order)
 
     def admissible(self, trial, earlier):
+        """Its point held by no earlier trial. Two asks at once (two processes) choose the same
+        point, and the later trial can be admitted before the earlier one is given its point: an
+        earlier trial still without it is waited for, up to ASKING_S (an ask that never ends, its
+        process killed, holds no point)."""
+        deadline = time.monotonic() + ASKING_S
+        while any(t.params.keys() != trial.params.keys() for t in earlier) and time.monotonic() < deadline:
+            time.sleep(POLL_S / 4)
+            earlier = [t for t in planned_trials(trial.study) if t._trial_id < trial._trial_id]
         return trial.params not in [t.params for t in earlier]
 
     def trial_limit(self, context):
