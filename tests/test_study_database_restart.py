@@ -64,6 +64,11 @@ def database_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "fedhpo.study_database"]
 
 
+def outage_lines(lines: list[str]) -> list[str]:
+    """Each line's kind (UNREACHABLE or REACHABLE), without its reason and duration."""
+    return [line.split(" (")[0].split(" after")[0] for line in lines]
+
+
 def test_calls_that_lose_the_connection_are_tried_again_with_one_line_each_way(study, caplog):
     trial = study.ask()
     backend = study._storage._backend
@@ -74,7 +79,7 @@ def test_calls_that_lose_the_connection_are_tried_again_with_one_line_each_way(s
     assert study.trials[0].user_attrs == {"rounds_used": 1} and study.trials[0].intermediate_values == {1: 0.5}
     lines = database_lines(caplog)  # a line when each call lost the database, one when it found it again
     assert lines[0] == f"{UNREACHABLE} (server closed the connection); retrying for up to 300 s", lines
-    assert [line.split(" (")[0].split(" after")[0] for line in lines] == [UNREACHABLE, REACHABLE] * 2, lines
+    assert outage_lines(lines) == [UNREACHABLE, REACHABLE] * 2, lines
 
 
 def test_a_state_set_whose_lost_attempt_committed_is_done_once(study):
@@ -225,4 +230,4 @@ def test_the_study_lock_rides_out_a_restart_held_and_while_being_taken(tmp_path,
             restart.join()
         other.dispose()
     lines = database_lines(caplog)  # the lock taken while the database was away; none for its release
-    assert [line.split(" (")[0].split(" after")[0] for line in lines] == [UNREACHABLE, REACHABLE], lines
+    assert outage_lines(lines) == [UNREACHABLE, REACHABLE], lines
