@@ -36,7 +36,7 @@ def main() -> None:
 
     from prefect import flow
 
-    from flows.cli import local_prefect
+    from cli.main import local_prefect
     from tasks.training import load_data, partition_data, round_steps
 
     settings = TrainSettings(**SETTINGS, data_root=args.data_root)

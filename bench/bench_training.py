@@ -234,7 +234,7 @@ def main() -> None:
 
     if args.startup_repeats:
         time_startup(data_root, args.startup_repeats)
-    from flows.cli import local_prefect
+    from cli.main import local_prefect
 
     with local_prefect():
         for clients in args.clients:

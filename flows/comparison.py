@@ -8,6 +8,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.utilities.names import generate_slug
 
+from cli.interrupts import cooperative_interrupts
+from cli.progress import bar
 from fedhpo_core.reports import (
     comparison_figure,
     comparison_table,
@@ -18,8 +20,6 @@ from fedhpo_core.reports import (
 from fedhpo_core.search.study import METHODS, TuneSettings
 from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
 from fedhpo_core.tracking import ROLE_TAG, Tracker, run_url, set_model_alias, ui_base
-from flows.interrupts import cooperative_interrupts
-from flows.progress import bar
 from flows.study import FINAL_COSTS, artifact_key, hpo_study
 from flows.training import run_parameters
 from tasks.training import dask_scheduler

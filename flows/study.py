@@ -9,6 +9,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from cli.interrupts import cooperative_interrupts
+from cli.progress import StudyProgress
 from fedhpo_core.federation import FederatedData
 from fedhpo_core.reports import importance_figure, importance_table, markdown_table, study_figures, study_table
 from fedhpo_core.search.base import RUN_ATTR, configuration_of
@@ -34,8 +36,6 @@ from fedhpo_core.tracking import (
     view_url,
 )
 from fedhpo_core.trial import TrialTrainer, align_trial_runs, retrain
-from flows.interrupts import cooperative_interrupts
-from flows.progress import StudyProgress
 from flows.training import run_parameters
 from tasks.training import load_data, partition_data, round_steps
 

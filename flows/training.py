@@ -9,6 +9,8 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.utilities.names import generate_slug
 
+from cli.interrupts import cooperative_interrupts
+from cli.progress import bar
 from fedhpo_core.federation import Evaluation, FederatedData, Federation, RoundReport
 from fedhpo_core.models import load_flat_weights
 from fedhpo_core.partition import label_histogram, label_skew
@@ -16,8 +18,6 @@ from fedhpo_core.reports import ConfigTrajectory, partition_figure, partition_ta
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
 from fedhpo_core.tracking import ROLE_TAG, Tracker
 from fedhpo_core.tuners import FixedConfig
-from flows.interrupts import cooperative_interrupts
-from flows.progress import bar
 from tasks.training import load_data, partition_data, round_steps
 
 

@@ -23,7 +23,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(scope="session", autouse=True)
 def scratch_working_directory():
     """MLflow's artifact folder and anything else relative land in the scratch folder, removed after."""
-    from flows import local_server, warm
+    from cli import local_server, warm
 
     previous = Path.cwd()
     os.chdir(SCRATCH)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import COMPARISON_SKIPS, main
 from fedhpo_core.search.study import TuneSettings
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
-from flows.cli import COMPARISON_SKIPS, main
 from flows.comparison import method_comparison
 from flows.study import hpo_study
 from flows.training import federated_training

@@ -18,6 +18,7 @@ import mlflow
 import optuna
 import pytest
 
+from cli.main import main
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, Federation, RoundSteps
 from fedhpo_core.partition import partition_dataset
@@ -27,7 +28,6 @@ from fedhpo_core.search.study import METHODS, TuneSettings, check_study, open_st
 from fedhpo_core.settings import SettingsError, TrainSettings
 from fedhpo_core.tracking import PROCESS_TAG, close_orphaned_runs, process_identity
 from fedhpo_core.tuners import FixedConfig
-from flows.cli import main
 
 FEDHPO = str(Path(sys.executable).with_name("fedhpo"))
 SMALL = ["--clients", "3", "--final-rounds", "0"]

@@ -15,6 +15,7 @@ import servers
 import torch
 
 import flows.comparison  # noqa: F401 - Prefect, imported before capsys, binds its logging to the real stderr
+from cli.main import main
 from fedhpo_core.client import ClientData
 from fedhpo_core.data import load_dataset
 from fedhpo_core.evaluation import NoisyEvaluation
@@ -26,7 +27,6 @@ from fedhpo_core.settings import SettingsError, TrainSettings
 from fedhpo_core.tracking import Tracker
 from fedhpo_core.trial import TrialTrainer
 from fedhpo_core.tuners import PerClientConfig
-from flows.cli import main
 
 # Dirichlet shares: clients of unequal validation sizes, so sample weighting matters.
 FIXED = TrainSettings(dataset="digits", clients=6, partition="dirichlet", alpha=0.5, experiment="noisy-eval-tests")

@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
 from test_startup import FEDHPO, SMALL
 
-from flows import progress
-from flows.progress import Bar, StudyProgress, live_bar
+from cli import progress
+from cli.progress import Bar, StudyProgress, live_bar
 
 TRAIN = ["train", "--dataset", "digits", "--rounds", "3", *SMALL]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -8,6 +8,7 @@ import torch
 from test_cohort import CONFIGS
 from torch.nn import functional as F
 
+from cli.main import main
 from fedhpo_core.aggregators import ServerSettings
 from fedhpo_core.client import ClientData, ClientJob, Controls
 from fedhpo_core.cohort import train_cohort
@@ -23,7 +24,6 @@ from fedhpo_core.federation import (
 from fedhpo_core.models import ModelSpec
 from fedhpo_core.settings import ClientConfig, SettingsError, TrainSettings
 from fedhpo_core.tuners import FixedConfig, PerClientConfig
-from flows.cli import main
 
 ENGINES = ["sequential", "cohort"]
 FEDAVG = ServerSettings("fedavg", 1.0, 0.9, 0.99, 1e-3)

@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import servers
 
-from flows import warm
+from cli import warm
 
 FEDHPO = str(Path(sys.executable).with_name("fedhpo"))
 SMALL = ["--clients", "3", "--experiment", "startup"]
@@ -116,7 +116,7 @@ def test_finish_ends_with_the_commands_status_after_exit_handlers(code, tmp_path
     marker = tmp_path / "atexit"
     script = (
         "import atexit, pathlib, sys\n"
-        "from flows.warm import finish\n"
+        "from cli.warm import finish\n"
         f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('ran'))\n"
         f"finish(lambda: sys.exit({code}))\n"
         "print('not reached')\n"

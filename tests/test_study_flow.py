@@ -14,7 +14,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from flows.cli import main
+from cli.main import main
 from flows.study import hpo_study
 
 FIXED = {"clients": 3, "experiment": "study-flow"}

@@ -74,8 +74,8 @@ def train_command(args: argparse.Namespace) -> int:
     execution = _settings("train", ExecutionSettings, args)
     _check_stores("train")
     _check_data("train", settings)
+    from cli.progress import live_bar
     from fedhpo_core.tracking import browse_lines, tracking_uri
-    from flows.progress import live_bar
     from flows.training import federated_training
 
     with local_prefect(), live_bar():
@@ -119,7 +119,7 @@ def tune_command(args: argparse.Namespace) -> int:
     except SettingsError as error:
         _fail("tune", str(error))
     _check_data("tune", fixed)
-    from flows.progress import live_bar
+    from cli.progress import live_bar
     from flows.study import hpo_study
 
     with local_prefect(), live_bar():
@@ -167,9 +167,9 @@ def compare_command(args: argparse.Namespace) -> int:
 
     _check_stores("compare", tune.storage or default_storage(tracking_uri()))
     _check_data("compare", fixed)
+    from cli.progress import live_bar
     from fedhpo_core.tracking import browse_lines, tracking_uri
     from flows.comparison import method_comparison
-    from flows.progress import live_bar
 
     tune_values = {k: v for k, v in asdict(tune).items() if k not in COMPARISON_SKIPS}
     with local_prefect(), live_bar():
@@ -290,9 +290,9 @@ def sync_command(args: argparse.Namespace) -> int:
 @contextmanager
 def local_prefect():
     """Prefect set up for a run from this machine: against PREFECT_API_URL where it is set, else
-    against the local server that `fedhpo` commands share (`flows.local_server`), whose address Dask
+    against the local server that `fedhpo` commands share (`cli.local_server`), whose address Dask
     workers are given too (else each would start a server of its own). An outage of the server is
-    one line each way (`flows.prefect_outages`)."""
+    one line each way (`cli.prefect_outages`)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from an offline run
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # not every step of a local cluster's start
     from prefect.events.worker import EventsWorker
@@ -310,7 +310,7 @@ def local_prefect():
     if not os.environ.get("FEDHPO_DEBUG"):
         _console_without_tracebacks()
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")  # and so on Dask workers
-    from flows import local_server, prefect_outages
+    from cli import local_server, prefect_outages
 
     settings = get_current_settings()
     if settings.api.url is not None:
@@ -383,7 +383,7 @@ def _console_without_tracebacks() -> None:
 
 
 def server_command(args: argparse.Namespace) -> int:
-    from flows import local_server, warm
+    from cli import local_server, warm
 
     if args.action == "stop":
         url = local_server.stop()

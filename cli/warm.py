@@ -5,7 +5,7 @@ Prefect, MLflow, Optuna: about 9 s on 2 cores) every time.
 Unix socket in a private folder under the temp dir), starting it in the background if none
 answers, and sends its arguments, working directory, environment and standard streams (the file
 descriptors themselves). The runner, which imported the flows once, forks a child per command;
-the child takes over the client's directory, environment and streams and runs `flows.cli.main`,
+the child takes over the client's directory, environment and streams and runs `cli.main.main`,
 so output and exit status are the command's own. Signals the client receives (Ctrl-C, SIGTERM,
 SIGHUP) go to the child's process group; if the client dies, even by SIGKILL, its connection
 closes and the runner kills the child's process group: no work outlives its command. A runner
@@ -33,7 +33,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("fedhpo_core", "flows", "tasks")
+PACKAGES = ("fedhpo_core", "flows", "tasks", "cli")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 START_TIMEOUT_S = 120
 IDLE_EXIT_S = 3600  # a runner no command used for an hour exits (an upgraded fedhpo starts its own)
@@ -106,7 +106,7 @@ def main() -> None:
     argv = sys.argv[1:]
     sock = None if os.environ.get("FEDHPO_WARM") == "0" else connect()
     if sock is None:
-        from flows.cli import main as run_here
+        from cli.main import main as run_here
 
         sys.exit(run_here(argv))
     send_message(sock, {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}, [0, 1, 2])
@@ -172,7 +172,7 @@ def start(path: Path) -> socket.socket | None:
     path.unlink(missing_ok=True)
     with open(path.with_suffix(".log"), "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-u", "-m", "flows.warm", str(path)],
+            [sys.executable, "-u", "-m", "cli.warm", str(path)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -297,7 +297,7 @@ class Runner:
         os.environ.update(request["env"])
         sys.argv = ["fedhpo", *request["argv"]]
         reseed_and_reconfigure()
-        from flows.cli import main as run
+        from cli.main import main as run
 
         finish(lambda: run(request["argv"]))
 
@@ -348,7 +348,7 @@ def warm_up() -> None:
     store and model flavor, torch.export's tracer), and fill MLflow's map of installed packages
     that every model logging checks its requirements against (~2 s each time otherwise). Nothing
     here starts a thread or touches a device: every child is forked from this state."""
-    import flows.cli
+    import cli.main  # noqa: F401
     import flows.comparison
     import flows.study
     import flows.training  # noqa: F401 - first: it sets up Prefect's logging, which a later import would preempt
@@ -363,7 +363,7 @@ def warm_up() -> None:
 
 
 def serve(path: Path) -> None:
-    """Warm up, then serve commands (run as `python -m flows.warm <socket>`)."""
+    """Warm up, then serve commands (run as `python -m cli.warm <socket>`)."""
     code = fingerprint()  # before importing: the code that is imported
     warm_up()
     Runner(path, code).serve()

@@ -25,8 +25,8 @@ from rich.default_styles import DEFAULT_STYLES
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.theme import Theme
 
+from cli.prefect_outages import server_away
 from fedhpo_core.search.base import finished_trials, rounds_spent
-from flows.prefect_outages import server_away
 
 
 class Bar:
