@@ -19,7 +19,7 @@ from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
 def _add_settings(parser, settings_class, skip: tuple[str, ...] = ()) -> None:
     """One --flag per settings field, with its type, default and help from the dataclass."""
     for f in fields(settings_class):
-        if f.name in skip:
+        if f.name in skip or f.name == "options":  # a method's options: `_add_method_options`
             continue
         kind = f.type
         if isinstance(kind, types.UnionType):  # `float | None`: parse as float, None stays the default
@@ -32,14 +32,43 @@ def _add_settings(parser, settings_class, skip: tuple[str, ...] = ()) -> None:
             parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"])
 
 
+OPTION_DEST = "option."  # argparse destination of a method option's flag
+
+
+def _add_method_options(parser) -> None:
+    """A --flag per option name of every declared method (`fedhpo_core.registry`), unset by default:
+    the method's own default applies. Methods sharing a name share its flag (one type)."""
+    from fedhpo_core.registry import default_of, flag, option_fields, parse_value
+
+    group = parser.add_argument_group("method options (`fedhpo methods` lists each method's)")
+    for name, declared in option_fields().items():
+        helps = list(dict.fromkeys(f.metadata["help"] for _, f in declared))
+        defaults = ", ".join(f"{m.name} {default_of(m, f)}" for m, f in declared)
+        kind = type(declared[0][1].default)
+        group.add_argument(
+            f"--{flag(name)}",
+            dest=OPTION_DEST + name,
+            type=lambda text, kind=kind: parse_value(kind, text),
+            default=None,
+            help=f"{'; '.join(helps)} (default: {defaults})",
+        )
+
+
+def _given_options(args: argparse.Namespace) -> dict:
+    """The method options given on the command line."""
+    return {
+        k.removeprefix(OPTION_DEST): v for k, v in vars(args).items() if k.startswith(OPTION_DEST) and v is not None
+    }
+
+
 def _fail(command: str, message: str):
     """A one-line error and exit status 2 (as argparse does), before any work starts."""
     print(f"fedhpo {command}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def _settings(command: str, settings_class, args: argparse.Namespace):
-    values = {f.name: getattr(args, f.name) for f in fields(settings_class) if hasattr(args, f.name)}
+def _settings(command: str, settings_class, args: argparse.Namespace, **values):
+    values = {f.name: getattr(args, f.name) for f in fields(settings_class) if hasattr(args, f.name)} | values
     try:
         return settings_class(**values)
     except SettingsError as error:
@@ -103,7 +132,7 @@ def tune_command(args: argparse.Namespace) -> int:
     from fedhpo_core.tracking import browse_lines, tracking_uri
 
     fixed = _settings("tune", TrainSettings, args)
-    tune = _settings("tune", TuneSettings, args)
+    tune = _settings("tune", TuneSettings, args, options=_given_options(args))
     execution = _settings("tune", ExecutionSettings, args)
     method = tune.search_method()
     try:
@@ -125,7 +154,7 @@ def tune_command(args: argparse.Namespace) -> int:
     with local_prefect(), live_bar():
         summary = hpo_study(**asdict(tune), **asdict(execution), train=asdict(fixed))
     if summary["best_trial"] is None:
-        limits = limits_text(tune.search_method().limits)
+        limits = limits_text(method.limits)
         print(f"Study {summary['study_name']}: no trial within {limits}; {summary['rounds_used']} rounds used")
     else:
         print(
@@ -158,8 +187,9 @@ def compare_command(args: argparse.Namespace) -> int:
     fixed = _settings("compare", TrainSettings, args)
     tune = _settings("compare", TuneSettings, args)
     execution = _settings("compare", ExecutionSettings, args)
+    options = _given_options(args)
     try:
-        check_comparison(args.methods, args.seeds, args.budgets, tune, fixed, args.reference)
+        check_comparison(args.methods, args.seeds, args.budgets, tune, fixed, args.reference, options)
     except SettingsError as error:
         _fail("compare", str(error))
     from fedhpo_core.search.study import default_storage
@@ -178,6 +208,7 @@ def compare_command(args: argparse.Namespace) -> int:
             seeds=args.seeds,
             budgets=args.budgets,
             reference=args.reference,
+            options=options,
             train=asdict(fixed),
             **tune_values,
             **asdict(execution),
@@ -195,9 +226,8 @@ def compare_command(args: argparse.Namespace) -> int:
 
 LOCAL_SERVER_RETRIES = 3
 USER_SERVER_RETRIES = 6
-# Set per study by the comparison; fedhyper is compared with all its schedulers, multiobjective
-# with its default costs.
-COMPARISON_SKIPS = ("method", "budget", "study_name", "resume", "join", "schedulers", "objectives")
+# Set per study by the comparison (a method's options: those of the compared methods that declare them).
+COMPARISON_SKIPS = ("method", "budget", "study_name", "resume", "join", "options")
 
 
 def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
@@ -218,6 +248,7 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_settings(tune, TuneSettings)
+    _add_method_options(tune)
     _add_settings(tune.add_argument_group("fixed settings of every trial"), TrainSettings)
     _add_settings(tune.add_argument_group("execution"), ExecutionSettings)
     tune.set_defaults(handler=tune_command)
@@ -246,6 +277,7 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
         ),
     )
     _add_settings(compare, TuneSettings, skip=COMPARISON_SKIPS)
+    _add_method_options(compare)
     _add_settings(compare.add_argument_group("fixed settings of every trial"), TrainSettings)
     _add_settings(compare.add_argument_group("execution"), ExecutionSettings)
     compare.set_defaults(handler=compare_command, **(preset or {}))
@@ -260,6 +292,15 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
     server.add_argument("action", choices=["start", "status", "stop"])
     server.set_defaults(handler=server_command)
 
+    listing = commands.add_parser(
+        "methods",
+        help="list the search methods: kind, paper, options with their defaults",
+        description="Every declared search method (fedhpo_core/registry.py): its kind, paper, summary, options "
+        "(flags of `fedhpo tune` and `fedhpo compare`) with their defaults, and what it reports.",
+    )
+    listing.add_argument("names", nargs="*", help="methods to describe (default: all)")
+    listing.set_defaults(handler=methods_command)
+
     sync = commands.add_parser(
         "sync",
         help="send MLflow writes that commands left unsent in their spools (./fedhpo-spool) to their tracking servers",
@@ -269,6 +310,41 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
     )
     sync.set_defaults(handler=sync_command)
     return parser
+
+
+def methods_command(args: argparse.Namespace) -> int:
+    from fedhpo_core.registry import ROUND, TRIAL, default_of, flag, method, methods
+
+    try:
+        chosen = [method(name) for name in args.names] or list(methods().values())
+    except SettingsError as error:
+        _fail("methods", str(error))
+    kinds = {
+        TRIAL: "Trial-level: each trial trains one configuration; the study compares them.",
+        ROUND: "Round-level: one federated run whose configurations change round by round.",
+    }
+    for kind, title in kinds.items():
+        listed = [m for m in chosen if m.kind == kind]
+        if not listed:
+            continue
+        print(title)
+        for m in listed:
+            print(f"  {m.name:<16} {m.summary}")
+            print(f"  {'':<16} paper: {m.paper}")
+            for f in fields(m.options):
+                default = default_of(m, f)
+                shown = str(default).lower() if isinstance(default, bool) else default
+                print(f"  {'':<16} --{flag(f.name)} {shown}: {f.metadata['help']}")
+            notes = {
+                "parallel trials (--workers, --join)": m.parallel,
+                "asks every client for": ", ".join(s.name for s in m.statistics),
+                "reports": ", ".join(m.reports),
+                "trial attributes": ", ".join(m.attributes),
+            }
+            for label, value in notes.items():
+                if value:
+                    print(f"  {'':<16} {label}" + ("" if value is True else f": {value}"))
+    return 0
 
 
 def sync_command(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """The `method-comparison` flow: several search methods over several seeds and budgets, paired."""
 
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 
 import pandas as pd
 from prefect import flow, get_run_logger
@@ -10,6 +10,7 @@ from prefect.utilities.names import generate_slug
 
 from cli.interrupts import cooperative_interrupts
 from cli.progress import bar
+from fedhpo_core import registry
 from fedhpo_core.reports import (
     comparison_figure,
     comparison_table,
@@ -17,7 +18,7 @@ from fedhpo_core.reports import (
     markdown_table,
     paired_differences,
 )
-from fedhpo_core.search.study import METHODS, TuneSettings
+from fedhpo_core.search.study import TuneSettings
 from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
 from fedhpo_core.tracking import ROLE_TAG, Tracker, run_url, set_model_alias, ui_base
 from flows.study import FINAL_COSTS, artifact_key, hpo_study
@@ -27,10 +28,13 @@ from tasks.training import dask_scheduler
 CHAMPION = "champion"  # the registered model's alias for the comparison winner's model
 
 
-def study_settings(tune: TuneSettings, method: str, budget: int) -> dict:
-    """One study's settings: parallel trials only for the methods that run them."""
-    workers = tune.workers if method in METHODS and METHODS[method].parallel else 1
-    return asdict(tune) | {"method": method, "budget": budget, "workers": workers}
+def study_settings(tune: TuneSettings, method: str, budget: int, options: dict | None = None) -> dict:
+    """One study's settings: parallel trials only for the methods that run them, and of `options`
+    those the method declares."""
+    declared = registry.methods().get(method)
+    workers = tune.workers if declared and declared.parallel else 1
+    own = {k: v for k, v in (options or {}).items() if declared and k in {f.name for f in fields(declared.options)}}
+    return asdict(tune) | {"method": method, "budget": budget, "workers": workers, "options": own}
 
 
 def check_comparison(
@@ -40,8 +44,10 @@ def check_comparison(
     tune: TuneSettings,
     fixed: TrainSettings,
     reference: str | None = None,
+    options: dict | None = None,
 ) -> None:
-    """Every study of the comparison is valid, before any of them runs."""
+    """Every study of the comparison is valid, before any of them runs; every option is one of a
+    compared method's."""
     for name, values in (("methods", methods), ("seeds", seeds), ("budgets", budgets)):
         if not values:
             raise SettingsError(f"{name} need at least one value")
@@ -53,9 +59,13 @@ def check_comparison(
         raise SettingsError(f"reference must be one of the compared methods ({', '.join(methods)}), got {reference!r}")
     for seed in seeds:
         replace(fixed, seed=seed)
+    for name in options or {}:
+        if not set(owners := registry.declared_by(name)) & set(methods):
+            owners = ", ".join(owners) or "no method"
+            raise SettingsError(f"--{registry.flag(name)} is an option of {owners}, none of the compared methods")
     for method in methods:
         for budget in budgets:
-            TuneSettings(**study_settings(tune, method, budget)).check_with(fixed)
+            TuneSettings(**study_settings(tune, method, budget, options)).check_with(fixed)
 
 
 def comparison_run_name() -> str:
@@ -118,6 +128,7 @@ def method_comparison(
     engine: str = "cohort",
     device: str = "auto",
     reference: str | None = None,
+    options: dict | None = None,
 ) -> dict:
     """Run every method with every seed and budget on the same partitions, and tabulate the test
     accuracy of each retrained best configuration.
@@ -147,6 +158,8 @@ def method_comparison(
         engine: cohort (a round's clients train as one batched computation) or sequential.
         device: cpu, cuda, or auto (cuda when available).
         reference: The method every other is compared with, seed by seed; default: the first.
+        options: Method options by name, each given to the compared methods that declare it
+            (`fedhpo methods`), e.g. {"baseline": "round"} for fedex and stepwise.
     """
     logger = get_run_logger()
     tune = TuneSettings(
@@ -164,7 +177,7 @@ def method_comparison(
     )
     execution = ExecutionSettings(task_runner, dask_address, dask_workers, engine, device)
     fixed = TrainSettings(**(train or {}))
-    check_comparison(methods, seeds, budgets, tune, fixed, reference)
+    check_comparison(methods, seeds, budgets, tune, fixed, reference, options)
     reference = reference or methods[0]
     tags = {ROLE_TAG: "comparison", "prefect.flow_run_id": str(flow_run.id)}
     rows = []
@@ -190,7 +203,7 @@ def method_comparison(
                     stop.check()
                     name = f"{flow_run.name}-{method}-b{budget}-s{seed}"
                     summary = hpo_study(
-                        **(study_settings(tune, method, budget) | {"study_name": name}),
+                        **(study_settings(tune, method, budget, options) | {"study_name": name}),
                         train=asdict(fixed) | {"seed": seed},
                         parent_run_id=tracker.run_id,
                         **asdict(replace(execution, dask_address=address)),

@@ -138,8 +138,10 @@ def run_study(
                 study.set_user_attr(RUN_ATTR, tracker.run_id)
             tracker.share_view(STUDIES_VIEW, studies_view())
             fixed_values = asdict(fixed)
+            options = asdict(tune.declared.make_options(tune.options))
             tracker.log_params(
-                asdict(tune)
+                {k: v for k, v in asdict(tune).items() if k != "options"}
+                | {f"option.{k}": v for k, v in options.items()}
                 | {k: fixed_values[k] for k in TASK_PARAMS}
                 | {f"fixed.{k}": v for k, v in fixed_values.items() if k not in TASK_PARAMS}
                 | {"storage": storage, "study_name": name}
@@ -272,10 +274,9 @@ def hpo_study(
     resume: bool = False,
     workers: int = 1,
     join: bool = False,
-    schedulers: str = "global,server_local,client_local",
-    objectives: str = "bytes_sent,client_compute_samples,unfairness",
     max_epsilon: float = 0.0,
     register_model: str | None = None,
+    options: dict | None = None,
     train: dict | None = None,
     task_runner: str = "thread",
     dask_address: str | None = None,
@@ -287,8 +288,8 @@ def hpo_study(
     """Search a federated run's hyperparameters under a budget of communication rounds.
 
     Args:
-        method: random, grid, tpe, gp, sha, hyperband, bohb, asha, async-hyperband, multiobjective,
-            fedtune, fedtune-paper, fedex, fedex-paper, pbt, stepwise, stepwise-paper or fedhyper.
+        method: A declared search method (`fedhpo methods`): random, grid, tpe, gp, multiobjective,
+            sha, hyperband, bohb, asha, async-hyperband, pbt, fedtune, fedex, stepwise, fedhyper, autofedrl...
         budget: Communication rounds the search may spend, every round of every trial.
         n_configs: Configurations to try (successive halving: its first rung).
         final_rounds: Rounds to retrain the best configuration from scratch and test it.
@@ -303,12 +304,11 @@ def hpo_study(
         resume: Continue the interrupted study of that name.
         workers: Trials trained at once (random, grid, tpe, gp, multiobjective, asha, async-hyperband).
         join: Share the study with other processes using the same storage (created if missing).
-        schedulers: FedHyper's schedulers (method fedhyper), comma-separated: global, server_local, client_local.
-        objectives: The multiobjective method's costs to minimize beside accuracy, comma-separated: bytes_sent,
-            client_compute_samples, unfairness, sim_time_s, time_to_target_s, epsilon.
         max_epsilon: Privacy budget: a trial that spent more epsilon is never the best (0: none).
         register_model: Register the retrained best model as a version of this name in MLflow's
             Model Registry (tagged with the method, study, seed and test accuracy).
+        options: The method's options by name, e.g. {"signal": "after"} for fedex or {"schedulers": "global"}
+            for fedhyper (`fedhpo methods` lists each method's, with their defaults).
         train: Fixed training settings (any parameter of federated-training).
         task_runner: thread (the round's clients in the flow's process) or dask (shares on a cluster).
         dask_address: Scheduler address of a running Dask cluster; default: start a local one.
@@ -318,6 +318,7 @@ def hpo_study(
         parent_run_id: MLflow run to nest the study's run under (a comparison's).
     """
     arguments = dict(locals())
+    arguments["options"] = options or {}
     tune = TuneSettings(**{f.name: arguments[f.name] for f in fields(TuneSettings)})
     execution = ExecutionSettings(**{f.name: arguments[f.name] for f in fields(ExecutionSettings)})
     return run_study(tune, TrainSettings(**(train or {})), execution, parent_run_id)

@@ -22,9 +22,10 @@ from cli.main import main
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, Federation, RoundSteps
 from fedhpo_core.partition import partition_dataset
+from fedhpo_core.registry import method as method_named
 from fedhpo_core.search.base import recorded_result, rounds_used
 from fedhpo_core.search.halving import plan_cost, plan_rungs
-from fedhpo_core.search.study import METHODS, TuneSettings, check_study, open_study, study_definition
+from fedhpo_core.search.study import TuneSettings, check_study, open_study, study_definition
 from fedhpo_core.settings import SettingsError, TrainSettings
 from fedhpo_core.tracking import PROCESS_TAG, close_orphaned_runs, process_identity
 from fedhpo_core.tuners import FixedConfig
@@ -170,13 +171,15 @@ def test_resume_refuses_other_settings_and_says_which(flags, message, capsys, tm
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     tune, fixed = TuneSettings(method="random", budget=12, n_configs=4), TrainSettings()
-    open_study(METHODS["random"](), storage, "made", False, definition=study_definition(tune, fixed))
+    open_study(method_named("random").build(), storage, "made", False, definition=study_definition(tune, fixed))
     base = ["--method", "random", "--budget", "12", "--n-configs", "4"]
     error = one_line_exit(capsys, ["tune", "--resume", "--study-name", "made", "--storage", storage, *base, *flags])
     assert message in error
-    check_study(storage, "made", METHODS["random"](), study_definition(tune, fixed), True, False)  # the same: fine
+    check_study(
+        storage, "made", method_named("random").build(), study_definition(tune, fixed), True, False
+    )  # the same: fine
     with pytest.raises(SettingsError, match="exists"):
-        check_study(storage, "made", METHODS["random"](), study_definition(tune, fixed), False, False)
+        check_study(storage, "made", method_named("random").build(), study_definition(tune, fixed), False, False)
 
 
 @pytest.mark.parametrize(

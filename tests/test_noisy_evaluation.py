@@ -21,8 +21,9 @@ from fedhpo_core.data import load_dataset
 from fedhpo_core.evaluation import NoisyEvaluation
 from fedhpo_core.federation import FederatedData, Federation, RoundSteps, partition_of
 from fedhpo_core.models import load_flat_weights
+from fedhpo_core.registry import method as method_named
 from fedhpo_core.search.space import Configuration
-from fedhpo_core.search.study import METHODS, TuneSettings, check_study, open_study, study_definition
+from fedhpo_core.search.study import TuneSettings, check_study, open_study, study_definition
 from fedhpo_core.settings import SettingsError, TrainSettings
 from fedhpo_core.tracking import Tracker
 from fedhpo_core.trial import TrialTrainer
@@ -174,16 +175,16 @@ def test_a_study_continues_only_with_the_noisy_evaluation_it_was_created_with(tm
     storage, fixed = f"sqlite:///{tmp_path / 'optuna.db'}", TrainSettings()
     noisy = TuneSettings(method="random", budget=12, n_configs=4, eval_clients=2, eval_noise=0.01)
     plain = replace(noisy, eval_clients=0, eval_noise=0.0)
-    open_study(METHODS["random"](), storage, "noisy", False, definition=study_definition(noisy, fixed))
-    check_study(storage, "noisy", METHODS["random"](), study_definition(noisy, fixed), True, False)
+    open_study(method_named("random").build(), storage, "noisy", False, definition=study_definition(noisy, fixed))
+    check_study(storage, "noisy", method_named("random").build(), study_definition(noisy, fixed), True, False)
     with pytest.raises(SettingsError, match=r"\(--eval-clients 2 --eval-noise 0.01\)"):
-        check_study(storage, "noisy", METHODS["random"](), study_definition(plain, fixed), True, False)
+        check_study(storage, "noisy", method_named("random").build(), study_definition(plain, fixed), True, False)
     # A study recorded before the settings existed had them off.
     old = {k: v for k, v in study_definition(plain, fixed).items() if k not in ("eval_clients", "eval_noise")}
-    open_study(METHODS["random"](), storage, "old", False, definition=old)
-    check_study(storage, "old", METHODS["random"](), study_definition(plain, fixed), True, False)
+    open_study(method_named("random").build(), storage, "old", False, definition=old)
+    check_study(storage, "old", method_named("random").build(), study_definition(plain, fixed), True, False)
     with pytest.raises(SettingsError, match=r"\(--eval-clients 0 --eval-noise 0.0\)"):
-        check_study(storage, "old", METHODS["random"](), study_definition(noisy, fixed), True, False)
+        check_study(storage, "old", method_named("random").build(), study_definition(noisy, fixed), True, False)
 
 
 def test_a_tune_with_noisy_evaluation_runs_and_logs_its_settings(tmp_path):

@@ -11,12 +11,13 @@ import torch
 from fedhpo_core.client import ClientJob, ClientUpdate
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, FederationState, RoundSteps, clients_of, partition_of
+from fedhpo_core.registry import method as method_named
 from fedhpo_core.search import fixed_budget
 from fedhpo_core.search.base import ROUNDS_ATTR, TrialResult, planned_trials, rounds_spent
 from fedhpo_core.search.fixed_budget import GridSearch, RandomSearch
 from fedhpo_core.search.halving import plan_rungs
 from fedhpo_core.search.space import SearchSpace
-from fedhpo_core.search.study import METHODS, open_study, run_search
+from fedhpo_core.search.study import open_study, run_search
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
 from fedhpo_core.tracking import run_url
 from flows.comparison import method_comparison
@@ -254,8 +255,8 @@ def test_asynchronous_halving_shared_by_processes_stays_within_budget_and_runs_n
     trainers = [fake_training(0.005, worse_each_trial=True) for _ in range(3)]
 
     def searcher(trainer):
-        study = open_study(METHODS[method](), storage, "shared", resume=False, join=True)
-        run_search(METHODS[method](), study, space, "global", 4, trainer, 60, 9, 0, workers=2, join=True)
+        study = open_study(method_named(method).build(), storage, "shared", resume=False, join=True)
+        run_search(method_named(method).build(), study, space, "global", 4, trainer, 60, 9, 0, workers=2, join=True)
 
     threads = [threading.Thread(target=searcher, args=(trainer,)) for trainer in trainers]
     for thread in threads:

@@ -10,6 +10,8 @@ import torch
 
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, FederationState, partition_of
+from fedhpo_core.registry import method as method_named
+from fedhpo_core.registry import methods
 from fedhpo_core.reports import study_table
 from fedhpo_core.search import base as base_module
 from fedhpo_core.search import study as study_module
@@ -18,7 +20,7 @@ from fedhpo_core.search.halving import Hyperband, plan_cost, plan_rungs
 from fedhpo_core.search.online import candidate_values
 from fedhpo_core.search.pbt import POPULATION, READY_ROUNDS, exploit, explore
 from fedhpo_core.search.space import Configuration, SearchSpace
-from fedhpo_core.search.study import METHODS, TuneSettings, best_trial, open_study, run_search
+from fedhpo_core.search.study import TuneSettings, best_trial, open_study, run_search
 from fedhpo_core.settings import SettingsError, TrainSettings
 
 SPACE = SearchSpace.load(None)  # the FedTune paper's lr x weight decay grid
@@ -67,8 +69,10 @@ class FakeTrainer:
 
 def search(method, budget=30, n_configs=30, trainer=None, storage=None, name="s", resume=False, **options):
     trainer = trainer or FakeTrainer()
-    study = open_study(METHODS[method](), storage or optuna.storages.InMemoryStorage(), name, resume)
-    spent = run_search(METHODS[method](), study, SPACE, "global", 4, trainer, budget, n_configs, seed=0, **options)
+    study = open_study(method_named(method).build(), storage or optuna.storages.InMemoryStorage(), name, resume)
+    spent = run_search(
+        method_named(method).build(), study, SPACE, "global", 4, trainer, budget, n_configs, seed=0, **options
+    )
     return study, spent, trainer
 
 
@@ -79,7 +83,7 @@ def digits():
     return fixed, FederatedData.build(load_dataset("digits", fixed.data_root), partition_of(fixed.data), fixed.model)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(methods()))
 @pytest.mark.parametrize("budget", [30, 60, 100])
 def test_every_method_spends_through_the_driver_within_budget_and_counts_every_round(method, budget, digits):
     fixed, data = digits
@@ -147,7 +151,7 @@ def test_multiobjective_pareto_front_is_the_non_dominated_set():
     by_hand = {t.number for t in complete if not any(dominates(o, t) for o in complete)}
     assert {t.number for t in study.best_trials} == by_hand
     assert len(study.directions) == 4
-    method = METHODS["multiobjective"]()
+    method = method_named("multiobjective").build()
     reports = method.reports(study, study_table(study, method.objectives))
     assert set(reports["pareto_front.csv"].number) == by_hand
     assert {name for name in reports if name.endswith(".png")} == {f"pareto_front_{c}.png" for c in method.objectives}
@@ -166,7 +170,7 @@ class PrivateFakeTrainer(FakeTrainer):
 @pytest.mark.parametrize("method", ["random", "tpe", "multiobjective"])
 def test_a_study_with_an_epsilon_limit_never_reports_an_infeasible_best(method):
     costs = {"objectives": "epsilon,sim_time_s"} if method == "multiobjective" else {}
-    tune = TuneSettings(method=method, budget=60, n_configs=12, max_epsilon=1.0, **costs)
+    tune = TuneSettings(method=method, budget=60, n_configs=12, max_epsilon=1.0, options=costs)
     study = open_study(tune.search_method(), optuna.storages.InMemoryStorage(), "private", False)
     run_search(tune.search_method(), study, SPACE, "global", 4, PrivateFakeTrainer(), 60, 12, seed=0)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -188,15 +192,15 @@ def test_a_study_with_no_trial_within_its_limit_has_no_best():
 
 def test_objectives_and_limits_are_checked_against_the_fixed_settings():
     with pytest.raises(SettingsError, match="unknown objective 'latency'"):
-        TuneSettings(method="multiobjective", objectives="latency")
-    with pytest.raises(SettingsError, match="objectives is an option of multiobjective, not of tpe"):
-        TuneSettings(method="tpe", objectives="epsilon")
+        TuneSettings(method="multiobjective", options={"objectives": "latency"})
+    with pytest.raises(SettingsError, match="--objectives is an option of multiobjective, not of tpe"):
+        TuneSettings(method="tpe", options={"objectives": "epsilon"})
     with pytest.raises(SettingsError, match="needs DP-FedAvg"):
         TuneSettings(max_epsilon=8.0).check_with(TrainSettings())
     with pytest.raises(SettingsError, match="needs DP-FedAvg"):
-        TuneSettings(method="multiobjective", objectives="epsilon").check_with(TrainSettings(dp_clip=1.0))
+        TuneSettings(method="multiobjective", options={"objectives": "epsilon"}).check_with(TrainSettings(dp_clip=1.0))
     with pytest.raises(SettingsError, match="time_to_target_s needs --target-acc"):
-        TuneSettings(method="multiobjective", objectives="time_to_target_s").check_with(TrainSettings())
+        TuneSettings(method="multiobjective", options={"objectives": "time_to_target_s"}).check_with(TrainSettings())
     TuneSettings(max_epsilon=8.0).check_with(TrainSettings(dp_clip=1.0, dp_noise=1.0))  # fine
 
 
@@ -216,7 +220,7 @@ def test_an_interrupted_study_resumes_without_losing_or_repeating_a_trial(method
     resumed = FakeTrainer(store=store)
     study, spent, _ = search(method, budget=60, n_configs=10, storage=storage, resume=True, trainer=resumed)
     cut = study.trials[interrupted.interrupted]
-    if METHODS[method].pauses_trials:  # paused at its last rung, then continued from its checkpoint
+    if method_named(method).search.pauses_trials:  # paused at its last rung, then continued from its checkpoint
         assert cut.state.is_finished() and min(b for n, _, b in resumed.calls if n == cut.number) > 0
     else:
         assert cut.state == optuna.trial.TrialState.FAIL
@@ -321,10 +325,10 @@ def test_a_trial_killed_between_its_record_and_its_tell_is_told_not_trained_agai
 def test_resume_without_a_study_and_a_second_study_of_the_same_name_are_refused(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     with pytest.raises(SettingsError, match="no study named"):
-        open_study(METHODS["tpe"](), storage, "missing", resume=True)
-    open_study(METHODS["tpe"](), storage, "taken", resume=False)
+        open_study(method_named("tpe").build(), storage, "missing", resume=True)
+    open_study(method_named("tpe").build(), storage, "taken", resume=False)
     with pytest.raises(SettingsError, match="exists"):
-        open_study(METHODS["tpe"](), storage, "taken", resume=False)
+        open_study(method_named("tpe").build(), storage, "taken", resume=False)
 
 
 def test_search_space_from_yaml_reads_numbers_and_personalizes(tmp_path):
@@ -387,8 +391,8 @@ def test_online_candidates_are_the_grid_or_draws_within_the_space():
 def test_online_methods_tune_client_settings_only():
     space = SearchSpace.from_dict({"server_lr": {"type": "float", "low": 0.1, "high": 1.0}})
     with pytest.raises(SettingsError, match="client settings only"):
-        METHODS["fedtune"]().sampler(space.parameters("global", 2), 0)
-    assert METHODS["fedex"]().sampler(space.parameters("global", 2), 0)  # FedEx is wrapped in random search
+        method_named("fedtune").build().sampler(space.parameters("global", 2), 0)
+    assert method_named("fedex").build().sampler(space.parameters("global", 2), 0)  # FedEx is wrapped in random search
 
 
 def test_pbt_exploit_copies_the_best_quarter_into_the_worst():

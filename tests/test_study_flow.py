@@ -281,9 +281,9 @@ def test_fedhyper_schedulers_are_an_option_of_its_one_method():
     from fedhpo_core.tuners.fedhyper import SCHEDULERS
 
     fixed, default = TrainSettings(), TuneSettings(method="fedhyper")
-    chosen = TuneSettings(method="fedhyper", schedulers="global,client_local")
-    assert chosen.search_method().schedulers == ("global", "client_local")
-    assert default.search_method().schedulers == SCHEDULERS
+    chosen = TuneSettings(method="fedhyper", options={"schedulers": "global,client_local"})
+    assert chosen.search_method().final_tuner(fixed).schedulers == ("global", "client_local")
+    assert default.search_method().final_tuner(fixed).schedulers == SCHEDULERS
     # Another choice of schedulers is another study; the default one keeps the names it had.
     assert chosen.name_for(fixed).startswith("fedhyper[global,client_local]-")
     assert default.name_for(fixed).startswith("fedhyper-global-")

@@ -6,9 +6,10 @@ import torch
 
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, RoundSteps, partition_of
+from fedhpo_core.registry import method as method_named
 from fedhpo_core.search.base import ROUNDS_ATTR, RUN_ATTR, rounds_spent
 from fedhpo_core.search.space import Configuration, SearchSpace
-from fedhpo_core.search.study import METHODS, open_study, run_search
+from fedhpo_core.search.study import open_study, run_search
 from fedhpo_core.settings import TrainSettings
 from fedhpo_core.tracking import Tracker
 from fedhpo_core.trial import TrialTrainer, system_objectives, train_configuration
@@ -72,9 +73,9 @@ def test_scores_follow_the_objective_and_keep_going_stops_after_a_round(data):
 
 @pytest.mark.parametrize("method", ["sha", "pbt"])
 def test_studies_train_through_the_real_trainer_within_budget(data, method):
-    study = open_study(METHODS[method](), optuna.storages.InMemoryStorage(), method, resume=False)
+    study = open_study(method_named(method).build(), optuna.storages.InMemoryStorage(), method, resume=False)
     space = SearchSpace.from_dict({"lr": {"type": "categorical", "choices": [0.01, 0.05, 0.1]}})
-    spent = run_search(METHODS[method](), study, space, "global", 4, trainer_for(data), 12, 3, seed=0)
+    spent = run_search(method_named(method).build(), study, space, "global", 4, trainer_for(data), 12, 3, seed=0)
     assert spent.spent == rounds_spent(study) <= 12
     finished = [t for t in study.trials if t.state.is_finished()]
     assert finished and all(t.user_attrs[ROUNDS_ATTR] >= 1 and t.user_attrs[RUN_ATTR] for t in finished)

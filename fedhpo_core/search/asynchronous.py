@@ -23,6 +23,7 @@ from pathlib import Path
 import optuna
 
 from fedhpo_core.locking import file_lock
+from fedhpo_core.registry import TRIAL, Method, register
 from fedhpo_core.search.base import GRANTED_ATTR, SURPLUS_ATTR, SearchContext, rounds_used
 from fedhpo_core.search.fixed_budget import RandomSearch
 from fedhpo_core.search.halving import ETA, plan_rungs
@@ -129,3 +130,25 @@ class AsynchronousHyperband(AsynchronousHalving):
     def pruner(self, context):
         minimum, longest = self.rungs(context)
         return optuna.pruners.HyperbandPruner(minimum, longest, ETA)
+
+
+register(
+    Method(
+        "asha",
+        TRIAL,
+        "Li et al., MLSys 2020 (Optuna's SuccessiveHalvingPruner)",
+        "asynchronous successive halving: parallel trials pruned at their rungs, no waiting for a rung to fill",
+        AsynchronousHalving,
+        attributes=(GRANTED_ATTR,),
+    )
+)
+register(
+    Method(
+        "async-hyperband",
+        TRIAL,
+        "Li et al., MLSys 2020 (Optuna's HyperbandPruner)",
+        "asynchronous Hyperband: several ASHA brackets of different first rungs",
+        AsynchronousHyperband,
+        attributes=(GRANTED_ATTR,),
+    )
+)

@@ -167,6 +167,7 @@ class SearchContext:
 class SearchMethod(ABC):
     """A trial-level search method.
 
+    Declared in the registry (`fedhpo_core.registry.Method`), built once per study from its options.
     Lifecycle: the driver validates the budget with ``check_budget`` before any work, creates or
     loads the Optuna study with ``directions``, the sampler from ``sampler`` and the pruner from
     ``pruner``, settles the trials an interrupted or killed process left RUNNING
@@ -190,6 +191,10 @@ class SearchMethod(ABC):
     # Upper limits on system objectives (`TrialResult.objectives`), e.g. {"epsilon": 8.0}: a trial
     # over one is infeasible (Optuna's constraints), never the study's best.
     limits: Mapping[str, float] = {}
+
+    def __init__(self, options=None):
+        """`options`: the method's `registry.Options` (its declaration makes them)."""
+        self.options = options
 
     @abstractmethod
     def sampler(self, parameters, seed: int) -> optuna.samplers.BaseSampler:

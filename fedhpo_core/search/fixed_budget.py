@@ -5,10 +5,12 @@ Random and Bayesian), and the system-aware multi-objective search."""
 import contextvars
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 
 import numpy as np
 import optuna
 
+from fedhpo_core.registry import TRIAL, Method, Options, option, register
 from fedhpo_core.reports import pareto_figure
 from fedhpo_core.search.base import (
     SURPLUS_ATTR,
@@ -19,6 +21,7 @@ from fedhpo_core.search.base import (
     rounds_used,
 )
 from fedhpo_core.search.space import Configuration, grid_points
+from fedhpo_core.settings import SettingsError
 
 POLL_S = 0.2  # how often the search looks for a stop request while trials train
 ASKING_S = 2.0  # an ask gives its trial its point within this time
@@ -180,9 +183,10 @@ class MultiObjectiveSearch(FixedBudgetSearch):
     accuracy); any of `COSTS` can be chosen. Optuna keeps the Pareto front (`study.best_trials`);
     TPE handles several objectives."""
 
-    def __init__(self, objectives: tuple[str, ...] = DEFAULT_COSTS):
-        self.objectives = objectives
-        self.directions = ("maximize", *(["minimize"] * len(objectives)))
+    def __init__(self, options: "MultiObjectiveOptions | None" = None):
+        super().__init__(options or MultiObjectiveOptions())
+        self.objectives = tuple(self.options.objectives.split(","))
+        self.directions = ("maximize", *(["minimize"] * len(self.objectives)))
 
     def reports(self, study, table):
         """The Pareto front's trials, and accuracy against each cost with the front marked."""
@@ -194,3 +198,62 @@ class MultiObjectiveSearch(FixedBudgetSearch):
 
     def sampler(self, parameters, seed):
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+
+
+@dataclass(frozen=True)
+class MultiObjectiveOptions(Options):
+    objectives: str = option(
+        ",".join(DEFAULT_COSTS), "multiobjective's costs to minimize beside accuracy, any of: " + ", ".join(COSTS)
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        costs = self.objectives.split(",")
+        if unknown := [name for name in costs if name not in COSTS]:
+            raise SettingsError(f"unknown objective {unknown[0]!r}; choose from {', '.join(COSTS)}, comma-separated")
+        if len(set(costs)) < len(costs):
+            raise SettingsError(f"objectives repeat a name: {self.objectives}")
+
+
+FEDTUNE_BASELINES = "the FedTune paper's baselines (section 4.1)"
+register(
+    Method(
+        "random",
+        TRIAL,
+        f"Bergstra & Bengio, JMLR 2012; {FEDTUNE_BASELINES}",
+        "n configurations drawn at random, budget // n rounds each",
+        RandomSearch,
+    )
+)
+register(
+    Method("grid", TRIAL, "ours", "the points of a categorical space in order, budget // n rounds each", GridSearch)
+)
+register(
+    Method(
+        "tpe",
+        TRIAL,
+        f"Bergstra et al., NeurIPS 2011 (Optuna's TPESampler); {FEDTUNE_BASELINES}",
+        "Bayesian optimization with a tree-structured Parzen estimator, budget // n rounds per configuration",
+        TPESearch,
+    )
+)
+register(
+    Method(
+        "gp",
+        TRIAL,
+        "Snoek et al., NeurIPS 2012 (Optuna's GPSampler)",
+        "Bayesian optimization with a Gaussian-process surrogate, budget // n rounds per configuration",
+        GPSearch,
+    )
+)
+register(
+    Method(
+        "multiobjective",
+        TRIAL,
+        "ours (Optuna's multi-objective TPE)",
+        "maximize validation accuracy and minimize system costs; the Pareto front is reported",
+        MultiObjectiveSearch,
+        MultiObjectiveOptions,
+        reports=("pareto_front.csv", "pareto_front_<cost>.png"),
+    )
+)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import optuna
 
+from fedhpo_core.registry import TRIAL, Method, register
 from fedhpo_core.search.base import (
     BRACKET_ATTR,
     SearchContext,
@@ -151,3 +152,35 @@ class BOHB(Hyperband):
 
     def sampler(self, parameters, seed):
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=False)
+
+
+register(
+    Method(
+        "sha",
+        TRIAL,
+        "Jamieson & Talwalkar, AISTATS 2016",
+        "successive halving: one bracket of n configurations, the best 1/3 continued from their checkpoints",
+        SuccessiveHalving,
+        attributes=(BRACKET_ATTR,),
+    )
+)
+register(
+    Method(
+        "hyperband",
+        TRIAL,
+        "Li et al., JMLR 2018; the FedTune paper's baselines (section 4.1)",
+        "brackets of successive halving trading many short trials against few long ones",
+        Hyperband,
+        attributes=(BRACKET_ATTR,),
+    )
+)
+register(
+    Method(
+        "bohb",
+        TRIAL,
+        "Falkner et al., ICML 2018",
+        "Hyperband whose configurations come from TPE fitted to the trials so far",
+        BOHB,
+        attributes=(BRACKET_ATTR,),
+    )
+)

@@ -3,19 +3,23 @@ client configurations a `Tuner` changes as it goes. One Optuna trial records the
 parameters are the configuration the tuner settles on, retrained from scratch like any other."""
 
 from abc import abstractmethod
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import optuna
 
 from fedhpo_core.federation import Federation
+from fedhpo_core.registry import ROUND, Method, Options, option, register
 from fedhpo_core.search.base import SearchContext, SearchMethod, finished_trials
 from fedhpo_core.search.space import CLIENT_SETTINGS, Configuration, grid_points, setting_of
 from fedhpo_core.settings import ClientConfig, SettingsError
 from fedhpo_core.tuners.base import Tuner
-from fedhpo_core.tuners.fedex import FedEx
+from fedhpo_core.tuners.fedex import BASELINES as FEDEX_BASELINES
+from fedhpo_core.tuners.fedex import SCHEDULES, SIGNALS, FedEx
 from fedhpo_core.tuners.fedhyper import SCHEDULERS, FedHyper
-from fedhpo_core.tuners.fedtune import FedTune
-from fedhpo_core.tuners.stepwise import Stepwise
+from fedhpo_core.tuners.fedtune import ADVANTAGES, CREDITS, FedTune
+from fedhpo_core.tuners.stepwise import BASELINES as STEPWISE_BASELINES
+from fedhpo_core.tuners.stepwise import CHOICES, FEEDBACKS, Stepwise
 
 OUTER_CONFIGS = 3  # random-search draws of server settings around FedEx: few, so each run can learn
 
@@ -80,23 +84,52 @@ class OnlineSearch(SearchMethod):
             context.complete(trial, context.train(trial, Configuration(trial.params), rounds, tuner))
 
 
+@dataclass(frozen=True)
+class FedTuneOptions(Options):
+    credit: str = option(
+        "local", "fedtune: a client's credit: local (its validation log-ratio), mixture (eq. 12), update", CREDITS
+    )
+    advantage: str = option("fitted", "fedtune: credit (the paper) or fitted (less a fitted baseline)", ADVANTAGES)
+    shared: bool = option(True, "fedtune: clients' logits share a part b (false: the paper's per-client pi_i)")
+    factorized: bool = option(True, "fedtune, fedex: one distribution per setting of a grid (false: one over all)")
+    eta: float = option(0.5, "fedtune: step size of eq. 11", low=0.0)
+
+
 class FedTuneSearch(OnlineSearch):
     """FedTune (`fedhpo_core.tuners.fedtune`): a configuration per client."""
 
-    options: dict = {}  # the tuner's defaults
+    statistics = FedTune.statistics
 
     def tuner(self, context, configs, values):
         data = context.data
         fixed = fixed_values(context, values)
         return FedTune(
-            configs, values, len(data.clients), data.spec, data.server_val, context.seed, fixed=fixed, **self.options
+            configs,
+            values,
+            len(data.clients),
+            data.spec,
+            data.server_val,
+            context.seed,
+            fixed=fixed,
+            **asdict(self.options),
         )
 
 
-class FedTunePaperSearch(FedTuneSearch):
-    """FedTune as the paper writes it (`FedTune.PAPER`)."""
+@dataclass(frozen=True)
+class FedExOptions(Options):
+    signal: str = option(
+        "log-ratio", "fedex: a client's signal: after, difference or log-ratio of its val loss", SIGNALS
+    )
+    baseline: str = option(
+        "fitted", "fedex: previous, round or fitted; stepwise: none or window (the mean gain of 3 rounds)"
+    )
+    schedule: str = option("auto", "fedex: the step size schedule eta_t", SCHEDULES)
+    factorized: bool = option(True, "fedtune, fedex: one distribution per setting of a grid (false: one over all)")
 
-    options = FedTune.PAPER
+    def __post_init__(self):
+        super().__post_init__()
+        if self.baseline not in FEDEX_BASELINES:
+            raise SettingsError(f"fedex's baseline must be one of {', '.join(FEDEX_BASELINES)}, got {self.baseline!r}")
 
 
 class FedExSearch(OnlineSearch):
@@ -104,46 +137,137 @@ class FedExSearch(OnlineSearch):
     space are searched around it by random search, as Khodak et al. wrap FedEx."""
 
     allows_server_settings = True
-    options: dict = {}
+    statistics = FedEx.statistics
 
     def tuner(self, context, configs, values):
-        return FedEx(configs, values, context.seed, fixed=fixed_values(context, values), **self.options)
+        return FedEx(configs, values, context.seed, fixed=fixed_values(context, values), **asdict(self.options))
 
 
-class FedExPaperSearch(FedExSearch):
-    """FedEx with the paper's and reference code's defaults (`FedEx.PAPER`)."""
+@dataclass(frozen=True)
+class StepwiseOptions(Options):
+    feedback: str = option("log-error", "stepwise: the round's gain: difference or log-error of accuracies", FEEDBACKS)
+    baseline: str = option(
+        "window", "fedex: previous, round or fitted; stepwise: none or window (the mean gain of 3 rounds)"
+    )
+    choice: str = option(
+        "mean", "stepwise: what it settles on: best (single round) or mean (per configuration)", CHOICES
+    )
 
-    options = FedEx.PAPER
+    def __post_init__(self):
+        super().__post_init__()
+        if self.baseline not in STEPWISE_BASELINES:
+            raise SettingsError(
+                f"stepwise's baseline must be one of {', '.join(STEPWISE_BASELINES)}, got {self.baseline!r}"
+            )
 
 
 class StepwiseSearch(OnlineSearch):
     """Step-wise adaptive Optuna with straggler-aware selection (`fedhpo_core.tuners.stepwise`)."""
 
-    options: dict = {}
-
     def tuner(self, context, configs, values):
         global_parameters = {setting_of(n): d for n, d in context.parameters.items()}
         base = context.fixed.client_config
         seconds = Federation.of(context.data, context.fixed).client_seconds(base.local_epochs)
-        return Stepwise(global_parameters, base, seconds, context.data.spec.num_classes, context.seed, **self.options)
+        return Stepwise(
+            global_parameters, base, seconds, context.data.spec.num_classes, context.seed, **asdict(self.options)
+        )
 
 
-class StepwisePaperSearch(StepwiseSearch):
-    """Step-wise with accuracy differences as feedback and the best single round's configuration."""
+@dataclass(frozen=True)
+class FedHyperOptions(Options):
+    schedulers: str = option(",".join(SCHEDULERS), "fedhyper's schedulers, comma-separated: " + ", ".join(SCHEDULERS))
 
-    options = Stepwise.PAPER
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = [name for name in self.schedulers.split(",") if name not in SCHEDULERS]
+        if unknown:
+            raise SettingsError(
+                f"unknown FedHyper scheduler {unknown[0]!r}; choose from {', '.join(SCHEDULERS)}, comma-separated"
+            )
 
 
 class FedHyperSearch(OnlineSearch):
     """FedHyper (`fedhpo_core.tuners.fedhyper`) with the named schedulers, from the fixed settings'
     learning rate; the search space is not sampled."""
 
-    def __init__(self, schedulers: tuple[str, ...] = SCHEDULERS):
-        self.schedulers = schedulers
-
     def tuner(self, context, configs, values):
-        return FedHyper(context.fixed.client_config, self.schedulers)
+        return self.final_tuner(context.fixed)
 
     def final_tuner(self, fixed):
         """FedHyper schedules during training itself: the final run is a scheduled run again."""
-        return FedHyper(fixed.client_config, self.schedulers)
+        return FedHyper(fixed.client_config, tuple(self.options.schedulers.split(",")))
+
+
+register(
+    Method(
+        "fedtune",
+        ROUND,
+        "FedTune, differentiable personalized HPO (../shared/papers/fedtune-differentiable-personalized-hpo.md)",
+        "a categorical distribution over the candidates per client, moved by policy gradient (eq. 11) each round",
+        FedTuneSearch,
+        FedTuneOptions,
+    )
+)
+register(
+    Method(
+        "fedtune-paper",
+        ROUND,
+        "FedTune as the paper writes it",
+        "fedtune with the paper's options (mixture credit, no baseline, per-client pi_i, joint, eta 1)",
+        FedTuneSearch,
+        FedTuneOptions,
+        defaults=FedTune.PAPER,
+    )
+)
+register(
+    Method(
+        "fedex",
+        ROUND,
+        "Khodak et al., NeurIPS 2021, Algorithm 1 (reference mkhodak/FedEx)",
+        "one distribution over configurations for all clients, an exponentiated-gradient step each round",
+        FedExSearch,
+        FedExOptions,
+    )
+)
+register(
+    Method(
+        "fedex-paper",
+        ROUND,
+        "FedEx as Khodak et al. and their reference code set it",
+        "fedex with the paper's options (after, previous, auto, joint)",
+        FedExSearch,
+        FedExOptions,
+        defaults=FedEx.PAPER,
+    )
+)
+register(
+    Method(
+        "stepwise",
+        ROUND,
+        "Step-wise adaptive HPO, arXiv 2411.12244",
+        "Optuna asked and told each round, with straggler-aware client selection",
+        StepwiseSearch,
+        StepwiseOptions,
+    )
+)
+register(
+    Method(
+        "stepwise-paper",
+        ROUND,
+        "Step-wise adaptive HPO as arXiv 2411.12244 writes it",
+        "stepwise with accuracy differences as feedback and the best single round's configuration",
+        StepwiseSearch,
+        StepwiseOptions,
+        defaults=Stepwise.PAPER,
+    )
+)
+register(
+    Method(
+        "fedhyper",
+        ROUND,
+        "Wu et al., arXiv 2310.03156 (reference ATP-1010/FedHyper)",
+        "hypergradient learning-rate schedulers (global, server-local, client-local) during training",
+        FedHyperSearch,
+        FedHyperOptions,
+    )
+)

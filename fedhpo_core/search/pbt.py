@@ -20,6 +20,7 @@ import numpy as np
 import optuna
 
 from fedhpo_core import seeding
+from fedhpo_core.registry import TRIAL, Method, register
 from fedhpo_core.reports import lineage_figure
 from fedhpo_core.search.base import LINEAGE, ROUNDS_ATTR, SearchContext, SearchMethod
 from fedhpo_core.search.space import Configuration
@@ -109,3 +110,16 @@ class PopulationBasedTraining(SearchMethod):
         for key, value in lineage.items():
             trial.set_user_attr(key, value)
         return trial
+
+
+register(
+    Method(
+        "pbt",
+        TRIAL,
+        "Jaderberg et al., arXiv 1711.09846 (2017); FedPop, Chen et al. 2023",
+        f"a population of {POPULATION} runs in generations of {READY_ROUNDS} rounds; the worst copy the best, explore",
+        PopulationBasedTraining,
+        reports=("pbt_lineage.png",),
+        attributes=LINEAGE,
+    )
+)

@@ -3,7 +3,9 @@
 import math
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from threading import Event
 
@@ -12,7 +14,8 @@ import sqlalchemy
 
 from fedhpo_core import seeding
 from fedhpo_core.evaluation import NoisyEvaluation
-from fedhpo_core.search.asynchronous import AsynchronousHalving, AsynchronousHyperband
+from fedhpo_core.registry import Method, methods
+from fedhpo_core.registry import method as method_named
 from fedhpo_core.search.base import (
     RoundBudget,
     SearchContext,
@@ -21,60 +24,17 @@ from fedhpo_core.search.base import (
     rounds_spent,
     settle_interrupted_trials,
 )
-from fedhpo_core.search.fixed_budget import (
-    COSTS,
-    DEFAULT_COSTS,
-    GPSearch,
-    GridSearch,
-    MultiObjectiveSearch,
-    RandomSearch,
-    TPESearch,
-)
-from fedhpo_core.search.halving import BOHB, Hyperband, SuccessiveHalving
-from fedhpo_core.search.online import (
-    FedExPaperSearch,
-    FedExSearch,
-    FedHyperSearch,
-    FedTunePaperSearch,
-    FedTuneSearch,
-    StepwisePaperSearch,
-    StepwiseSearch,
-)
-from fedhpo_core.search.pbt import PopulationBasedTraining
 from fedhpo_core.search.space import SCOPES, SearchSpace
 from fedhpo_core.search.storage import open_storage
 from fedhpo_core.settings import SettingsError, TrainSettings, setting
 from fedhpo_core.stores import one_line
-from fedhpo_core.tuners.fedhyper import SCHEDULERS
 
-METHODS: dict[str, type[SearchMethod]] = {
-    "random": RandomSearch,
-    "grid": GridSearch,
-    "tpe": TPESearch,
-    "gp": GPSearch,
-    "sha": SuccessiveHalving,
-    "hyperband": Hyperband,
-    "bohb": BOHB,
-    "asha": AsynchronousHalving,
-    "async-hyperband": AsynchronousHyperband,
-    "multiobjective": MultiObjectiveSearch,
-    "fedtune": FedTuneSearch,
-    "fedtune-paper": FedTunePaperSearch,
-    "fedex": FedExSearch,
-    "fedex-paper": FedExPaperSearch,
-    "pbt": PopulationBasedTraining,
-    "stepwise": StepwiseSearch,
-    "stepwise-paper": StepwisePaperSearch,
-    "fedhyper": FedHyperSearch,
-}
 # Methods that became an option of another: old name -> (method, its option as flags).
 RENAMED = {
     "fedhyper-global": ("fedhyper", "--schedulers global"),
     "fedhyper-local": ("fedhyper", "--schedulers server_local"),
     "fedhyper-client": ("fedhyper", "--schedulers client_local"),
 }
-DEFAULT_SCHEDULERS = ",".join(SCHEDULERS)
-METHOD_OPTIONS = {"schedulers": "fedhyper", "objectives": "multiobjective"}  # option -> its method
 OBJECTIVES = ("server", "clients")
 # Named `fedhpo compare` settings. fedtune-table1: the FedTune paper's Table 1 protocol (section
 # 4.1 and appendix C): MLP, 10 clients, Dirichlet alpha 0.1, its lr x weight-decay grid (the default
@@ -106,7 +66,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from 
 class TuneSettings:
     """How a study searches; every `TrainSettings` field is a fixed setting of it besides."""
 
-    method: str = setting("tpe", "search method: " + ", ".join(METHODS))
+    method: str = setting("tpe", "search method (`fedhpo methods` describes each)")
     budget: int = setting(30, "communication rounds the search may spend, every round of every trial")
     n_configs: int = setting(30, "configurations to try (random, grid, tpe, gp, multiobjective); sets (a)sha's rungs")
     final_rounds: int = setting(20, "rounds to retrain the best configuration from scratch (the paper uses 400)")
@@ -122,21 +82,19 @@ class TuneSettings:
     resume: bool = setting(False, "continue the interrupted study of that name")
     workers: int = setting(1, "trials trained at once (random, grid, tpe, gp, multiobjective, asha, async-hyperband)")
     join: bool = setting(False, "share the study with other processes on the same --storage (created if missing)")
-    schedulers: str = setting(DEFAULT_SCHEDULERS, "fedhyper's schedulers, comma-separated: " + ", ".join(SCHEDULERS))
-    objectives: str = setting(
-        ",".join(DEFAULT_COSTS), "multiobjective's costs to minimize beside accuracy, any of: " + ", ".join(COSTS)
-    )
     max_epsilon: float = setting(0.0, "privacy budget: a trial that spent more epsilon is never the best (0: none)")
     register_model: str | None = setting(
         None, "register the retrained best model as a version of this name in MLflow's Model Registry"
     )
+    # The method's options by name (its declaration's `Options`); each is a flag of its own.
+    options: Mapping[str, object] = field(default_factory=dict, metadata={"help": "the method's options"})
 
     def __post_init__(self):
         if self.method in RENAMED:
             method, flags = RENAMED[self.method]
             raise SettingsError(f"method {self.method!r} is now {method} with an option: --method {method} {flags}")
-        if self.method not in METHODS:
-            raise SettingsError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        declared = method_named(self.method)  # an unknown name fails here, in one line
+        declared.make_options(self.options)
         if self.scope not in SCOPES:
             raise SettingsError(f"unknown scope {self.scope!r}; choose from {', '.join(SCOPES)}")
         if self.objective not in OBJECTIVES:
@@ -148,24 +106,11 @@ class TuneSettings:
             raise SettingsError(f"final_rounds must be >= 0, got {self.final_rounds}")
         if self.workers < 1:
             raise SettingsError(f"workers must be >= 1, got {self.workers}")
-        if (self.workers > 1 or self.join) and not METHODS[self.method].parallel:
-            parallel = ", ".join(name for name, method in METHODS.items() if method.parallel)
+        if (self.workers > 1 or self.join) and not declared.parallel:
+            parallel = ", ".join(name for name, method in methods().items() if method.parallel)
             raise SettingsError(f"parallel trials (workers > 1, join) need one of {parallel}; not {self.method}")
         if self.join and self.resume:
             raise SettingsError("join and resume exclude each other: resume fails trials that others may be running")
-        unknown = [name for name in self.schedulers.split(",") if name not in SCHEDULERS]
-        if unknown:
-            raise SettingsError(
-                f"unknown FedHyper scheduler {unknown[0]!r}; choose from {', '.join(SCHEDULERS)}, comma-separated"
-            )
-        costs = self.objectives.split(",")
-        if unknown := [name for name in costs if name not in COSTS]:
-            raise SettingsError(f"unknown objective {unknown[0]!r}; choose from {', '.join(COSTS)}, comma-separated")
-        if len(set(costs)) < len(costs):
-            raise SettingsError(f"objectives repeat a name: {self.objectives}")
-        for option in self.options:
-            if METHOD_OPTIONS[option] != self.method:
-                raise SettingsError(f"{option} is an option of {METHOD_OPTIONS[option]}, not of {self.method}")
         if self.max_epsilon < 0 or not math.isfinite(self.max_epsilon):
             raise SettingsError(f"max_epsilon must be a number >= 0, got {self.max_epsilon}")
         if self.register_model is not None:
@@ -183,6 +128,11 @@ class TuneSettings:
         self.space().check(fixed)
         self.evaluation().check(fixed.clients)
         needed = set(self.search_method().objectives) | ({"epsilon"} if self.max_epsilon else set())
+        if fixed.dp_clip and (private := [s.name for s in self.declared.statistics if not s.privatized]):
+            raise SettingsError(
+                f"{self.method} asks every client for {', '.join(private)}, which DP-FedAvg does not privatize: "
+                "run it without --dp-clip, or choose another method"
+            )
         noised = fixed.dp_noise or "dp_noise" in self.space().distributions
         if "epsilon" in needed and not (fixed.dp_clip and noised):
             raise SettingsError(
@@ -193,12 +143,13 @@ class TuneSettings:
             raise SettingsError("the objective time_to_target_s needs --target-acc")
 
     @property
-    def options(self) -> dict:
-        """The method's options that differ from their defaults (FedHyper's schedulers, the
-        multi-objective costs)."""
-        options = {"schedulers": self.schedulers, "objectives": self.objectives}
-        defaults = {"schedulers": DEFAULT_SCHEDULERS, "objectives": ",".join(DEFAULT_COSTS)}
-        return {k: v for k, v in options.items() if v != defaults[k]}
+    def declared(self) -> Method:
+        return method_named(self.method)
+
+    @property
+    def changed_options(self) -> dict:
+        """The method's options that differ from its defaults (a study's name and definition carry them)."""
+        return self.declared.changed(self.declared.make_options(self.options))
 
     def evaluation(self) -> NoisyEvaluation:
         return NoisyEvaluation(self.eval_clients, self.eval_noise)
@@ -208,22 +159,22 @@ class TuneSettings:
         """The noisy-evaluation settings that are on (a study's default name carries them)."""
         return {k: v for k, v in (("eval_clients", self.eval_clients), ("eval_noise", self.eval_noise)) if v}
 
-    def search_method(self) -> SearchMethod:
-        """The method, with its options and the study's limits."""
-        if self.method == "fedhyper":
-            method = FedHyperSearch(tuple(self.schedulers.split(",")))
-        elif self.method == "multiobjective":
-            method = MultiObjectiveSearch(tuple(self.objectives.split(",")))
-        else:
-            method = METHODS[self.method]()
+    @cached_property
+    def built(self) -> SearchMethod:
+        """The method, with its options and the study's limits: built once per settings."""
+        method = self.declared.build(self.options)
         method.limits = {"epsilon": self.max_epsilon} if self.max_epsilon else {}
         return method
+
+    def search_method(self) -> SearchMethod:
+        return self.built
 
     def space(self) -> SearchSpace:
         return SearchSpace.load(self.search_space)
 
     def name_for(self, fixed: TrainSettings) -> str:
-        method = f"{self.method}[{';'.join(self.options.values())}]" if self.options else self.method
+        changed = self.changed_options
+        method = f"{self.method}[{';'.join(map(str, changed.values()))}]" if changed else self.method
         noisy = "".join(f"-{k.removeprefix('eval_')}{v:g}" for k, v in self.noisy.items())
         return self.study_name or (
             f"{method}-{self.scope}-{fixed.dataset}-{fixed.partition}-{fixed.clients}c-b{self.budget}-s{fixed.seed}"
@@ -265,7 +216,7 @@ def study_definition(tune: TuneSettings, fixed: TrainSettings) -> dict:
     fixed_values = {k: v for k, v in asdict(fixed).items() if k not in ("data_root", "rounds")}
     names = ("method", "objective", "eval_clients", "eval_noise", "scope", "budget", "n_configs")
     scalars = {k: getattr(tune, k) for k in names}
-    return scalars | tune.options | {"search_space": space} | fixed_values
+    return scalars | tune.changed_options | {"search_space": space} | fixed_values
 
 
 def check_continuation(study: optuna.Study, method: SearchMethod, definition: dict | None, flag: str) -> None:
