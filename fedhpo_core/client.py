@@ -2,9 +2,9 @@
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from fedhpo_core import seeding
 from fedhpo_core.models import ModelSpec, flat_weights, workspace_model
 from fedhpo_core.settings import ClientConfig
+from fedhpo_core.statistics import VAL_LOSS_AFTER, VAL_LOSS_BEFORE, Statistic, data_statistics
 
 EVAL_BATCH = 4096
 
@@ -120,6 +121,7 @@ class ClientJob:
     seed: int
     schedule: LocalSchedule | None = None  # the tuner's learning rate per local step, if any
     controls: Controls | None = None  # under SCAFFOLD
+    statistics: tuple[Statistic, ...] = ()  # what the client uploads beside its weights (`Tuner.statistics`)
 
     @property
     def generator(self) -> torch.Generator:
@@ -128,7 +130,8 @@ class ClientJob:
 
 @dataclass(frozen=True, eq=False)
 class ClientUpdate:
-    """What a client uploads: its model, sample count and the metrics it reports."""
+    """What a client uploads: its model, sample count, the metrics it reports and the statistics its
+    job asks for."""
 
     client: int
     weights: torch.Tensor
@@ -137,8 +140,8 @@ class ClientUpdate:
     val_loss: float  # on the client's local validation split, after training; nan when it has none
     val_acc: float
     num_val: int
-    val_loss_before: float = math.nan  # the received global model on the same split (FedEx's "before")
     control_delta: torch.Tensor | None = None  # SCAFFOLD's Delta c_i (`Controls.delta`)
+    statistics: Mapping[str, float | torch.Tensor] = field(default_factory=dict)  # exactly the job's, by name
 
     @property
     def diverged(self) -> bool:
@@ -245,10 +248,13 @@ def one_intra_op_thread() -> Iterator[None]:
 
 
 def local_update(spec: ModelSpec, global_weights: torch.Tensor, data: ClientData, job: ClientJob) -> ClientUpdate:
-    """One client's round: train from the global weights, then validate locally, single-threaded."""
+    """One client's round: train from the global weights, then validate locally, single-threaded;
+    the statistics its job asks for computed on the way."""
     with one_intra_op_thread():
         model = workspace_model(spec, global_weights)
-        val_loss_before, _ = evaluate(model, data.x_val, data.y_val)
+        computed = data_statistics(spec, [job], [data])[0]
+        if VAL_LOSS_BEFORE in job.statistics:
+            computed[VAL_LOSS_BEFORE.name], _ = evaluate(model, data.x_val, data.y_val)
         train_loss, lr_sum = train_locally(model, data, job.config, job.generator, job.schedule, job.controls)
         finite = math.isfinite(train_loss)
         val_loss, val_acc = evaluate(model, data.x_val, data.y_val) if finite else (math.nan, math.nan)
@@ -261,6 +267,15 @@ def local_update(spec: ModelSpec, global_weights: torch.Tensor, data: ClientData
         val_loss=val_loss,
         val_acc=val_acc,
         num_val=data.num_val,
-        val_loss_before=val_loss_before,
         control_delta=job.controls.delta(global_weights, weights, lr_sum) if job.controls else None,
+        statistics=reported(job, computed, val_loss),
     )
+
+
+def reported(
+    job: ClientJob, computed: Mapping[str, float | torch.Tensor], val_loss: float
+) -> dict[str, float | torch.Tensor]:
+    """The statistics the job asks for, by name, from those computed and the validation loss after
+    training (`VAL_LOSS_AFTER`)."""
+    values = {**computed, VAL_LOSS_AFTER.name: val_loss}
+    return {s.name: values[s.name] for s in job.statistics}

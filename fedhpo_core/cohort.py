@@ -47,8 +47,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, RunningSchedules
+from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, RunningSchedules, reported
 from fedhpo_core.models import ModelSpec
+from fedhpo_core.statistics import VAL_LOSS_BEFORE, data_statistics
 
 COHORT_BYTES = 2 * 2**30  # memory one cohort may take (parameters, optimizer state, activations)
 EVAL_ROWS = 4096  # samples per batched forward in local validation
@@ -358,10 +359,16 @@ class Cohort:
         return per_parameter(torch.stack([job.controls.correction for job in self.jobs]), self.spec)
 
     def train(self) -> list[ClientUpdate]:
+        """Every client's update, with the statistics its job asks for: the start weights' validation
+        loss by one batched validation (only when some job asks for it), each data statistic by one
+        call for the clients asking."""
         k_all = len(self.jobs)
         anchors = per_parameter(self.start.unsqueeze(0), self.spec)  # the start weights, (1, *shape)
         params = [a.expand(k_all, *a.shape[1:]).clone() for a in anchors]
-        val_loss_before, _ = self.validate(params)
+        computed = data_statistics(self.spec, self.jobs, self.data)
+        if any(VAL_LOSS_BEFORE in job.statistics for job in self.jobs):
+            for values, before in zip(computed, self.validate(params)[0], strict=True):
+                values[VAL_LOSS_BEFORE.name] = before
         lr = torch.tensor([job.config.lr for job in self.jobs], device=self.start.device)
         rates = CohortRates(self.jobs, lr)
         sgd = CohortSGD(self.jobs, anchors, keep_changes=bool(rates.scheduled), corrections=self.corrections())
@@ -385,16 +392,17 @@ class Cohort:
         updates = {}
         for slot, (job, data) in enumerate(zip(self.jobs, self.data, strict=True)):
             finite = math.isfinite(train_loss[slot])
+            loss_after = val_loss[slot] if finite else math.nan
             updates[self.order[slot]] = ClientUpdate(
                 client=job.client,
                 weights=flat[slot],
                 num_samples=data.num_train,
                 train_loss=train_loss[slot],
-                val_loss=val_loss[slot] if finite else math.nan,
+                val_loss=loss_after,
                 val_acc=val_acc[slot] if finite else math.nan,
                 num_val=data.num_val,
-                val_loss_before=val_loss_before[slot],
                 control_delta=job.controls.delta(self.start, flat[slot], lr_sums[slot]) if job.controls else None,
+                statistics=reported(job, computed[slot], loss_after),
             )
         return [updates[i] for i in range(k_all)]
 

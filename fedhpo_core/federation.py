@@ -23,7 +23,7 @@ from fedhpo_core.data import Dataset, load_dataset
 from fedhpo_core.devices import Devices, RoundPlan, profiles_of
 from fedhpo_core.models import ModelSpec, workspace_model
 from fedhpo_core.partition import Partition, partition_dataset
-from fedhpo_core.postprocess import DropNonFinite, Link, UniformWeights, apply_chain
+from fedhpo_core.postprocess import ClientWeights, DropNonFinite, Link, UniformWeights, apply_chain
 from fedhpo_core.privacy import Privacy, epsilon
 from fedhpo_core.settings import ClientConfig, DataSettings, TrainSettings
 from fedhpo_core.tuners.base import Tuner
@@ -155,7 +155,7 @@ class RoundReport:
     weights_after: torch.Tensor
     plan: RoundPlan = RoundPlan((), (), (), 0.0)  # who uploaded in time, who dropped out or was late, how long
     sim_time_s: float = 0.0  # simulated seconds of the run so far, this round included
-    bytes_sent: int = 0  # the model down to every participant and up from every upload, this round
+    bytes_sent: int = 0  # the model down to every participant, the model and statistics up from every upload
     left_out: tuple[int, ...] = ()  # uploads the postprocessor chain left out (non-finite)
     epsilon: float | None = None  # the privacy spent so far, under DP-FedAvg
 
@@ -319,13 +319,28 @@ class Federation:
         count = max(1, round(self.participation * self.num_clients))
         return sorted(int(c) for c in rng.choice(self.num_clients, size=count, replace=False))
 
-    def links(self, t: int) -> list[Link]:
+    def links(self, t: int, factors: Mapping[int, float] | None = None) -> list[Link]:
         """Round t's postprocessor chain: non-finite uploads left out, then DP-FedAvg's links if on,
-        or every client weighing the same under the paper's SCAFFOLD (Algorithm 1, line 16)."""
+        or every client weighing the same under the paper's SCAFFOLD (Algorithm 1, line 16); a
+        tuner's `factors` on the clients' weights once those are set (under DP capped at 1, before
+        the clipping)."""
         if not self.privacy.enabled:
-            return [DropNonFinite(), UniformWeights()] if self.algorithm == "scaffold-paper" else [DropNonFinite()]
+            chain: list[Link] = [DropNonFinite()]
+            if self.algorithm == "scaffold-paper":
+                chain.append(UniformWeights())
+            return chain if factors is None else [*chain, ClientWeights(factors)]
         noise_seed = seeding.torch_seed(self.seed, seeding.DP_NOISE, t)
-        return [DropNonFinite(), *self.privacy.links(self.participation * self.num_clients, noise_seed)]
+        uniform, *mechanism = self.privacy.links(self.participation * self.num_clients, noise_seed)
+        weighted = [] if factors is None else [ClientWeights(factors, cap=1.0)]
+        return [DropNonFinite(), uniform, *weighted, *mechanism]
+
+    def statistics_bytes(self, jobs: Sequence[ClientJob]) -> int:
+        """What the jobs' clients upload beside their models: every statistic's floats."""
+        return sum(
+            FLOAT_BYTES * s.floats(self.data.spec, self.data.clients[job.client])
+            for job in jobs
+            for s in job.statistics
+        )
 
     def epsilon(self, rounds: int) -> float | None:
         """The privacy spent after `rounds` rounds, when privacy is on."""
@@ -360,14 +375,15 @@ class Federation:
                 t, clients, samples, {c: configs[c].local_epochs for c in clients}, model_bytes
             )
             jobs = [
-                ClientJob(c, t, configs[c], self.seed, tuner.local_schedule(t, c), state.controls(c))
+                ClientJob(c, t, configs[c], self.seed, tuner.local_schedule(t, c), state.controls(c), tuner.statistics)
                 for c in plan.uploading
             ]
             data = [self.data.clients[c] for c in plan.uploading]
             updates = steps.train_clients(spec, start_weights, jobs, data) if jobs else []
             server = tuner.server_settings(self.server, start_weights, updates)
+            factors = tuner.aggregation_weights(t, [u.client for u in updates])
             weights, server_state, left_out = steps.aggregate(
-                server, start_weights, updates, state.server_state, self.links(t)
+                server, start_weights, updates, state.server_state, self.links(t, factors)
             )
             metrics = steps.evaluate(spec, weights, splits)
             evaluation = Evaluation(*metrics["val"], *metrics["test"])
@@ -382,7 +398,7 @@ class Federation:
                 weights,
                 plan,
                 sim_time_s,
-                (len(configs) + len(updates)) * model_bytes,
+                (len(configs) + len(updates)) * model_bytes + self.statistics_bytes(jobs),
                 left_out,
                 self.epsilon(t),
             )

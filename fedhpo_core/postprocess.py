@@ -6,10 +6,11 @@ Each client's contribution is its update Delta_k = w_k - x_t with a weight; each
 links it is FedAvg's sample-weighted mean; DP-FedAvg (McMahan et al. 2018, Algorithm 1) is
 `UniformWeights`, `ClipNorm` and `GaussianNoise` (its fixed-denominator estimator with the
 Gaussian mechanism on the sum); leaving out a client whose update is non-finite is
-`DropNonFinite`. The round loop never branches on any of them.
+`DropNonFinite`; a tuner's factors on the clients' weights are `ClientWeights`. The round loop
+never branches on any of them.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -52,6 +53,26 @@ class UniformWeights(Link):
 
     def client(self, contribution):
         return replace(contribution, weight=1.0)
+
+
+@dataclass(frozen=True, eq=False)
+class ClientWeights(Link):
+    """A contribution's weight times its client's factor (`Tuner.aggregation_weights`; 1 for a
+    client not in `factors`), the factor at most `cap` when one is given.
+
+    Placed after the links that set weights: FedAvg's n_k becomes n_k x factor, the paper's
+    SCAFFOLD's (and DP-FedAvg's) 1 becomes the factor. Under DP-FedAvg (cap 1, before `ClipNorm`)
+    a client's weight stays at most 1, so its clipped contribution's norm stays at most C and the
+    Gaussian mechanism's sensitivity holds over the fixed denominator q N."""
+
+    factors: Mapping[int, float]
+    cap: float | None = None
+
+    def client(self, contribution):
+        factor = self.factors.get(contribution.client, 1.0)
+        if self.cap is not None:
+            factor = min(factor, self.cap)
+        return replace(contribution, weight=contribution.weight * factor)
 
 
 @dataclass(frozen=True)

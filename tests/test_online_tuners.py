@@ -22,11 +22,16 @@ VALUES = [{"lr": c.lr} for c in CONFIGS]
 SPEC = ModelSpec("mlp", (1, 4, 4), 3)
 
 
+def losses(before: float, after: float) -> dict[str, float]:
+    """A client's uploaded statistics of FedEx and FedTune: its validation loss before and after."""
+    return {"val_loss_before": before, "val_loss_after": after}
+
+
 def fedex_report(draws_losses: dict, sizes: dict, before: dict | None = None):
     """A round report holding only what FedEx reads: clients' local validation losses and sizes."""
     before = before or {}
     updates = [
-        ClientUpdate(c, torch.zeros(1), 1, 0.0, loss, 0.0, sizes[c], before.get(c, math.nan))
+        ClientUpdate(c, torch.zeros(1), 1, 0.0, loss, 0.0, sizes[c], statistics=losses(before.get(c, math.nan), loss))
         for c, loss in draws_losses.items()
     ]
     return RoundReport(1, {}, tuple(updates), 0.0, 0.0, torch.zeros(1), torch.zeros(1))
@@ -56,7 +61,7 @@ def test_fedex_paper_step_matches_a_hand_computed_exponentiated_gradient_step():
 
 
 def test_fedex_signals_are_after_difference_and_log_ratio():
-    update = ClientUpdate(0, torch.zeros(1), 1, 0.0, 0.5, 0.0, 4, 2.0)
+    update = ClientUpdate(0, torch.zeros(1), 1, 0.0, 0.5, 0.0, 4, statistics=losses(2.0, 0.5))
     signals = {s: FedEx(CONFIGS, VALUES, 0, signal=s).signal_of(update) for s in ("after", "difference", "log-ratio")}
     assert signals == pytest.approx({"after": 0.5, "difference": -1.5, "log-ratio": math.log(0.25)})
 

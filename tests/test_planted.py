@@ -47,7 +47,12 @@ def planted_round(
     for client, config in configs.items():
         before = levels[client] * trend
         after = before * math.exp(-quality(config) + rng.normal(0, NOISE))
-        updates.append(ClientUpdate(client, torch.zeros(1), 100, after, after, 1 - after / 4, 20 + 10 * client, before))
+        statistics = {"val_loss_before": before, "val_loss_after": after}
+        updates.append(
+            ClientUpdate(
+                client, torch.zeros(1), 100, after, after, 1 - after / 4, 20 + 10 * client, statistics=statistics
+            )
+        )
     return RoundReport(round, configs, tuple(updates), 0.0, 0.0, torch.zeros(1), torch.zeros(1))
 
 

@@ -12,7 +12,7 @@ from cli.main import main
 from fedhpo_core.registry import ROUND, Method, Options, method, methods, option, register
 from fedhpo_core.search.online import OnlineSearch
 from fedhpo_core.search.study import TuneSettings
-from fedhpo_core.settings import SettingsError
+from fedhpo_core.settings import SettingsError, TrainSettings
 from fedhpo_core.tuners import FixedConfig
 
 FIXED = ["--clients", "3", "--experiment", "registry"]
@@ -126,3 +126,12 @@ def test_the_toy_method_runs_through_tune_and_compare_built_once_per_study(tmp_p
     toy = [s for s in optuna.get_all_study_summaries(storage) if s.study_name.endswith("-toy-b3-s0")]
     (compared,) = optuna.load_study(study_name=toy[0].study_name, storage=storage).trials
     assert compared.user_attrs["chosen"] == {"lr": 0.09}  # the option reached the compared toy, not random
+
+
+def test_a_method_whose_statistics_dp_does_not_privatize_is_refused_under_dp():
+    private = TrainSettings(dp_clip=1.0, dp_noise=1.0)
+    message = "fedex asks every client for val_loss_before, val_loss_after, which DP-FedAvg does not privatize"
+    with pytest.raises(SettingsError, match=message):
+        TuneSettings(method="fedex").check_with(private)
+    TuneSettings(method="fedex").check_with(TrainSettings())  # without DP: fine
+    TuneSettings(method="random").check_with(private)  # no statistics asked: fine

@@ -71,17 +71,20 @@ class OnlineSearch(SearchMethod):
     def tuner(self, context: SearchContext, configs: list[ClientConfig], values: list[dict]) -> Tuner:
         """The round-level tuner over these candidate configurations."""
 
-    def search(self, context: SearchContext) -> None:
+    def tuner_for(self, context: SearchContext) -> Tuner:
+        """A fresh tuner over the candidate configurations of the context's client settings."""
         client = {setting_of(n): d for n, d in context.parameters.items() if setting_of(n) in CLIENT_SETTINGS}
-        server = {n: d for n, d in context.parameters.items() if setting_of(n) not in CLIENT_SETTINGS}
         values = candidate_values(client, context.n_configs, context.seed)
         configs = [Configuration(v).settings(context.fixed).client_config for v in values]
+        return self.tuner(context, configs, values)
+
+    def search(self, context: SearchContext) -> None:
+        server = {n: d for n, d in context.parameters.items() if setting_of(n) not in CLIENT_SETTINGS}
         runs = OUTER_CONFIGS if server else 1
         rounds = context.budget.total // runs
         while len(finished_trials(context.study)) < runs and context.budget.remaining >= rounds:
             trial = context.study.ask(server)
-            tuner = self.tuner(context, configs, values)
-            context.complete(trial, context.train(trial, Configuration(trial.params), rounds, tuner))
+            context.complete(trial, context.train(trial, Configuration(trial.params), rounds, self.tuner_for(context)))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from fedhpo_core.settings import ClientConfig
+from fedhpo_core.statistics import Statistic
 
 if TYPE_CHECKING:
     import torch
@@ -29,8 +30,11 @@ class Tuner(ABC):
        ``local_schedule(t, client)`` may give a `LocalSchedule`, which sets the client's learning
        rate step by step during its local training (default: none, the configured rate throughout).
     2. The loop asks ``global_weights(configs, weights)`` which global model the round starts
-       from (default: the latest), trains the clients from it, asks
-       ``server_settings(server, weights, updates)`` how to aggregate (default: as configured),
+       from (default: the latest) and trains the clients from it; each also computes the tuner's
+       ``statistics`` (a class attribute, default none) and uploads them beside its weights, in
+       `ClientUpdate.statistics`. The loop asks ``server_settings(server, weights, updates)`` how to
+       aggregate (default: as configured) and ``aggregation_weights(t, clients)`` for a factor on
+       each uploading client's weight in the aggregate (default: none, FedAvg's weights), then
        aggregates and evaluates the new global model on the server's validation split.
     3. The loop calls ``observe(report)`` once with the `RoundReport`: client-reported metrics,
        uploads, the global weights before and after, the server validation metrics. The test set
@@ -41,6 +45,8 @@ class Tuner(ABC):
     second per client, kept in the trajectory table only (a metric series per client does not scale).
     Only ``configure`` is abstract; the other hooks have defaults, so a fixed schedule stays simple.
     """
+
+    statistics: tuple[Statistic, ...] = ()  # asked of every participating client every round
 
     @abstractmethod
     def configure(self, round: int, clients: Sequence[int]) -> Mapping[int, ClientConfig]:
@@ -61,6 +67,13 @@ class Tuner(ABC):
     def server_settings(self, server: "ServerSettings", weights: "torch.Tensor", updates) -> "ServerSettings":
         """The server optimizer settings for aggregating `updates` into `weights`. Default: unchanged."""
         return server
+
+    def aggregation_weights(self, round: int, clients: Sequence[int]) -> Mapping[int, float] | None:
+        """A factor (>= 0) on the aggregation weight of each of the round's uploading clients: FedAvg's
+        n_k becomes n_k x factor, 1 leaves it, a client left out of the map keeps 1 (the
+        postprocessor link `ClientWeights`; under DP-FedAvg each factor is capped at 1). SCAFFOLD's
+        control variates are averaged as without factors. Default: None, FedAvg's weights."""
+        return None
 
     def observe(self, report: "RoundReport") -> None:
         """Learn from a finished round. Default: nothing to learn."""

@@ -46,6 +46,7 @@ import numpy as np
 
 from fedhpo_core import seeding
 from fedhpo_core.settings import ClientConfig
+from fedhpo_core.statistics import VAL_LOSS_AFTER, VAL_LOSS_BEFORE
 from fedhpo_core.tuners.base import Tuner
 from fedhpo_core.tuners.policy import Factors, FittedBaseline, entropy
 
@@ -53,8 +54,14 @@ SIGNALS, BASELINES = ("after", "difference", "log-ratio"), ("previous", "round",
 SCHEDULES = ("auto", "adaptive", "aggressive", "constant")
 
 
+def val_loss_before(update) -> float:
+    """The client's validation loss before local training (`VAL_LOSS_BEFORE`)."""
+    return update.statistics[VAL_LOSS_BEFORE.name]
+
+
 class FedEx(Tuner):
     PAPER = {"signal": "after", "baseline": "previous", "schedule": "auto", "factorized": False}
+    statistics = (VAL_LOSS_BEFORE, VAL_LOSS_AFTER)
 
     def __init__(
         self,
@@ -108,7 +115,7 @@ class FedEx(Tuner):
     def observe(self, report):
         scored = [u for u in report.updates if u.num_val > 0 and math.isfinite(u.val_loss)]
         if self.signal != "after":
-            scored = [u for u in scored if math.isfinite(u.val_loss_before) and u.val_loss_before > 0]
+            scored = [u for u in scored if math.isfinite(val_loss_before(u)) and val_loss_before(u) > 0]
         if not scored:
             return
         signals = {u.client: self.signal_of(u) for u in scored}
@@ -135,8 +142,8 @@ class FedEx(Tuner):
         if self.signal == "after":
             return update.val_loss
         if self.signal == "difference":
-            return update.val_loss - update.val_loss_before
-        return math.log(max(update.val_loss, 1e-12) / update.val_loss_before)
+            return update.val_loss - val_loss_before(update)
+        return math.log(max(update.val_loss, 1e-12) / val_loss_before(update))
 
     def state(self):
         """theta as probabilities: per setting's value when factorized, else per candidate; its entropy."""

@@ -58,6 +58,7 @@ from fedhpo_core import seeding
 from fedhpo_core.models import ModelSpec, load_flat_weights
 from fedhpo_core.search.space import client_key
 from fedhpo_core.settings import ClientConfig
+from fedhpo_core.statistics import VAL_LOSS_AFTER, VAL_LOSS_BEFORE
 from fedhpo_core.tuners.base import Tuner
 from fedhpo_core.tuners.policy import Factors, FittedBaseline, entropy, softmax
 
@@ -105,6 +106,7 @@ def update_credits(
 
 class FedTune(Tuner):
     PAPER = {"credit": "mixture", "advantage": "credit", "shared": False, "factorized": False, "eta": 1.0}
+    statistics = (VAL_LOSS_BEFORE, VAL_LOSS_AFTER)
 
     def __init__(
         self,
@@ -197,10 +199,11 @@ class FedTune(Tuner):
     def credits_of(self, updates, start: torch.Tensor) -> dict[int, float]:
         """R_i of each client of the round (only those that report a local validation loss for "local")."""
         if self.credit == "local":
+            before = {u.client: u.statistics[VAL_LOSS_BEFORE.name] for u in updates}
             return {
-                u.client: -math.log(max(u.val_loss, 1e-12) / u.val_loss_before)
+                u.client: -math.log(max(u.val_loss, 1e-12) / before[u.client])
                 for u in updates
-                if math.isfinite(u.val_loss) and math.isfinite(u.val_loss_before) and u.val_loss_before > 0
+                if math.isfinite(u.val_loss) and math.isfinite(before[u.client]) and before[u.client] > 0
             }
         uploads = [(u.weights, u.num_samples) for u in updates]
         if self.credit == "mixture":

@@ -1,0 +1,150 @@
+"""What a round-level method adds to a round: its client statistics and its own work (policy
+updates, distributions, selection), against the round's training time, at 100 clients.
+
+Each method runs R rounds of a real federation (MNIST, MLP, 100 Dirichlet-0.5 clients, all of
+them every round, 1 local epoch, batch 32, cohort engine) driven by its tuner as its study builds
+it; then the same rounds are replayed by a plain tuner that gives each round the clients and
+configurations the method gave (so the same training work), with no statistics, no local
+schedules and no learning. The method's overhead is the difference, per round, as a share of the
+replay's training time; the time inside the tuner's own hooks is reported beside it. Runs
+alternate method and replay, after one untimed round each.
+
+    python bench/bench_methods.py --data-root ../shared/data
+"""
+
+import argparse
+import time
+from collections.abc import Sequence
+
+import optuna
+
+from fedhpo_core.data import load_dataset
+from fedhpo_core.federation import FederatedData, Federation, RoundSteps, partition_of
+from fedhpo_core.registry import ROUND, methods
+from fedhpo_core.search.base import RoundBudget, SearchContext
+from fedhpo_core.search.space import SearchSpace
+from fedhpo_core.settings import TrainSettings
+from fedhpo_core.tuners.base import Tuner
+
+HOOKS = ("select", "configure", "local_schedule", "global_weights", "server_settings", "aggregation_weights")
+
+
+class Timed(Tuner):
+    """The method's tuner, its hooks timed and its choices recorded for the replay."""
+
+    def __init__(self, inner: Tuner):
+        self.inner, self.statistics, self.hook_s = inner, inner.statistics, 0.0
+        self.selected: dict[int, list[int]] = {}
+        self.configs: dict[int, dict] = {}
+
+    def timed(self, name, *args):
+        started = time.perf_counter()
+        value = getattr(self.inner, name)(*args)
+        self.hook_s += time.perf_counter() - started
+        return value
+
+    def select(self, round, clients):
+        self.selected[round] = list(self.timed("select", round, clients))
+        return self.selected[round]
+
+    def configure(self, round, clients):
+        self.configs[round] = dict(self.timed("configure", round, clients))
+        return self.configs[round]
+
+    def local_schedule(self, round, client):
+        return self.timed("local_schedule", round, client)
+
+    def global_weights(self, configs, weights):
+        return self.timed("global_weights", configs, weights)
+
+    def server_settings(self, server, weights, updates):
+        return self.timed("server_settings", server, weights, updates)
+
+    def aggregation_weights(self, round, clients):
+        return self.timed("aggregation_weights", round, clients)
+
+    def observe(self, report):
+        self.timed("observe", report)
+        self.timed("state")
+        self.timed("client_state")
+
+
+class Replay(Tuner):
+    """The recorded clients and configurations, round by round, and nothing else."""
+
+    def __init__(self, timed: Timed):
+        self.selected, self.configs = timed.selected, timed.configs
+
+    def select(self, round, clients: Sequence[int]):
+        return self.selected[round]
+
+    def configure(self, round, clients):
+        return self.configs[round]
+
+
+class TimedSteps(RoundSteps):
+    def __init__(self):
+        super().__init__("cohort")
+        self.train_s = 0.0
+
+    def train_clients(self, spec, weights, jobs, data):
+        started = time.perf_counter()
+        updates = super().train_clients(spec, weights, jobs, data)
+        self.train_s += time.perf_counter() - started
+        return updates
+
+
+def tuner_of(name: str, fixed: TrainSettings, data: FederatedData, rounds: int) -> Tuner:
+    """The method's tuner as its study builds it, over the FedTune paper's space."""
+    space = SearchSpace.load(None).parameters("global", fixed.clients)
+    study = optuna.create_study(direction="maximize")
+    method = methods()[name].build()
+    context = SearchContext(study, method, space, None, RoundBudget(rounds), 30, fixed.seed, fixed, data)
+    return method.tuner_for(context)
+
+
+def run(federation: Federation, tuner: Tuner, rounds: int) -> tuple[float, TimedSteps]:
+    steps = TimedSteps()
+    started = time.perf_counter()
+    federation.run(tuner, rounds, steps)
+    return time.perf_counter() - started, steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--methods", default=",".join(n for n, m in methods().items() if m.kind == ROUND))
+    args = parser.parse_args()
+    fixed = TrainSettings(
+        dataset=args.dataset,
+        data_root=args.data_root,
+        clients=args.clients,
+        partition="dirichlet",
+        alpha=0.5,
+        lr=0.05,
+    )
+    data = FederatedData.build(load_dataset(fixed.dataset, fixed.data_root), partition_of(fixed.data), fixed.model)
+    federation = Federation.of(data, fixed)
+    print(f"{args.dataset}, {args.clients} clients, {args.rounds} rounds after one untimed, cohort engine")
+    print("| method | round, method | round, replay | training a round | overhead | tuner's hooks |")
+    print("|---|---|---|---|---|---|")
+    for name in args.methods.split(","):
+        run(federation, tuner_of(name, fixed, data, 1), 1)  # warm-up: kernels, caches
+        timed = Timed(tuner_of(name, fixed, data, args.rounds))
+        method_s, _ = run(federation, timed, args.rounds)
+        replay_s, steps = run(federation, Replay(timed), args.rounds)
+        per_round = {k: v / args.rounds for k, v in {"method": method_s, "replay": replay_s}.items()}
+        train = steps.train_s / args.rounds
+        overhead = (per_round["method"] - per_round["replay"]) / train
+        print(
+            f"| {name} | {per_round['method']:.3f} s | {per_round['replay']:.3f} s | {train:.3f} s "
+            f"| {overhead:+.1%} | {timed.hook_s / args.rounds:.3f} s |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""What a sampled client computes on its own data in a round and uploads beside its weights (pfl's
+`train_one_user` returning statistics).
+
+A tuner declares the statistics it reads (`Tuner.statistics`); the round loop puts them on every
+job, both engines compute exactly those into `ClientUpdate.statistics` (the cohort engine batched
+over its clients) and the round's `bytes_sent` counts their uploads.
+"""
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from fedhpo_core.client import ClientData, ClientJob
+    from fedhpo_core.models import ModelSpec
+
+
+class Statistic(ABC):
+    """Something a client computes in the round and uploads: `name` is its key in
+    `ClientUpdate.statistics`. Values are frozen dataclasses (they travel on jobs to Dask workers).
+    `privatized`: whether DP-FedAvg's postprocessor chain privatizes it (a method that asks for one
+    that is not cannot run under DP)."""
+
+    name: str
+    privatized: bool = False
+
+    @abstractmethod
+    def floats(self, spec: "ModelSpec", data: "ClientData") -> int:
+        """The float32 values one client uploads (4 bytes each)."""
+
+
+@dataclass(frozen=True)
+class ValidationLoss(Statistic):
+    """The model's mean cross-entropy on the client's local validation split, a float (nan when the
+    client has none): the received global model's before local training, or the trained model's after."""
+
+    name: str
+
+    def floats(self, spec, data):
+        return 1
+
+
+VAL_LOSS_BEFORE = ValidationLoss("val_loss_before")  # FedEx's and FedTune's "before"
+VAL_LOSS_AFTER = ValidationLoss("val_loss_after")  # the same number as `ClientUpdate.val_loss`
+
+
+class DataStatistic(Statistic):
+    """A statistic of the client's data alone, whatever the model: computed for a whole cohort of
+    clients in one call."""
+
+    @abstractmethod
+    def compute(self, spec: "ModelSpec", clients: Sequence["ClientData"]) -> list[torch.Tensor]:
+        """Each client's value (a tensor of `floats` values), in the clients' order."""
+
+
+@dataclass(frozen=True)
+class DataEncoding(DataStatistic):
+    """The random-Fourier-feature mean embedding of the client's training pairs (x, onehot(y)),
+    e = (1/n) sum_i phi(x_i) (outer) onehot(y_i), flattened (dim x classes values): DP-MERF's
+    encoding as pFedHPO uses it to condition a client's hyperparameters on its data (Cheng et al.,
+    "A Practical Approach to Personalized Federated Hyperparameter Optimization", arXiv 2304.05195).
+
+    phi(x) = sqrt(2 / D) cos(W x + b) on the flattened input (d values), W ~ N(0, I / l^2) and
+    b ~ U(0, 2 pi) drawn from `seed`, the same for every client so that encodings are comparable.
+    The lengthscale l is sqrt(d), fixed: the median heuristic would depend on the data. Zeros for a
+    client without training samples. Not privatized: pFedHPO adds Gaussian noise to e, not done here.
+    """
+
+    dim: int = 64  # D, the random features
+    seed: int = 0
+
+    name = "data_encoding"
+
+    def floats(self, spec, data):
+        return self.dim * spec.num_classes
+
+    def features(self, inputs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """W, (D, d), and b, (D,), for inputs of d values."""
+        generator = torch.Generator().manual_seed(self.seed)
+        w = torch.randn(self.dim, inputs, generator=generator) / math.sqrt(inputs)
+        b = torch.rand(self.dim, generator=generator) * (2 * math.pi)
+        return w, b
+
+    def compute(self, spec, clients):
+        x = torch.cat([c.x_train for c in clients]).flatten(1).float()
+        y = torch.cat([c.y_train for c in clients])
+        counts = torch.tensor([c.num_train for c in clients], device=x.device)
+        w, b = (t.to(x.device) for t in self.features(x.shape[1]))
+        phi = torch.cos(torch.addmm(b, x, w.T)) * math.sqrt(2 / self.dim)
+        owner = torch.repeat_interleave(torch.arange(len(clients), device=x.device), counts)
+        # Row (client, class) sums the features of that client's samples of that class.
+        classes = spec.num_classes
+        sums = torch.zeros(len(clients) * classes, self.dim, device=x.device).index_add_(0, owner * classes + y, phi)
+        means = sums.view(len(clients), classes, self.dim).transpose(1, 2) / counts.clamp(min=1).view(-1, 1, 1)
+        return [e.flatten().clone() for e in means]  # own storage: a view would travel with the whole
+
+
+def data_statistics(
+    spec: "ModelSpec", jobs: Sequence["ClientJob"], data: Sequence["ClientData"]
+) -> list[dict[str, torch.Tensor]]:
+    """Each job's data statistics by name: each statistic computed once for all the clients whose
+    jobs ask for it."""
+    values: list[dict[str, torch.Tensor]] = [{} for _ in jobs]
+    wanted = dict.fromkeys(s for job in jobs for s in job.statistics if isinstance(s, DataStatistic))
+    for statistic in wanted:
+        asking = [i for i, job in enumerate(jobs) if statistic in job.statistics]
+        for i, value in zip(asking, statistic.compute(spec, [data[i] for i in asking]), strict=True):
+            values[i][statistic.name] = value
+    return values
