@@ -17,6 +17,7 @@ PBT = 9  # population-based training's exploit and explore, per generation
 DP_NOISE = 11  # DP-FedAvg's noise on a round's aggregate
 EVALUATION = 12  # noisy evaluation's clients and Laplace noise, per trial and round
 DEVICES = 13  # simulated devices: their profiles, and who is online or drops out in a round
+AUTOFEDRL = 14  # Auto-FedRL's policy: its actions per round, and its DRL network's initial weights
 
 
 def numpy_rng(seed: int, *keys: int) -> np.random.Generator:
