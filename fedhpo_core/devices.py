@@ -39,12 +39,19 @@ class Profiles:
     availability: np.ndarray  # probability of being online in a round
 
     def seconds(
-        self, clients: Sequence[int], samples: Sequence[int], epochs: Sequence[int], model_bytes: int
+        self,
+        clients: Sequence[int],
+        samples: Sequence[int],
+        epochs: Sequence[int],
+        model_bytes: int,
+        extra: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """Each client's round time: the model down, `epochs` passes over `samples`, the model up."""
+        """Each client's round time: the model down, `epochs` passes over `samples` and `extra`
+        samples more (its client statistics' passes), the model up."""
         c = np.asarray(clients, dtype=np.int64)
         bits = 8.0 * model_bytes
-        compute = np.asarray(samples, dtype=float) * np.asarray(epochs, dtype=float) / self.speed[c]
+        passes = np.asarray(samples, dtype=float) * np.asarray(epochs, dtype=float)
+        compute = (passes + (np.asarray(extra, dtype=float) if extra is not None else 0.0)) / self.speed[c]
         return bits / (self.download_mbps[c] * MEGABIT) + compute + bits / (self.upload_mbps[c] * MEGABIT)
 
 
@@ -93,11 +100,21 @@ class Devices:
         return [c for c in clients if draws[c] < self.profiles.availability[c]]
 
     def plan(
-        self, t: int, clients: Sequence[int], samples: Mapping[int, int], epochs: Mapping[int, int], model_bytes: int
+        self,
+        t: int,
+        clients: Sequence[int],
+        samples: Mapping[int, int],
+        epochs: Mapping[int, int],
+        model_bytes: int,
+        extra: Mapping[int, int] | None = None,
     ) -> RoundPlan:
-        """Round t's outcome for its participants (their training samples and local epochs)."""
+        """Round t's outcome for its participants (their training samples, local epochs and samples
+        passed for client statistics)."""
         draws = seeding.numpy_rng(self.seed, seeding.DEVICES, t, 1).random(len(self.profiles.speed))
-        times = self.profiles.seconds(clients, [samples[c] for c in clients], [epochs[c] for c in clients], model_bytes)
+        passes = [(extra or {}).get(c, 0) for c in clients]
+        times = self.profiles.seconds(
+            clients, [samples[c] for c in clients], [epochs[c] for c in clients], model_bytes, passes
+        )
         dropped = tuple(c for c in clients if draws[c] < self.dropout)
         late = tuple(
             c

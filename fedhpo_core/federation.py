@@ -371,9 +371,9 @@ class Federation:
             configs = tuner.configure(t, clients)
             start_weights = tuner.global_weights(configs, state.weights)
             samples = {c: self.data.clients[c].num_train for c in clients}
-            plan = self.device_rules.plan(
-                t, clients, samples, {c: configs[c].local_epochs for c in clients}, model_bytes
-            )
+            epochs = {c: configs[c].local_epochs for c in clients}
+            extra = {c: sum(s.samples(self.data.clients[c]) for s in tuner.statistics) for c in clients}
+            plan = self.device_rules.plan(t, clients, samples, epochs, model_bytes, extra)
             jobs = [
                 ClientJob(c, t, configs[c], self.seed, tuner.local_schedule(t, c), state.controls(c), tuner.statistics)
                 for c in plan.uploading

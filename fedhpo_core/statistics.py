@@ -32,6 +32,11 @@ class Statistic(ABC):
     def floats(self, spec: "ModelSpec", data: "ClientData") -> int:
         """The float32 values one client uploads (4 bytes each)."""
 
+    def samples(self, data: "ClientData") -> int:
+        """Samples the client passes through its model or features for it beyond its training and
+        its usual validation after training: charged to its simulated round time. Default: none."""
+        return 0
+
 
 @dataclass(frozen=True)
 class ValidationLoss(Statistic):
@@ -42,6 +47,10 @@ class ValidationLoss(Statistic):
 
     def floats(self, spec, data):
         return 1
+
+    def samples(self, data):
+        """The validation before training is an extra pass over the split; the one after is made anyway."""
+        return data.num_val if self.name == "val_loss_before" else 0
 
 
 VAL_LOSS_BEFORE = ValidationLoss("val_loss_before")  # FedEx's and FedTune's "before"
@@ -77,6 +86,9 @@ class DataEncoding(DataStatistic):
 
     def floats(self, spec, data):
         return self.dim * spec.num_classes
+
+    def samples(self, data):
+        return data.num_train
 
     def features(self, inputs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """W, (D, d), and b, (D,), for inputs of d values."""

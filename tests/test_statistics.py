@@ -149,6 +149,22 @@ def test_bytes_sent_counts_the_statistics_uploads(digits):
     assert all(set(u.statistics) == {"val_loss_before", "data_encoding"} for r in reports for u in r.updates)
 
 
+def test_the_passes_statistics_take_are_charged_to_the_simulated_round_time(digits):
+    """Uniform devices: 1000 samples a second. Asked for the loss before training (an extra pass
+    over its validation split) and the data encoding (a pass over its training data), each client
+    computes n_val + n_train samples more; the round waits for the slowest."""
+    federation = Federation(digits, FEDAVG, participation=1.0, seed=0)
+    times = {}
+    for name, tuner in (("plain", FixedConfig(ClientConfig())), ("asking", Asking(ClientConfig()))):
+        reports = []
+        federation.run(tuner, 1, observe=lambda report, _, reports=reports: reports.append(report))
+        times[name] = reports[0].sim_time_s
+    model_s = 2 * 8.0 * (64 * 128 + 128 + 128 * 10 + 10) * 4 / 10e6  # down and up at 10 Mbit/s
+    slowest = max((2 * c.num_train + c.num_val) / 1000 for c in digits.clients)
+    assert times["asking"] == pytest.approx(model_s + slowest)
+    assert times["plain"] == pytest.approx(model_s + max(c.num_train / 1000 for c in digits.clients))
+
+
 def test_fedex_reads_the_statistics_it_declares_through_the_round_loop(digits):
     configs = [ClientConfig(lr=lr) for lr in (0.1, 0.01)]
     tuner = FedEx(configs, [{"lr": c.lr} for c in configs], seed=0)
