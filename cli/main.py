@@ -43,22 +43,26 @@ def _add_method_options(parser) -> None:
     group = parser.add_argument_group("method options (`fedhpo methods` lists each method's)")
     for name, declared in option_fields().items():
         helps = list(dict.fromkeys(f.metadata["help"] for _, f in declared))
-        defaults = ", ".join(f"{m.name} {default_of(m, f)}" for m, f in declared)
+        defaults = ", ".join(f"{m.name} {shown(default_of(m, f))}" for m, f in declared)
         kind = type(declared[0][1].default)
         group.add_argument(
             f"--{flag(name)}",
             dest=OPTION_DEST + name,
+            metavar=name.upper(),
             type=lambda text, kind=kind: parse_value(kind, text),
-            default=None,
+            default=argparse.SUPPRESS,
             help=f"{'; '.join(helps)} (default: {defaults})",
         )
 
 
+def shown(value) -> str:
+    """An option's value as a user types it (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _given_options(args: argparse.Namespace) -> dict:
     """The method options given on the command line."""
-    return {
-        k.removeprefix(OPTION_DEST): v for k, v in vars(args).items() if k.startswith(OPTION_DEST) and v is not None
-    }
+    return {k.removeprefix(OPTION_DEST): v for k, v in vars(args).items() if k.startswith(OPTION_DEST)}
 
 
 def _fail(command: str, message: str):
@@ -332,9 +336,7 @@ def methods_command(args: argparse.Namespace) -> int:
             print(f"  {m.name:<16} {m.summary}")
             print(f"  {'':<16} paper: {m.paper}")
             for f in fields(m.options):
-                default = default_of(m, f)
-                shown = str(default).lower() if isinstance(default, bool) else default
-                print(f"  {'':<16} --{flag(f.name)} {shown}: {f.metadata['help']}")
+                print(f"  {'':<16} --{flag(f.name)} {shown(default_of(m, f))}: {f.metadata['help']}")
             notes = {
                 "parallel trials (--workers, --join)": m.parallel,
                 "asks every client for": ", ".join(s.name for s in m.statistics),
