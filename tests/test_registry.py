@@ -135,3 +135,22 @@ def test_a_method_whose_statistics_dp_does_not_privatize_is_refused_under_dp():
         TuneSettings(method="fedex").check_with(private)
     TuneSettings(method="fedex").check_with(TrainSettings())  # without DP: fine
     TuneSettings(method="random").check_with(private)  # no statistics asked: fine
+
+
+def test_an_installed_plugin_declares_its_methods_through_the_entry_point_group(tmp_path, monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    from fedhpo_core import registry
+
+    (tmp_path / "fedhpo_plugin_method.py").write_text(
+        "from fedhpo_core.registry import ROUND, Method, register\n"
+        "from fedhpo_core.search.online import FedHyperSearch\n"
+        "register(Method('plugin-hyper', ROUND, 'a plugin', 'FedHyper under another name', FedHyperSearch))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugin = EntryPoint(name="plugin", value="fedhpo_plugin_method", group=registry.ENTRY_POINTS)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [plugin] if group == registry.ENTRY_POINTS else [])
+    monkeypatch.setattr(registry, "_registered", dict(registry._registered))
+    monkeypatch.setattr(registry, "_discovered", False)
+    assert methods()["plugin-hyper"].paper == "a plugin"
+    assert TuneSettings(method="plugin-hyper").declared.kind == ROUND
