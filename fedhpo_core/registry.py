@@ -15,6 +15,7 @@ Where declarations come from (`methods()`): every module of the packages `fedhpo
 import importlib
 import math
 import pkgutil
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib.metadata import entry_points
@@ -113,6 +114,7 @@ class Method:
 
 _registered: dict[str, Method] = {}
 _discovered = False
+_discovery = threading.RLock()  # threads asking at once wait for one discovery to finish
 
 
 def register(method: Method) -> Method:
@@ -130,15 +132,22 @@ def register(method: Method) -> Method:
 
 
 def _discover() -> None:
+    """Import every module that declares methods, once. Another thread asking meanwhile waits for
+    it (it would see half the methods); a module asking while it is imported sees those so far."""
     global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    for package in PACKAGES:
-        for module in pkgutil.iter_modules(importlib.import_module(package).__path__, package + "."):
-            importlib.import_module(module.name)
-    for entry in entry_points(group=ENTRY_POINTS):
-        entry.load()
+    with _discovery:
+        if _discovered:
+            return
+        _discovered = True
+        try:
+            for package in PACKAGES:
+                for module in pkgutil.iter_modules(importlib.import_module(package).__path__, package + "."):
+                    importlib.import_module(module.name)
+            for entry in entry_points(group=ENTRY_POINTS):
+                entry.load()
+        except BaseException:
+            _discovered = False
+            raise
 
 
 def methods() -> dict[str, Method]:

@@ -2,6 +2,8 @@
 `fedhpo tune` and `fedhpo compare` without any other file knowing it; options are validated and
 built once per study."""
 
+import subprocess
+import sys
 from dataclasses import dataclass, fields
 
 import optuna
@@ -154,3 +156,20 @@ def test_an_installed_plugin_declares_its_methods_through_the_entry_point_group(
     monkeypatch.setattr(registry, "_discovered", False)
     assert methods()["plugin-hyper"].paper == "a plugin"
     assert TuneSettings(method="plugin-hyper").declared.kind == ROUND
+
+
+def test_threads_asking_at_once_in_a_new_process_all_see_every_method():
+    """The first asks discover the methods: the others wait for it, not see half of them (which
+    failed threads of processes sharing a study with 'unknown method async-hyperband')."""
+    script = (
+        "import threading\n"
+        "from fedhpo_core.registry import methods\n"
+        "seen = []\n"
+        "threads = [threading.Thread(target=lambda: seen.append(len(methods()))) for _ in range(8)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "print(sorted(seen))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    builtin = len([m for m in methods().values() if m.search.__module__.startswith("fedhpo_core.")])
+    assert done.stdout.strip() == str([builtin] * 8), done.stdout
