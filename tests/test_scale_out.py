@@ -253,9 +253,13 @@ def test_asynchronous_halving_shared_by_processes_stays_within_budget_and_runs_n
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     space = SearchSpace.from_dict({"lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True}})
     trainers = [fake_training(0.005, worse_each_trial=True) for _ in range(3)]
+    # They search from the same moment: rounds of 5 ms spend the budget in a fraction of a second,
+    # less than the first to open the new storage takes to create its tables.
+    opened = threading.Barrier(len(trainers))
 
     def searcher(trainer):
         study = open_study(method_named(method).build(), storage, "shared", resume=False, join=True)
+        opened.wait(timeout=60)
         run_search(method_named(method).build(), study, space, "global", 4, trainer, 60, 9, 0, workers=2, join=True)
 
     threads = [threading.Thread(target=searcher, args=(trainer,)) for trainer in trainers]
