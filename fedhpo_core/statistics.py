@@ -41,20 +41,25 @@ class Statistic(ABC):
 @dataclass(frozen=True)
 class ValidationLoss(Statistic):
     """The model's mean cross-entropy on the client's local validation split, a float (nan when the
-    client has none): the received global model's before local training, or the trained model's after."""
+    client has none): the received global model's before local training (`before`), or the trained
+    model's after."""
 
-    name: str
+    before: bool
+
+    @property
+    def name(self) -> str:
+        return "val_loss_before" if self.before else "val_loss_after"
 
     def floats(self, spec, data):
         return 1
 
     def samples(self, data):
         """The validation before training is an extra pass over the split; the one after is made anyway."""
-        return data.num_val if self.name == "val_loss_before" else 0
+        return data.num_val if self.before else 0
 
 
-VAL_LOSS_BEFORE = ValidationLoss("val_loss_before")  # FedEx's and FedTune's "before"
-VAL_LOSS_AFTER = ValidationLoss("val_loss_after")  # the same number as `ClientUpdate.val_loss`
+VAL_LOSS_BEFORE = ValidationLoss(before=True)  # FedEx's and FedTune's "before"
+VAL_LOSS_AFTER = ValidationLoss(before=False)  # the same number as `ClientUpdate.val_loss`
 
 
 class DataStatistic(Statistic):

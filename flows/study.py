@@ -138,7 +138,7 @@ def run_study(
                 study.set_user_attr(RUN_ATTR, tracker.run_id)
             tracker.share_view(STUDIES_VIEW, studies_view())
             fixed_values = asdict(fixed)
-            options = asdict(tune.declared.make_options(tune.options))
+            options = asdict(tune.method_options)
             tracker.log_params(
                 {k: v for k, v in asdict(tune).items() if k != "options"}
                 | {f"option.{k}": v for k, v in options.items()}

@@ -14,7 +14,7 @@ import sqlalchemy
 
 from fedhpo_core import seeding
 from fedhpo_core.evaluation import NoisyEvaluation
-from fedhpo_core.registry import Method, methods
+from fedhpo_core.registry import Method, Options, methods
 from fedhpo_core.registry import method as method_named
 from fedhpo_core.search.base import (
     RoundBudget,
@@ -93,8 +93,8 @@ class TuneSettings:
         if self.method in RENAMED:
             method, flags = RENAMED[self.method]
             raise SettingsError(f"method {self.method!r} is now {method} with an option: --method {method} {flags}")
-        declared = method_named(self.method)  # an unknown name fails here, in one line
-        declared.make_options(self.options)
+        declared = self.declared  # an unknown name fails here, in one line
+        _ = self.method_options  # and so does an option it does not have, or a value it refuses
         if self.scope not in SCOPES:
             raise SettingsError(f"unknown scope {self.scope!r}; choose from {', '.join(SCOPES)}")
         if self.objective not in OBJECTIVES:
@@ -142,14 +142,19 @@ class TuneSettings:
         if "time_to_target_s" in needed and not fixed.target_acc:
             raise SettingsError("the objective time_to_target_s needs --target-acc")
 
-    @property
+    @cached_property
     def declared(self) -> Method:
         return method_named(self.method)
+
+    @cached_property
+    def method_options(self) -> Options:
+        """The method's options: those given over its defaults."""
+        return self.declared.make_options(self.options)
 
     @property
     def changed_options(self) -> dict:
         """The method's options that differ from its defaults (a study's name and definition carry them)."""
-        return self.declared.changed(self.declared.make_options(self.options))
+        return self.declared.changed(self.method_options)
 
     def evaluation(self) -> NoisyEvaluation:
         return NoisyEvaluation(self.eval_clients, self.eval_noise)
@@ -162,7 +167,7 @@ class TuneSettings:
     @cached_property
     def built(self) -> SearchMethod:
         """The method, with its options and the study's limits: built once per settings."""
-        method = self.declared.build(self.options)
+        method = self.declared.search(self.method_options)
         method.limits = {"epsilon": self.max_epsilon} if self.max_epsilon else {}
         return method
 
