@@ -1,5 +1,5 @@
 """Time one round of local training of each model with the sequential engine and with the cohort
-engine's kernels (`fedhpo_core.cohort`): which kernel `KERNELS` should name for each model.
+engine's kernels (`fedhpo_core.cohort`): which kernel `kernel_name` should pick for each model.
 
 MNIST, 10 IID clients (their first `--samples` training samples each), 1 local epoch, batch 32,
 lr 0.05, in this process; each timing the median of `--repeats` after one untimed run. The cohort
@@ -53,7 +53,6 @@ def main() -> None:
     args = parser.parse_args()
     settings = TrainSettings(dataset="mnist", data_root=args.data_root, clients=args.clients)
     dataset = load_dataset("mnist", args.data_root)
-    chosen = dict(cohort.KERNELS)
     threads = torch.get_num_threads()
     print(
         f"MNIST, {args.clients} clients x {args.samples} samples, 1 epoch, batch 32, {threads} threads, {args.device}"
@@ -70,15 +69,16 @@ def main() -> None:
         device_data = FederatedData.build(dataset, partition_of(settings.data), model, args.device)
         device_clients = [ClientData(c.x, c.y, c.train[: args.samples], c.val) for c in device_data.clients]
         on_device = (data.spec, arguments[1].to(args.device), jobs, device_clients)
+        chosen = cohort.kernel_name(data.spec)
         for kernel in KERNELS_OF[model]:
             cohort.KERNELS[model] = kernel
             seconds, updates = median_time(cohort.train_cohort, on_device, args.repeats)
             difference = max(
                 float((a.weights - b.weights.cpu()).abs().max()) for a, b in zip(reference, updates, strict=True)
             )
-            name = f"{kernel} (chosen)" if kernel == chosen[model] else kernel
+            name = f"{kernel} (chosen)" if kernel == chosen else kernel
             print(f"| {model} | cohort | {name} | {seconds:.2f} | {sequential / seconds:.2f}x | {difference:.1e} |")
-        cohort.KERNELS[model] = chosen[model]
+        del cohort.KERNELS[model]
 
 
 if __name__ == "__main__":

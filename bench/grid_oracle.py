@@ -53,7 +53,7 @@ def main() -> None:
         for lr, weight_decay in grid:
             config = replace(base, lr=lr, weight_decay=weight_decay).client_config
             result = federation.run(FixedConfig(config), args.rounds)
-            test_acc = 0.0 if result.diverged else result.evaluations[-1].test_acc
+            test_acc = 0.0 if result.diverged else result.evaluations[-1].test_score
             rows.append({"seed": seed, "lr": lr, "weight_decay": weight_decay, "final_test_acc": test_acc})
             print(rows[-1], flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ def rounds_to_target(federation: Federation, settings: TrainSettings, target: fl
     for t in range(1, rounds + 1):
         result = federation.run(tuner, 1, start=state)
         state = result.state
-        accuracies.append(result.evaluations[-1].val_acc)
+        accuracies.append(result.evaluations[-1].val_score)
         if result.diverged or accuracies[-1] >= target:
             return (None if result.diverged else t), accuracies
     return None, accuracies

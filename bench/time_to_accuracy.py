@@ -34,7 +34,7 @@ def time_to_target(federation: Federation, settings: TrainSettings, target: floa
     for _ in range(limit):
         result = federation.run(tuner, 1, start=state)
         state = result.state
-        if result.evaluations[-1].val_acc >= target:
+        if result.evaluations[-1].val_score >= target:
             return state.sim_time_s, state.round
     return float("nan"), limit
 

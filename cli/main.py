@@ -79,13 +79,14 @@ def _settings(command: str, settings_class, args: argparse.Namespace, **values):
         _fail(command, str(error))
 
 
-def _check_data(command: str, settings: TrainSettings) -> None:
-    """Load the dataset up front (cached for the flow), so a missing dataset fails before Prefect starts."""
-    from fedhpo_core.data import load_dataset
+def _prepared(command: str, settings: TrainSettings) -> TrainSettings:
+    """The task imported, its data loaded (cached for the flow) and checked up front, so a task
+    that cannot be used fails in one line before Prefect starts."""
+    from fedhpo_core.task import prepared
 
     try:
-        load_dataset(settings.dataset, settings.data_root)
-    except FileNotFoundError as error:
+        return prepared(settings)
+    except (SettingsError, FileNotFoundError) as error:
         _fail(command, str(error))
 
 
@@ -105,27 +106,28 @@ def _check_stores(command: str, storage: str | None = None) -> None:
 def train_command(args: argparse.Namespace) -> int:
     settings = _settings("train", TrainSettings, args)
     execution = _settings("train", ExecutionSettings, args)
+    settings = _prepared("train", settings)
     _check_stores("train")
-    _check_data("train", settings)
     from cli.progress import live_bar
     from fedhpo_core.tracking import browse_lines, tracking_uri
     from flows.training import federated_training
 
     with local_prefect(), live_bar():
         summary = federated_training(**asdict(settings), **asdict(execution))
+    score = summary["score"]
     if summary["diverged_round"] is not None:
         print(f"Diverged at round {summary['diverged_round']}: the loss turned non-finite (try a smaller --lr).")
         print("Recorded in MLflow as tag fedhpo.diverged=true and metric diverged=1.")
     else:
         print(
             f"Trained {summary['rounds_completed']} rounds in {summary['wall_time_s']:.1f} s: "
-            f"val_acc {summary['final_val_acc']:.4f}, test_acc {summary['final_test_acc']:.4f}; "
+            f"val_{score} {summary[f'final_val_{score}']:.4f}, test_{score} {summary[f'final_test_{score}']:.4f}; "
             f"{summary['sim_time_s']:.1f} simulated seconds on the {settings.devices} devices"
         )
     if "time_to_target_s" in summary:
-        print(f"Validation accuracy reached {settings.target_acc} after {summary['time_to_target_s']:.1f} simulated s")
+        print(f"Validation {score} reached {settings.target_acc} after {summary['time_to_target_s']:.1f} simulated s")
     elif settings.target_acc:
-        print(f"Validation accuracy did not reach {settings.target_acc}")
+        print(f"Validation {score} did not reach {settings.target_acc}")
     print(f"MLflow run {summary['run_id']} (experiment {settings.experiment!r}) in {tracking_uri()}")
     print(*browse_lines(summary["experiment_id"], summary["run_id"]), sep="\n")
     return 0
@@ -139,7 +141,11 @@ def tune_command(args: argparse.Namespace) -> int:
     tune = _settings("tune", TuneSettings, args, options=_given_options(args))
     execution = _settings("tune", ExecutionSettings, args)
     method = tune.search_method()
+    fixed = _prepared("tune", fixed)
     try:
+        from fedhpo_core.task import scoring_metric
+
+        method.use_score(scoring_metric(fixed))
         tune.check_with(fixed)
         space = tune.space()
         method.sampler(space.parameters(tune.scope, fixed.clients), 0)  # grid needs categoricals
@@ -151,7 +157,6 @@ def tune_command(args: argparse.Namespace) -> int:
         check_study(storage, tune.name_for(fixed), method, study_definition(tune, fixed), tune.resume, tune.join)
     except SettingsError as error:
         _fail("tune", str(error))
-    _check_data("tune", fixed)
     from cli.progress import live_bar
     from flows.study import hpo_study
 
@@ -163,10 +168,12 @@ def tune_command(args: argparse.Namespace) -> int:
     else:
         print(
             f"Study {summary['study_name']}: best trial {summary['best_trial']} "
-            f"(validation {summary['best_val_score']:.4f}), {summary['rounds_used']} of {tune.budget} rounds used"
+            f"(validation {summary['score']} {summary['best_val_score']:.4f}), "
+            f"{summary['rounds_used']} of {tune.budget} rounds used"
         )
-    if "final_test_acc" in summary:
-        print(f"Best configuration retrained for {tune.final_rounds} rounds: test_acc {summary['final_test_acc']:.4f}")
+    test = f"final_test_{summary['score']}"
+    if test in summary:
+        print(f"Best configuration retrained for {tune.final_rounds} rounds: {test[6:]} {summary[test]:.4f}")
     if "model_version" in summary:
         print(f"Its model registered as models:/{tune.register_model}/{summary['model_version']}")
     print(f"Optuna study in {summary['storage']}; MLflow run {summary['run_id']} in {tracking_uri()}")
@@ -192,15 +199,19 @@ def compare_command(args: argparse.Namespace) -> int:
     tune = _settings("compare", TuneSettings, args)
     execution = _settings("compare", ExecutionSettings, args)
     options = _given_options(args)
+    fixed = _prepared("compare", fixed)
     try:
+        from fedhpo_core.task import scoring_metric
+
         check_comparison(args.methods, args.seeds, args.budgets, tune, fixed, args.reference, options)
+        for name in args.methods:
+            TuneSettings(method=name).search_method().use_score(scoring_metric(fixed))
     except SettingsError as error:
         _fail("compare", str(error))
     from fedhpo_core.search.study import default_storage
     from fedhpo_core.tracking import tracking_uri
 
     _check_stores("compare", tune.storage or default_storage(tracking_uri()))
-    _check_data("compare", fixed)
     from cli.progress import live_bar
     from fedhpo_core.tracking import browse_lines, tracking_uri
     from flows.comparison import method_comparison
@@ -217,7 +228,10 @@ def compare_command(args: argparse.Namespace) -> int:
             **tune_values,
             **asdict(execution),
         )
-    print("final_test_acc, mean ± std over seeds, and the paired difference from the reference method:")
+    print(
+        f"final_test_{summary['score']} ({summary['direction']}), mean ± std over seeds, "
+        "and the paired difference from the reference method:"
+    )
     print(summary["table"])
     if "champion" in summary:
         print(f"Winner: {summary['champion']}")
@@ -305,6 +319,14 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
     listing.add_argument("names", nargs="*", help="methods to describe (default: all)")
     listing.set_defaults(handler=methods_command)
 
+    listing = commands.add_parser(
+        "tasks",
+        help="list the bundled tasks and those of installed plugins, and how to name any other",
+        description="Tasks `--task` can name: bundled datasets, installed plugins (entry-point group fedhpo.tasks), "
+        "and any package.module:attribute, .py file, .csv/.parquet table or folder with a subfolder per client.",
+    )
+    listing.set_defaults(handler=tasks_command)
+
     sync = commands.add_parser(
         "sync",
         help="send MLflow writes that commands left unsent in their spools (./fedhpo-spool) to their tracking servers",
@@ -346,6 +368,26 @@ def methods_command(args: argparse.Namespace) -> int:
             for label, value in notes.items():
                 if value:
                     print(f"  {'':<16} {label}" + ("" if value is True else f": {value}"))
+    return 0
+
+
+def tasks_command(args: argparse.Namespace) -> int:
+    from fedhpo_core.data import DATASETS
+    from fedhpo_core.models import MODELS
+    from fedhpo_core.task import ENTRY_POINTS, installed_tasks
+
+    print(f"Bundled (--task NAME or --dataset NAME; --model {', '.join(MODELS)}):")
+    for name, spec in DATASETS.items():
+        print(f"  {name:<16} {spec.num_train} training images, {spec.num_classes} classes, scored by accuracy")
+    plugins = installed_tasks()
+    print(f"Installed (entry-point group {ENTRY_POINTS}):" + ("" if plugins else " none"))
+    for name, entry in sorted(plugins.items()):
+        print(f"  {name:<16} {entry.value}" + (f" ({entry.dist.name})" if entry.dist else ""))
+    print("Any other:")
+    print("  --task package.module:attribute   a Task, a Task subclass or a function returning one")
+    print("  --task path/to/file.py[:attribute]")
+    print("  --task data.csv|data.parquet --client-column COLUMN --target COLUMN [--task-type regression]")
+    print("  --task folder/                      one subfolder per client, images in class subfolders")
     return 0
 
 

@@ -2,18 +2,18 @@
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from fedhpo_core import seeding
 from fedhpo_core.models import ModelSpec, flat_weights, workspace_model
 from fedhpo_core.settings import ClientConfig
 from fedhpo_core.statistics import VAL_LOSS_AFTER, VAL_LOSS_BEFORE, Statistic, data_statistics
+from fedhpo_core.task import ACCURACY, default_loss
 
 EVAL_BATCH = 4096
 
@@ -138,7 +138,7 @@ class ClientUpdate:
     num_samples: int
     train_loss: float  # mean data loss over the round's mini-batches (FedProx term excluded)
     val_loss: float  # on the client's local validation split, after training; nan when it has none
-    val_acc: float
+    val_score: float  # the task's scoring metric there
     num_val: int
     control_delta: torch.Tensor | None = None  # SCAFFOLD's Delta c_i (`Controls.delta`)
     statistics: Mapping[str, float | torch.Tensor] = field(default_factory=dict)  # exactly the job's, by name
@@ -149,18 +149,21 @@ class ClientUpdate:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` on (x, y); (nan, nan) on an empty split."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: ModelSpec | None = None) -> tuple[float, float]:
+    """Mean loss and score of `model` on (x, y), by the spec's loss and scoring metric (without a
+    spec: cross-entropy and accuracy); (nan, nan) on an empty split."""
     if len(y) == 0:
         return math.nan, math.nan
+    loss_of = spec.loss if spec else default_loss
+    metric = spec.score if spec else ACCURACY
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, score_sum = 0.0, 0.0
     for start in range(0, len(y), EVAL_BATCH):
-        logits = model(x[start : start + EVAL_BATCH])
+        outputs = model(x[start : start + EVAL_BATCH])
         target = y[start : start + EVAL_BATCH]
-        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-        correct += int((logits.argmax(1) == target).sum())
-    return loss_sum / len(y), correct / len(y)
+        loss_sum += float(loss_of(outputs, target).sum(dtype=torch.float64))
+        score_sum += float(metric.per_sample(outputs, target).sum(dtype=torch.float64))
+    return loss_sum / len(y), metric.value(score_sum / len(y))
 
 
 def as_float32(value: float) -> float:
@@ -175,9 +178,10 @@ def train_locally(
     generator: torch.Generator,
     schedule: LocalSchedule | None = None,
     controls: Controls | None = None,
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = default_loss,
 ) -> tuple[float, float]:
     """`local_epochs` passes of mini-batch SGD over the client's shuffled training data; returns the
-    mean loss and the sum of the steps' learning rates.
+    mean loss (per-sample `loss_of`, the task's) and the sum of the steps' learning rates.
 
     FedProx (Li et al. 2020, eq. 2) adds mu/2 ||w - w_global||^2 to the local objective; its
     gradient mu (w - w_global) is added to each parameter's gradient directly, and so is SCAFFOLD's
@@ -205,7 +209,7 @@ def train_locally(
         order = data.train[torch.randperm(data.num_train, generator=generator).to(data.train.device)]
         for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]
-            loss = F.cross_entropy(model(data.x[batch]), data.y[batch])
+            loss = loss_of(model(data.x[batch]), data.y[batch]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if anchor is not None:
@@ -254,10 +258,12 @@ def local_update(spec: ModelSpec, global_weights: torch.Tensor, data: ClientData
         model = workspace_model(spec, global_weights)
         computed = data_statistics(spec, [job], [data])[0]
         if VAL_LOSS_BEFORE in job.statistics:
-            computed[VAL_LOSS_BEFORE.name], _ = evaluate(model, data.x_val, data.y_val)
-        train_loss, lr_sum = train_locally(model, data, job.config, job.generator, job.schedule, job.controls)
+            computed[VAL_LOSS_BEFORE.name], _ = evaluate(model, data.x_val, data.y_val, spec)
+        train_loss, lr_sum = train_locally(
+            model, data, job.config, job.generator, job.schedule, job.controls, spec.loss
+        )
         finite = math.isfinite(train_loss)
-        val_loss, val_acc = evaluate(model, data.x_val, data.y_val) if finite else (math.nan, math.nan)
+        val_loss, val_score = evaluate(model, data.x_val, data.y_val, spec) if finite else (math.nan, math.nan)
     weights = flat_weights(model)
     return ClientUpdate(
         client=job.client,
@@ -265,7 +271,7 @@ def local_update(spec: ModelSpec, global_weights: torch.Tensor, data: ClientData
         num_samples=data.num_train,
         train_loss=train_loss,
         val_loss=val_loss,
-        val_acc=val_acc,
+        val_score=val_score,
         num_val=data.num_val,
         control_delta=job.controls.delta(global_weights, weights, lr_sum) if job.controls else None,
         statistics=reported(job, computed, val_loss),

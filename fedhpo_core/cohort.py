@@ -27,7 +27,7 @@ depend in their last bits on how many clients share its cohort (a Dask share, a 
 A client whose loss turns non-finite trains to the end of its schedule (the sequential engine
 stops at the end of that epoch); either way its loss marks the round diverged.
 
-Kernels (measured with `bench/bench_cohort.py`; `KERNELS` holds each model's winner):
+Kernels (measured with `bench/bench_cohort.py`; `kernel_name` picks the fastest that runs a model):
 - `vmap`, the general path: torch.func's vmap of the module's functional call, autograd backward;
 - `batched`, our own forward for Sequentials of Linear, Conv2d, ReLU, MaxPool2d and Flatten
   (grouped convolutions, batched matrix products), autograd backward;
@@ -47,9 +47,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, RunningSchedules, reported
+from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, RunningSchedules, local_update, reported
 from fedhpo_core.models import ModelSpec
 from fedhpo_core.statistics import VAL_LOSS_BEFORE, data_statistics
+from fedhpo_core.task import default_loss
 
 COHORT_BYTES = 2 * 2**30  # memory one cohort may take (parameters, optimizer state, activations)
 EVAL_ROWS = 4096  # samples per batched forward in local validation
@@ -137,8 +138,8 @@ class Kernel(ABC):
     """A model's batched forward (`forward`) and training step (`step`: default, autograd through
     the forward). Parameters are (k, *shape); inputs (k, b, *input_shape); logits (k, b, classes)."""
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    def __init__(self, module: nn.Module, loss=default_loss):
+        self.module, self.loss = module, loss
 
     @abstractmethod
     def forward(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ class Kernel(ABC):
         """One SGD step of every client on its batch; returns each client's batch mean loss."""
         w = [p.detach().requires_grad_() for p in params]
         logits = self.forward(w, x)
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        losses = self.loss(logits.flatten(0, 1), y.flatten(0, 1)).view(y.shape[:2])
         loss = (losses * sample_weights).sum(1)
         grads = torch.autograd.grad(loss.sum(), w)
         with torch.no_grad():
@@ -160,8 +161,8 @@ class Kernel(ABC):
 class VmapKernel(Kernel):
     """The general path: vmap over the client axis of the module's functional call."""
 
-    def __init__(self, module: nn.Module):
-        super().__init__(module)
+    def __init__(self, module: nn.Module, loss=default_loss):
+        super().__init__(module, loss)
         names = [name for name, _ in module.named_parameters()]
 
         def one_client(params, x):
@@ -183,8 +184,8 @@ class BatchedKernel(Kernel):
 
     layers_known = BATCHED_LAYERS
 
-    def __init__(self, module: nn.Module):
-        super().__init__(module)
+    def __init__(self, module: nn.Module, loss=default_loss):
+        super().__init__(module, loss)
         unknown = {type(layer).__name__ for layer in module if not isinstance(layer, self.layers_known)}
         if unknown:
             raise ValueError(f"{type(self).__name__} cannot run {', '.join(sorted(unknown))}")
@@ -250,30 +251,74 @@ class LinearKernel(BatchedKernel):
 
 
 KERNEL_CLASSES = {"vmap": VmapKernel, "batched": BatchedKernel, "linear": LinearKernel}
-KERNELS = {"mlp": "linear", "lenet5": "batched", "cnn": "batched"}
+KERNELS: dict[str, str] = {}  # a kernel forced for a model name (benchmarks and tests compare them)
+
+
+def kernel_name(spec: ModelSpec) -> str:
+    """The fastest kernel that runs the spec's model: `linear` for Flatten/Linear/ReLU stacks
+    trained on the default loss with class labels (its backward is softmax cross-entropy's),
+    `batched` for Sequentials of the layers it knows, `vmap` for any other module."""
+    if spec.name in KERNELS:
+        return KERNELS[spec.name]
+    module = spec.build()
+    if not isinstance(module, nn.Sequential):
+        return "vmap"
+    if spec.classification and spec.default_loss and all(isinstance(m, LinearKernel.layers_known) for m in module):
+        return "linear"
+    return "batched" if all(isinstance(m, BATCHED_LAYERS) for m in module) else "vmap"
 
 
 _kernels = threading.local()
 
 
 def kernel_for(spec: ModelSpec) -> Kernel:
-    """The kernel `KERNELS` names for the spec's model, built once per thread: torch.func's
-    functional call swaps a module's parameters while it runs, so threads must not share one."""
+    """The spec's kernel (`kernel_name`), built once per thread: torch.func's functional call swaps
+    a module's parameters while it runs, so threads must not share one."""
     built = _kernels.__dict__.setdefault("built", {})
-    key = (spec, KERNELS[spec.name])
+    key = (spec, kernel_name(spec))
     if key not in built:
-        built[key] = KERNEL_CLASSES[key[1]](spec.build())
+        built[key] = KERNEL_CLASSES[key[1]](spec.build(), spec.loss)
     return built[key]
+
+
+@functools.lru_cache(maxsize=16)
+def cohort_refusal(spec: ModelSpec) -> str | None:
+    """Why the cohort engine cannot batch the spec's model (None when it can): batch normalization
+    in training mode mixes a client's samples through statistics vmap cannot keep per client, and
+    vmap refuses data-dependent control flow; found by one batched step of two clients."""
+    module = spec.build()
+    norms = [type(m).__name__ for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        return f"{norms[0]} (batch normalization in training mode) has statistics vmap cannot keep per client"
+    if kernel_name(spec) != "vmap":
+        return None
+    kernel = VmapKernel(module, spec.loss)
+    params = [p.detach().unsqueeze(0).expand(2, *p.shape).clone() for p in module.parameters()]
+    x = spec.example_input(2, 2)
+    y = torch.zeros(2, 2) if not spec.classification else torch.zeros(2, 2, dtype=torch.long)
+    try:
+        logits = kernel.forward([p.requires_grad_() for p in params], x)
+        kernel.loss(logits.flatten(0, 1), y.flatten(0, 1)).sum().backward()
+    except Exception as error:  # vmap's refusals: data-dependent control flow, in-place ops on batched tensors
+        return f"torch.func.vmap cannot batch {type(module).__name__}: {' '.join(str(error).split())[:200]}"
+    return None
 
 
 @functools.lru_cache(maxsize=8)
 def activations_per_sample(spec: ModelSpec) -> int:
-    """Floats one sample's forward leaves for the backward (every layer's output)."""
-    total, h = 0, torch.zeros(1, *spec.input_shape)
+    """Floats one sample's forward leaves for the backward (every leaf module's output)."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        total += sum(t.numel() for t in (output if isinstance(output, tuple) else (output,)) if torch.is_tensor(t))
+
+    model = spec.build()
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     with torch.no_grad():
-        for layer in spec.build():
-            h = layer(h)
-            total += h.numel()
+        model.eval()(spec.example_input(1))
+    for hook in hooks:
+        hook.remove()
     return total
 
 
@@ -319,7 +364,9 @@ def train_cohort(
     spec: ModelSpec, global_weights: torch.Tensor, jobs: Sequence[ClientJob], data: Sequence[ClientData]
 ) -> list[ClientUpdate]:
     """Every job's client trained from `global_weights`, in cohorts of one batch size; updates in
-    job order."""
+    job order. A model the cohort engine cannot batch (`cohort_refusal`) trains client after client."""
+    if cohort_refusal(spec):
+        return [local_update(spec, global_weights, d, job) for job, d in zip(jobs, data, strict=True)]
     data = pooled(data) if data else []
     by_batch: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -388,7 +435,7 @@ class Cohort:
         flat = torch.cat([p.reshape(k_all, -1) for p in params], dim=1)
         train_loss = (loss_sum / self.steps.to(loss_sum.device)).tolist()
         lr_sums = lr_sum.tolist()
-        val_loss, val_acc = self.validate(params)
+        val_loss, val_score = self.validate(params)
         updates = {}
         for slot, (job, data) in enumerate(zip(self.jobs, self.data, strict=True)):
             finite = math.isfinite(train_loss[slot])
@@ -399,7 +446,7 @@ class Cohort:
                 num_samples=data.num_train,
                 train_loss=train_loss[slot],
                 val_loss=loss_after,
-                val_acc=val_acc[slot] if finite else math.nan,
+                val_score=val_score[slot] if finite else math.nan,
                 num_val=data.num_val,
                 control_delta=job.controls.delta(self.start, flat[slot], lr_sums[slot]) if job.controls else None,
                 statistics=reported(job, computed[slot], loss_after),
@@ -408,7 +455,7 @@ class Cohort:
 
     @torch.no_grad()
     def validate(self, params: list[torch.Tensor]) -> tuple[list[float], list[float]]:
-        """Each client's mean cross-entropy and accuracy on its local validation split (nan if empty)."""
+        """Each client's mean loss and score on its local validation split (nan if empty)."""
         k, device = len(self.jobs), self.start.device
         sizes = torch.tensor([d.num_val for d in self.data], device=device)
         width = int(sizes.max())
@@ -419,18 +466,20 @@ class Cohort:
             rows[slot, : d.num_val] = d.val
         mask = torch.arange(width, device=device) < sizes.unsqueeze(1)
         loss_sum = torch.zeros(k, device=device, dtype=torch.float64)
-        correct = torch.zeros(k, device=device, dtype=torch.long)
+        score_sum = torch.zeros(k, device=device, dtype=torch.float64)
         chunk = max(1, EVAL_ROWS // k)
         x_pool, y_pool = self.data[0].x, self.data[0].y
         for start in range(0, width, chunk):
             part, keep = rows[:, start : start + chunk], mask[:, start : start + chunk]
             logits = self.kernel.forward(params, gather(x_pool, part))
             target = y_pool[part]
-            losses = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(part.shape)
+            flat_logits, flat_target = logits.flatten(0, 1), target.flatten(0, 1)
+            losses = self.kernel.loss(flat_logits, flat_target).view(part.shape)
             loss_sum += (losses * keep).sum(1, dtype=torch.float64)
-            correct += ((logits.argmax(-1) == target) & keep).sum(1)
+            scores = self.spec.score.per_sample(flat_logits, flat_target).view(part.shape)
+            score_sum += (scores * keep).sum(1, dtype=torch.float64)
         n = sizes.double()
-        return (loss_sum / n).tolist(), (correct / n).tolist()
+        return (loss_sum / n).tolist(), [self.spec.score.value(v) for v in (score_sum / n).tolist()]
 
 
 class CohortRates:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedhpo_core import seeding
@@ -15,16 +16,32 @@ from fedhpo_core import seeding
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
+    """A task's data as tensors: float inputs, and integer class labels (classification) or float
+    targets (regression). `groups`, for data partitioned at its source, is each training row's
+    client (0 .. G-1, named by `group_names`); test rows are pooled."""
+
     name: str
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    num_classes: int
+    outputs: int  # the model's outputs: the number of classes, or the target's width
+    groups: np.ndarray | None = None
+    group_names: tuple[str, ...] = ()
+    target_scale: float = 1.0  # regression targets divided by this for training; metrics multiply it back
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def classification(self) -> bool:
+        return not self.y_train.is_floating_point()
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a classification task; 0 for regression."""
+        return self.outputs if self.classification else 0
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,14 @@ from fedhpo_core import seeding
 from fedhpo_core.aggregators import ServerSettings, State, server_step
 from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, Controls, evaluate, local_update
 from fedhpo_core.cohort import train_cohort
-from fedhpo_core.data import Dataset, load_dataset
+from fedhpo_core.data import Dataset
 from fedhpo_core.devices import Devices, RoundPlan, profiles_of
 from fedhpo_core.models import ModelSpec, workspace_model
-from fedhpo_core.partition import Partition, partition_dataset
+from fedhpo_core.partition import Partition
 from fedhpo_core.postprocess import ClientWeights, DropNonFinite, Link, UniformWeights, apply_chain
 from fedhpo_core.privacy import Privacy, epsilon
 from fedhpo_core.settings import ClientConfig, DataSettings, TrainSettings
+from fedhpo_core.task import TaskRef, load_task_data, resolve
 from fedhpo_core.tuners.base import Tuner
 
 Split = tuple[torch.Tensor, torch.Tensor]
@@ -33,17 +34,8 @@ FLOAT_BYTES = 4
 
 
 def partition_of(data: DataSettings) -> Partition:
-    """The partition the data settings describe (deterministic in them)."""
-    return partition_dataset(
-        load_dataset(data.dataset, data.data_root).y_train.numpy(),
-        data.clients,
-        data.partition,
-        data.seed,
-        data.val_fraction,
-        data.client_val_fraction,
-        alpha=data.alpha,
-        shards_per_client=data.shards_per_client,
-    )
+    """The partition the data settings describe (deterministic in them): the task's."""
+    return resolve(data.task).partition(load_task_data(data.task, data.data_root), data)
 
 
 def _take(dataset: Dataset, indices) -> Split:
@@ -64,7 +56,7 @@ def client_splits(dataset: Dataset, partition: Partition, device: str = "cpu") -
 def clients_of(data: DataSettings, device: str = "cpu") -> tuple[ClientData, ...]:
     """Every client's data under these settings, built once per process: how a Dask worker gets a
     client's data from a reference (data settings, client id) instead of over the network."""
-    return client_splits(load_dataset(data.dataset, data.data_root), partition_of(data), device)
+    return client_splits(load_task_data(data.task, data.data_root), partition_of(data), device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,9 +69,22 @@ class FederatedData:
     spec: ModelSpec
 
     @classmethod
-    def build(cls, dataset: Dataset, partition: Partition, model: str, device: str = "cpu") -> "FederatedData":
-        """The federation's data on `device` (where its model trains)."""
-        spec = ModelSpec(model, dataset.input_shape, dataset.num_classes)
+    def build(
+        cls, dataset: Dataset, partition: Partition, model: str, device: str = "cpu", task: TaskRef | None = None
+    ) -> "FederatedData":
+        """The federation's data on `device` (where its model trains): the bundled `model`, or the
+        `task`'s model, loss and metrics."""
+        name = model if task is None or task.bundled else task.label
+        task = None if task is not None and task.bundled and task.model == model else task
+        spec = ModelSpec(
+            name,
+            dataset.input_shape,
+            dataset.outputs,
+            task,
+            dataset.classification,
+            dataset.target_scale,
+            dataset.x_train.dtype,
+        )
         x, y = _take(dataset, partition.server_val)
         return cls(
             client_splits(dataset, partition, device),
@@ -131,9 +136,9 @@ class FederationState:
 @dataclass(frozen=True)
 class Evaluation:
     val_loss: float
-    val_acc: float
+    val_score: float
     test_loss: float
-    test_acc: float
+    test_score: float
 
 
 def _weighted(values: Sequence[float], weights: Sequence[int]) -> float:
@@ -150,7 +155,7 @@ class RoundReport:
     configs: Mapping[int, ClientConfig]
     updates: tuple[ClientUpdate, ...]
     val_loss: float  # global model on the server's validation split
-    val_acc: float
+    val_score: float
     weights_before: torch.Tensor
     weights_after: torch.Tensor
     plan: RoundPlan = RoundPlan((), (), (), 0.0)  # who uploaded in time, who dropped out or was late, how long
@@ -179,8 +184,8 @@ class RoundReport:
         return _weighted([u.val_loss for u in self.aggregated], [u.num_val for u in self.aggregated])
 
     @property
-    def client_val_acc(self) -> float:
-        return _weighted([u.val_acc for u in self.aggregated], [u.num_val for u in self.aggregated])
+    def client_val_score(self) -> float:
+        return _weighted([u.val_score for u in self.aggregated], [u.num_val for u in self.aggregated])
 
     @property
     def diverged(self) -> bool:
@@ -202,7 +207,7 @@ def aggregate_updates(
 def evaluate_splits(spec: ModelSpec, weights: torch.Tensor, splits: Mapping[str, Split]) -> dict[str, tuple]:
     """(loss, accuracy) of the global model on each named split."""
     model = workspace_model(spec, weights)
-    return {name: evaluate(model, x, y) for name, (x, y) in splits.items()}
+    return {name: evaluate(model, x, y, spec) for name, (x, y) in splits.items()}
 
 
 def train_sequentially(
@@ -393,7 +398,7 @@ class Federation:
                 configs,
                 tuple(updates),
                 evaluation.val_loss,
-                evaluation.val_acc,
+                evaluation.val_score,
                 start_weights,
                 weights,
                 plan,

@@ -1,13 +1,18 @@
 """Models, and the flat weight vector in which they travel between server and clients."""
 
+import functools
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fedhpo_core import seeding
+
+if TYPE_CHECKING:
+    from fedhpo_core.task import Metric, Task, TaskRef
 
 
 def mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -47,23 +52,71 @@ MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {"mlp": mlp, "l
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str
+    """What the engines need to train and score a task's model: how to build it (the bundled model
+    `name`, or the `task`'s model), its loss and its metrics. Small and hashable: it keys the
+    engines' caches and travels to Dask workers, which resolve the task themselves."""
+
+    name: str  # a bundled model, or the task's label
     input_shape: tuple[int, ...]
-    num_classes: int
+    outputs: int
+    task: "TaskRef | None" = None  # None: the bundled model `name` with the default loss, scored by accuracy
+    classification: bool = True
+    target_scale: float = 1.0  # `Dataset.target_scale`: metrics in the target's units
+    input_dtype: torch.dtype = torch.float32  # token ids are integers
+
+    def example_input(self, *batch: int) -> torch.Tensor:
+        """Zeros shaped and typed like a batch of inputs, (*batch, *input_shape)."""
+        return torch.zeros(*batch, *self.input_shape, dtype=self.input_dtype)
+
+    @property
+    def definition(self) -> "Task | None":
+        from fedhpo_core.task import resolve
+
+        return None if self.task is None else resolve(self.task)
 
     def build(self) -> nn.Module:
-        return MODELS[self.name](self.input_shape, self.num_classes)
+        if self.task is None:
+            return MODELS[self.name](self.input_shape, self.outputs)
+        return self.definition.model(self.input_shape, self.outputs)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-sample training loss."""
+        from fedhpo_core.task import default_loss
+
+        return default_loss(outputs, targets) if self.task is None else self.definition.loss(outputs, targets)
+
+    @property
+    def metrics(self) -> "tuple[Metric, ...]":
+        """The metrics measured, the scoring one first."""
+        from fedhpo_core.task import ACCURACY
+
+        if self.task is None:
+            return (ACCURACY,)
+        return tuple(replace(m, scale=self.target_scale) for m in self.definition.scoring(self.classification))
+
+    @property
+    def score(self) -> "Metric":
+        return self.metrics[0]
+
+    @property
+    def default_loss(self) -> bool:
+        return self.task is None or self.definition.default_loss
 
     @property
     def size(self) -> int:
         """Number of parameters: the length of the flat weight vector."""
-        return sum(p.numel() for p in self.build().parameters())
+        return parameter_count(self)
 
     def initial_weights(self, seed: int) -> torch.Tensor:
         """The run's initial global model, as a flat vector, from the run's seed."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeding.torch_seed(seed, seeding.INIT))
             return flat_weights(self.build())
+
+
+@functools.lru_cache(maxsize=32)
+def parameter_count(spec: ModelSpec) -> int:
+    return sum(p.numel() for p in spec.build().parameters())
 
 
 def flat_weights(model: nn.Module) -> torch.Tensor:
@@ -91,4 +144,7 @@ def workspace_model(spec: ModelSpec, weights: torch.Tensor) -> nn.Module:
     key = (spec, weights.device)
     if key not in models:
         models[key] = spec.build().to(weights.device)
+    for module in models[key].modules():  # buffers are not federated: every use starts from fresh ones
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            module.reset_running_stats()
     return load_flat_weights(models[key], weights)

@@ -74,6 +74,29 @@ def split_shards(
 
 
 PARTITIONERS: dict[str, Partitioner] = {"iid": split_iid, "dirichlet": split_dirichlet, "shards": split_shards}
+NATURAL = "natural"  # the data's own clients (`Dataset.groups`): a table's client column, a folder per client
+
+
+def natural_sizes(n: int, val_fraction: float, client_val_fraction: float) -> tuple[int, int, int]:
+    """(server validation, local validation, training) rows of a client of n rows under the
+    natural partition: the server's share comes off every client, one row always stays."""
+    server = min(int(round(n * val_fraction)), n - 1)
+    local = min(int(round((n - server) * client_val_fraction)), n - server - 1)
+    return server, local, n - server - local
+
+
+def natural_partition(groups: np.ndarray, seed: int, val_fraction: float, client_val_fraction: float) -> Partition:
+    """Clients as the data holds them: each group's rows shuffled, the server's validation share
+    of every group first, then the group's local validation split, the rest for training."""
+    rng = seeding.numpy_rng(seed, seeding.PARTITION)
+    server, train, val = [], [], []
+    for g in range(int(groups.max()) + 1):
+        rows = rng.permutation(np.flatnonzero(groups == g))
+        n_server, n_val, _ = natural_sizes(len(rows), val_fraction, client_val_fraction)
+        server.append(rows[:n_server])
+        val.append(rows[n_server : n_server + n_val])
+        train.append(rows[n_server + n_val :])
+    return Partition(np.sort(np.concatenate(server)), tuple(train), tuple(val))
 
 
 def _fill_empty(parts: list[np.ndarray]) -> list[np.ndarray]:
@@ -95,9 +118,17 @@ def partition_dataset(
     client_val_fraction: float,
     alpha: float = 0.5,
     shards_per_client: int = 2,
+    groups: np.ndarray | None = None,
 ) -> Partition:
     """Server validation split first (FedTune's setting), then the rest split between clients,
-    then each client's local validation split (at least one training sample always stays)."""
+    then each client's local validation split (at least one training sample always stays). With
+    partition "natural", the clients are the `groups` (a client id per sample) instead."""
+    if partition == "auto":  # as `fedhpo_core.task.prepared` resolves it
+        partition = NATURAL if groups is not None else "iid"
+    if partition == NATURAL:
+        if groups is None:
+            raise ValueError("partition natural needs data with its own clients (a client column or folder)")
+        return natural_partition(groups, seed, val_fraction, client_val_fraction)
     if clients < 1:
         raise ValueError(f"clients must be >= 1, got {clients}")
     rng = seeding.numpy_rng(seed, seeding.PARTITION)
@@ -117,7 +148,10 @@ def partition_dataset(
 
 
 def label_histogram(labels: np.ndarray, partition: Partition, num_classes: int) -> np.ndarray:
-    """Samples of each class held by each client (train and local validation), shape (clients, classes)."""
+    """Samples of each class held by each client (train and local validation), shape (clients,
+    classes); one column of sample counts for regression targets (`num_classes` 0)."""
+    if num_classes == 0:
+        return np.array([[len(partition.client_indices(c))] for c in range(partition.num_clients)])
     return np.stack(
         [np.bincount(labels[partition.client_indices(c)], minlength=num_classes) for c in range(partition.num_clients)]
     )

@@ -1,7 +1,7 @@
 """Tables and figures a run leaves behind (pandas and matplotlib; no tracking here)."""
 
 import math
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import matplotlib
 import numpy as np
@@ -14,6 +14,7 @@ from fedhpo_core.federation import Evaluation, RoundReport
 from fedhpo_core.partition import Partition
 from fedhpo_core.search.base import LINEAGE, configuration_of
 from fedhpo_core.settings import ClientConfig
+from fedhpo_core.task import ACCURACY, Metric
 
 
 def partition_table(partition: Partition, histogram: np.ndarray) -> pd.DataFrame:
@@ -55,8 +56,9 @@ def partition_figure(histogram: np.ndarray, title: str) -> Figure:
     return figure
 
 
-def round_metrics(report: RoundReport, evaluation: Evaluation) -> dict[str, float]:
-    """One round's metrics (MLflow step = round): the global model's curves, the clients' mean
+def round_metrics(report: RoundReport, evaluation: Evaluation, score: str = "acc") -> dict[str, float]:
+    """One round's metrics (MLflow step = round), the task's score under its name (`val_acc`,
+    `val_rmse`): the global model's curves, the clients' mean
     reports, the run's simulated time so far (each round's is its increase), and what only some
     runs have: the privacy spent, and the participants that dropped out, missed the deadline or
     were left out for a non-finite upload (logged in the rounds where there were any). Who took
@@ -67,11 +69,15 @@ def round_metrics(report: RoundReport, evaluation: Evaluation) -> dict[str, floa
         "clients_late": len(report.plan.late) or None,
         "clients_left_out": len(report.left_out) or None,
     }
+    e = evaluation
     return {
-        **asdict(evaluation),
+        "val_loss": e.val_loss,
+        f"val_{score}": e.val_score,
+        "test_loss": e.test_loss,
+        f"test_{score}": e.test_score,
         "train_loss": report.train_loss,
         "client_val_loss": report.client_val_loss,
-        "client_val_acc": report.client_val_acc,
+        f"client_val_{score}": report.client_val_score,
         "sim_time_s": report.sim_time_s,
     } | {k: v for k, v in optional.items() if v is not None}
 
@@ -184,11 +190,12 @@ def pareto_figure(table: pd.DataFrame, front: list[int], cost: str) -> Figure:
     return figure
 
 
-def study_figures(table: pd.DataFrame, parameters: dict, most: int = 6) -> dict[str, Figure]:
+def study_figures(table: pd.DataFrame, parameters: dict, most: int = 6, maximize: bool = True) -> dict[str, Figure]:
     """Best-so-far validation score against rounds spent, and score against each setting."""
     progress = Figure(figsize=(6, 4))
     axis = progress.subplots()
-    axis.step(table.rounds_used.cumsum(), table.value.cummax(), where="post", marker="o")
+    best = table.value.cummax() if maximize else table.value.cummin()
+    axis.step(table.rounds_used.cumsum(), best, where="post", marker="o")
     axis.set_xlabel("communication rounds spent")
     axis.set_ylabel("best validation score so far")
     progress.tight_layout()
@@ -248,15 +255,19 @@ def importance_figure(table: pd.DataFrame, title: str, most: int = 20) -> Figure
     return figure
 
 
-def paired_differences(results: pd.DataFrame, reference: str, level: float = 0.95) -> pd.DataFrame:
+def paired_differences(
+    results: pd.DataFrame, reference: str, level: float = 0.95, metric: Metric = ACCURACY
+) -> pd.DataFrame:
     """Each method against `reference` on the same seeds (the studies of a seed share its partition
-    and initial model): per budget, the per-seed differences of `final_test_acc` (method minus
+    and initial model): per budget, the per-seed differences of `final_test_<score>` (method minus
     reference), their mean, a Student-t confidence interval of the mean at `level`, the exact
     two-sided Wilcoxon signed-rank p-value, and a verdict. The verdict is `better` or `worse` only
-    when the interval excludes 0, else `tie` (within noise); with one seed there is no interval and
-    the verdict is `one seed`. With n seeds the signed-rank p is at least 2^(1-n) (0.25 for 3 seeds),
-    so the interval, not p, decides."""
-    table = results.pivot_table(index=["budget", "seed"], columns="method", values="final_test_acc")
+    when the interval excludes 0 (better: above it for a score to maximize, below for one to
+    minimize), else `tie` (within noise); with one seed there is no interval and the verdict is
+    `one seed`. With n seeds the signed-rank p is at least 2^(1-n) (0.25 for 3 seeds), so the
+    interval, not p, decides."""
+    column = f"final_test_{metric.name}"
+    table = results.pivot_table(index=["budget", "seed"], columns="method", values=column)
     rows = []
     for method in dict.fromkeys(results.method):
         if method == reference:
@@ -271,12 +282,13 @@ def paired_differences(results: pd.DataFrame, reference: str, level: float = 0.9
                 low, high = mean - half, mean + half
                 nonzero = differences[differences != 0]
                 p_value = float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) else 1.0
+            above, below = ("better", "worse") if metric.maximize else ("worse", "better")
             if n < 2:
                 verdict = "one seed"
             elif low > 0:
-                verdict = "better"
+                verdict = above
             elif high < 0:
-                verdict = "worse"
+                verdict = below
             else:
                 verdict = "tie"
             rows.append(
@@ -296,17 +308,17 @@ def paired_differences(results: pd.DataFrame, reference: str, level: float = 0.9
     return pd.DataFrame(rows, columns=[*columns, "signed_rank_p", "verdict"])
 
 
-def comparison_table(results: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
-    """From one row per (method, budget, seed) with `final_test_acc`: a row per method, a column per
-    budget, "mean ± std" over seeds (the FedTune paper's Table 1 layout), and beside each budget the
-    paired difference against `reference` (default: the first method) with its 95% interval and
+def comparison_table(results: pd.DataFrame, reference: str | None = None, metric: Metric = ACCURACY) -> pd.DataFrame:
+    """From one row per (method, budget, seed) with `final_test_<score>`: a row per method, a column
+    per budget, "mean ± std" over seeds (the FedTune paper's Table 1 layout), and beside each budget
+    the paired difference against `reference` (default: the first method) with its 95% interval and
     verdict (`paired_differences`)."""
     reference = reference or results.method.iloc[0]
-    stats_ = results.groupby(["method", "budget"]).final_test_acc.agg(["mean", "std"]).fillna(0.0)
+    stats_ = results.groupby(["method", "budget"])[f"final_test_{metric.name}"].agg(["mean", "std"]).fillna(0.0)
     cells = stats_.apply(lambda r: f"{r['mean']:.4f} ± {r['std']:.4f}", axis=1).unstack("budget")
     order = list(dict.fromkeys(results.method))
     table = cells.loc[order].rename(columns=lambda b: f"budget {b}")
-    paired = paired_differences(results, reference)
+    paired = paired_differences(results, reference, metric=metric)
     for budget in dict.fromkeys(results.budget):
         column = f"budget {budget}: vs {reference}"
         table[column] = "reference"
@@ -316,17 +328,19 @@ def comparison_table(results: pd.DataFrame, reference: str | None = None) -> pd.
     return table[[c for b in dict.fromkeys(results.budget) for c in (f"budget {b}", f"budget {b}: vs {reference}")]]
 
 
-def comparison_winner(results: pd.DataFrame) -> pd.Series | None:
-    """The comparison's winner, one of `results`' rows (a study): of the method with the highest
-    mean `final_test_acc` at the largest budget (what the table ranks), the study whose retrained
-    model scored best on validation (`final_val_acc`: the model is chosen without the test set).
-    None when no study at that budget was retrained."""
-    largest = results[(results.budget == results.budget.max()) & results.final_test_acc.notna()]
+def comparison_winner(results: pd.DataFrame, metric: Metric = ACCURACY) -> pd.Series | None:
+    """The comparison's winner, one of `results`' rows (a study): of the method with the best mean
+    `final_test_<score>` at the largest budget (what the table ranks), the study whose retrained
+    model scored best on validation (`final_val_<score>`: the model is chosen without the test
+    set). None when no study at that budget was retrained."""
+    test, val = f"final_test_{metric.name}", f"final_val_{metric.name}"
+    largest = results[(results.budget == results.budget.max()) & results[test].notna()]
     if largest.empty:
         return None
-    method = largest.groupby("method", sort=False).final_test_acc.mean().idxmax()
+    means = largest.groupby("method", sort=False)[test].mean()
+    method = means.idxmax() if metric.maximize else means.idxmin()
     studies = largest[largest.method == method]
-    return studies.loc[studies.final_val_acc.idxmax()]
+    return studies.loc[studies[val].idxmax() if metric.maximize else studies[val].idxmin()]
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -337,15 +351,15 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def comparison_figure(results: pd.DataFrame) -> Figure:
-    """Test accuracy after final retraining against the search budget, mean and std over seeds."""
+def comparison_figure(results: pd.DataFrame, metric: Metric = ACCURACY) -> Figure:
+    """The test score after final retraining against the search budget, mean and std over seeds."""
     figure = Figure(figsize=(6, 4))
     axis = figure.subplots()
     for method, rows in results.groupby("method", sort=False):
-        summary = rows.groupby("budget").final_test_acc.agg(["mean", "std"]).fillna(0.0)
+        summary = rows.groupby("budget")[f"final_test_{metric.name}"].agg(["mean", "std"]).fillna(0.0)
         axis.errorbar(summary.index, summary["mean"], yerr=summary["std"], marker="o", capsize=3, label=method)
     axis.set_xlabel("search budget (communication rounds)")
-    axis.set_ylabel("final test accuracy")
+    axis.set_ylabel(f"final test {metric.name} ({metric.direction})")
     axis.legend()
     figure.tight_layout()
     return figure

@@ -12,13 +12,11 @@ import torch
 from fedhpo_core.aggregators import AGGREGATORS, DEFAULT_SERVER_LR, ServerSettings
 from fedhpo_core.data import DATASETS, split_sizes
 from fedhpo_core.devices import PRESETS as DEVICE_PRESETS
+from fedhpo_core.errors import SettingsError
 from fedhpo_core.models import MODELS
-from fedhpo_core.partition import PARTITIONERS
+from fedhpo_core.partition import NATURAL, PARTITIONERS
 from fedhpo_core.privacy import Privacy
-
-
-class SettingsError(ValueError):
-    """A setting a run cannot start with; its message is one line meant for the user."""
+from fedhpo_core.task import TASK_TYPES, TaskRef, fingerprint
 
 
 def _check(ok: bool, message: str) -> None:
@@ -63,7 +61,7 @@ class ClientConfig:
 class DataSettings:
     """What decides the clients' data: the partition task's cache key."""
 
-    dataset: str
+    task: TaskRef
     data_root: str
     clients: int
     partition: str
@@ -78,6 +76,9 @@ def setting(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+AUTO_PARTITION = "auto"  # natural for data with its own clients, else iid
+PARTITION_CHOICES = (AUTO_PARTITION, NATURAL, *PARTITIONERS)
+DEFAULT_DATASET = "digits"
 # Beyond this, Dir(alpha) proportions are uniform to many decimals, and past ~1e300 NumPy's draw
 # degenerates (every proportion 0): IID is the partitioner for that.
 MAX_ALPHA = 1e6
@@ -125,11 +126,27 @@ class ExecutionSettings:
 class TrainSettings:
     """Every setting of one federated training run."""
 
-    dataset: str = setting("digits", "dataset: " + ", ".join(DATASETS))
+    dataset: str = setting(
+        DEFAULT_DATASET, "bundled dataset: " + ", ".join(DATASETS) + " (or name any task with --task)"
+    )
+    task: str = setting(
+        "",
+        "the task: a bundled or installed name (fedhpo tasks), package.module:attribute, a .py file, "
+        "a .csv/.parquet table or a folder with a subfolder per client (default: --dataset)",
+    )
+    client_column: str = setting("", "a table task's client-id column: one client per value")
+    target: str = setting("", "a table task's target column")
+    task_type: str = setting(
+        "auto", "a table's target: classification, regression, or auto (regression for many distinct floats)"
+    )
     data_root: str = setting("data", "folder holding datasets in torchvision's layout")
-    model: str = setting("mlp", "model: " + ", ".join(MODELS))
-    clients: int = setting(10, "number of simulated clients")
-    partition: str = setting("iid", "partitioner: " + ", ".join(PARTITIONERS))
+    model: str = setting("mlp", "model of bundled datasets and folders: " + ", ".join(MODELS))
+    clients: int = setting(10, "number of simulated clients (with --partition natural: the data's own)")
+    partition: str = setting(
+        AUTO_PARTITION,
+        "partitioner: " + ", ".join(PARTITIONERS) + ", natural (the data's own clients) or auto "
+        "(natural for data with its own clients, else iid)",
+    )
     alpha: float = setting(0.5, "Dirichlet concentration for --partition dirichlet (smaller: more skew)")
     shards_per_client: int = setting(2, "classes per client for --partition shards")
     val_fraction: float = setting(0.1, "fraction of the training set held by the server for validation")
@@ -168,7 +185,12 @@ class TrainSettings:
         _finite(self)
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("model", self.model, MODELS)
-        _one_of("partition", self.partition, PARTITIONERS)
+        _one_of("partition", self.partition, PARTITION_CHOICES)
+        _one_of("task_type", self.task_type, TASK_TYPES)
+        _check(
+            not self.task or self.dataset == DEFAULT_DATASET,
+            f"--dataset {self.dataset} and --task {self.task} both name the data: give one",
+        )
         _one_of("aggregator", self.aggregator, AGGREGATORS)
         _one_of("algorithm", self.algorithm, ALGORITHMS)
         _check(
@@ -196,24 +218,37 @@ class TrainSettings:
             f"algorithm {self.algorithm} cannot run with dp_clip: its control variates would leave the clients "
             "unprivatized",
         )
-        held, pool = split_sizes(DATASETS[self.dataset].num_train, self.val_fraction)
-        _check(held >= 1, f"val_fraction {self.val_fraction} leaves the server no validation sample of {self.dataset}")
-        _check(
-            self.clients <= pool,
-            f"clients ({self.clients}) exceeds the {pool} training samples {self.dataset} leaves to clients",
-        )
-        if self.partition == "shards":
-            classes, k = DATASETS[self.dataset].num_classes, self.shards_per_client
-            _check(
-                1 <= k <= classes and self.clients * k >= classes,
-                f"shards_per_client must be in [1, {classes}] with clients * shards_per_client >= {classes}",
-            )
+        if self.task_ref.bundled:
+            self.check_size(DATASETS[self.task_ref.ref].num_train, DATASETS[self.task_ref.ref].num_classes)
         _check(self.server_lr is None or self.server_lr > 0, f"server_lr must be > 0, got {self.server_lr}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         _check(self.tau > 0, f"tau must be > 0, got {self.tau}")
         _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _check(bool(self.experiment.strip()), "experiment must be a non-empty name")
         _ = self.client_config  # ClientConfig checks lr, momentum, weight decay, batch size, epochs, mu
+
+    def check_size(self, num_train: int, num_classes: int) -> None:
+        """The server's validation split and the clients fit the task's training rows."""
+        held, pool = split_sizes(num_train, self.val_fraction)
+        name = self.task_ref.label
+        _check(held >= 1, f"val_fraction {self.val_fraction} leaves the server no validation sample of {name}")
+        _check(
+            self.clients <= pool,
+            f"clients ({self.clients}) exceeds the {pool} training samples {name} leaves to clients",
+        )
+        if self.partition == "shards":
+            _check(num_classes > 0, "partition shards needs class labels")
+            classes, k = num_classes, self.shards_per_client
+            _check(
+                1 <= k <= classes and self.clients * k >= classes,
+                f"shards_per_client must be in [1, {classes}] with clients * shards_per_client >= {classes}",
+            )
+
+    @property
+    def task_ref(self) -> TaskRef:
+        """The task these settings name (`--task`, else the bundled `--dataset`)."""
+        ref = self.task or self.dataset
+        return TaskRef(ref, self.model, self.client_column, self.target, self.task_type, fingerprint(ref))
 
     @property
     def client_config(self) -> ClientConfig:
@@ -228,8 +263,8 @@ class TrainSettings:
 
     @property
     def data(self) -> DataSettings:
-        names = {f.name for f in fields(DataSettings)}
-        return DataSettings(**{k: v for k, v in asdict(self).items() if k in names})
+        names = {f.name for f in fields(DataSettings)} - {"task"}
+        return DataSettings(task=self.task_ref, **{k: v for k, v in asdict(self).items() if k in names})
 
     @property
     def privacy(self) -> Privacy:

@@ -74,7 +74,8 @@ class DataStatistic(Statistic):
 @dataclass(frozen=True)
 class DataEncoding(DataStatistic):
     """The random-Fourier-feature mean embedding of the client's training pairs (x, onehot(y)),
-    e = (1/n) sum_i phi(x_i) (outer) onehot(y_i), flattened (dim x classes values): DP-MERF's
+    e = (1/n) sum_i phi(x_i) (outer) onehot(y_i), flattened (dim x classes values; a regression's
+    target y_i stands for onehot(y_i)): DP-MERF's
     encoding as pFedHPO uses it to condition a client's hyperparameters on its data (Cheng et al.,
     "A Practical Approach to Personalized Federated Hyperparameter Optimization", arXiv 2304.05195).
 
@@ -90,7 +91,7 @@ class DataEncoding(DataStatistic):
     name = "data_encoding"
 
     def floats(self, spec, data):
-        return self.dim * spec.num_classes
+        return self.dim * spec.outputs
 
     def samples(self, data):
         return data.num_train
@@ -109,8 +110,13 @@ class DataEncoding(DataStatistic):
         w, b = (t.to(x.device) for t in self.features(x.shape[1]))
         phi = torch.cos(torch.addmm(b, x, w.T)) * math.sqrt(2 / self.dim)
         owner = torch.repeat_interleave(torch.arange(len(clients), device=x.device), counts)
+        if not spec.classification:  # a regression's target in place of the one-hot label
+            targets = y.float().view(len(y), -1)
+            sums = torch.zeros(len(clients), self.dim, targets.shape[1], device=x.device)
+            sums.index_add_(0, owner, phi.unsqueeze(2) * targets.unsqueeze(1))
+            return [e.flatten().clone() for e in sums / counts.clamp(min=1).view(-1, 1, 1)]
         # Row (client, class) sums the features of that client's samples of that class.
-        classes = spec.num_classes
+        classes = spec.outputs
         sums = torch.zeros(len(clients) * classes, self.dim, device=x.device).index_add_(0, owner * classes + y, phi)
         means = sums.view(len(clients), classes, self.dim).transpose(1, 2) / counts.clamp(min=1).view(-1, 1, 1)
         return [e.flatten().clone() for e in means]  # own storage: a view would travel with the whole

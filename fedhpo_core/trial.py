@@ -32,17 +32,21 @@ from fedhpo_core.search.base import (
 )
 from fedhpo_core.search.space import Configuration
 from fedhpo_core.settings import TrainSettings
+from fedhpo_core.task import ACCURACY, Metric
 from fedhpo_core.tracking import ROLE_TAG, STUDY_TAG, TRIAL_TAG, Tracker, load_state
 from fedhpo_core.tuners import PerClientConfig, Tuner
 
 
-def system_objectives(reports: list[RoundReport], target_acc: float = 0.0) -> dict[str, float]:
+def system_objectives(
+    reports: list[RoundReport], target_acc: float = 0.0, metric: Metric = ACCURACY
+) -> dict[str, float]:
     """What a run cost the system: bytes sent (the model down to every participant, up from every
     upload), client compute (training samples processed), unfairness (spread of the clients' last
     reported validation accuracies), simulated time (`sim_time_s`), and where they apply the
-    privacy spent (`epsilon`) and the simulated time at which the server's validation accuracy
-    first reached `target_acc` (`time_to_target_s`, inf if it did not)."""
-    last = [u.val_acc for u in reports[-1].aggregated if math.isfinite(u.val_acc)] if reports else []
+    privacy spent (`epsilon`) and the simulated time at which the server's validation score first
+    reached `target_acc` (at or above it, or at or below for a score to minimize; `time_to_target_s`,
+    inf if it did not)."""
+    last = [u.val_score for u in reports[-1].aggregated if math.isfinite(u.val_score)] if reports else []
     costs = {
         "bytes_sent": float(sum(r.bytes_sent for r in reports)),
         "client_compute_samples": float(
@@ -54,7 +58,7 @@ def system_objectives(reports: list[RoundReport], target_acc: float = 0.0) -> di
     if reports and reports[-1].epsilon is not None:
         costs["epsilon"] = reports[-1].epsilon
     if target_acc:
-        reached = [r.sim_time_s for r in reports if r.val_acc >= target_acc]
+        reached = [r.sim_time_s for r in reports if not metric.better(target_acc, r.val_score)]
         costs["time_to_target_s"] = reached[0] if reached else math.inf
     return costs
 
@@ -91,7 +95,7 @@ def train_configuration(
             for client, values in tuner.client_state().items()
             for k, v in values.items()
         )
-        tracker.log_metrics(round_metrics(report, evaluation) | state, report.round)
+        tracker.log_metrics(round_metrics(report, evaluation, data.spec.score.name) | state, report.round)
         if on_round:
             on_round(report)
 
@@ -108,12 +112,12 @@ def train_configuration(
     return result, reports, trajectory
 
 
-def trial_metrics(result: TrialResult, rounds: int, trained: int) -> dict[str, float]:
-    """A trial run's summary metrics: `score` is the value the study is told (0 for a diverged
-    trial), `rounds_used` the rounds charged to the budget for the trial (a promoted trial's over
+def trial_metrics(result: TrialResult, rounds: int, trained: int, metric: Metric = ACCURACY) -> dict[str, float]:
+    """A trial run's summary metrics: `score` is the value the study is told (the worst for a
+    diverged trial), `rounds_used` the rounds charged to the budget for the trial (a promoted trial's over
     all its rungs), `rounds_trained` the rounds its trainings ran, as the trainer counted them."""
     objectives = {f"objective/{k}": v for k, v in result.objectives.items()}
-    summary = {"score": score_of(result), "rounds_used": rounds, "rounds_trained": trained}
+    summary = {"score": score_of(result, metric), "rounds_used": rounds, "rounds_trained": trained}
     return summary | {"diverged": float(result.diverged)} | objectives
 
 
@@ -148,7 +152,7 @@ class TrialTrainer:
         """What the study is told of a trial's round, every round and as the trial's result: the
         validation accuracy of the objective (the server's split, or the clients' sample-weighted
         reports), or its noisy evaluation (`evaluation`, Kuo et al. 2023)."""
-        exact = report.val_acc if self.objective == "server" else report.client_val_acc
+        exact = report.val_score if self.objective == "server" else report.client_val_score
         return self.evaluation.score(self.data, report.weights_after, exact, self.fixed.seed, trial, report.round)
 
     def load(self, checkpoint: str) -> FederationState:
@@ -175,7 +179,7 @@ class TrialTrainer:
         def on_round(report: RoundReport) -> None:
             score = scores[report.round] = self.round_score(report, trial.number)
             if reporting and report.round not in reported:
-                trial.report(score if math.isfinite(score) else 0.0, report.round)
+                trial.report(score if math.isfinite(score) else self.data.spec.score.worst(), report.round)
             if self.on_round:
                 self.on_round()
 
@@ -190,13 +194,14 @@ class TrialTrainer:
                 rounds=len(outcome.evaluations),
                 state=state,
                 diverged=outcome.diverged,
-                objectives=system_objectives(reports, self.fixed.target_acc),
+                objectives=system_objectives(reports, self.fixed.target_acc, self.data.spec.score),
                 chosen=tuner.chosen() if tuner else {},
                 checkpoint=tracker.log_state(stored, f"checkpoint/state-round{state.round}.pt"),
             )
             trained = trial.user_attrs.get(TRAINED_ATTR, 0) + len(reports)
             trial.set_user_attr(TRAINED_ATTR, trained)
-            tracker.log_metrics(trial_metrics(result, rounds_used(trial) + result.rounds, trained))
+            metrics = trial_metrics(result, rounds_used(trial) + result.rounds, trained, self.data.spec.score)
+            tracker.log_metrics(metrics)
             if trajectory:
                 table = pd.DataFrame(trajectory)
                 tracker.log_table(table, "trajectory/tuner_state.csv")
@@ -204,11 +209,12 @@ class TrialTrainer:
         if self.log:
             ending = f"diverged at round {outcome.diverged_round}" if outcome.diverged else f"{state.round} rounds"
             values = configuration.values
-            self.log(f"trial {trial.number}: {ending} -> val score {score_of(result):.4f} {values}")
+            score = score_of(result, self.data.spec.score)
+            self.log(f"trial {trial.number}: {ending} -> val score {score:.4f} {values}")
         return result
 
 
-def align_trial_runs(tracker: Tracker, study: optuna.Study, name: str) -> None:
+def align_trial_runs(tracker: Tracker, study: optuna.Study, name: str, metric: Metric = ACCURACY) -> None:
     """Trial runs end as their trials did: FINISHED for a told trial (a trial told from its recorded
     result after an interrupt gets its summary metrics here if its run had not logged them),
     KILLED for a failed one (interrupted, or left by a killed process). Trials still RUNNING (in
@@ -226,7 +232,7 @@ def align_trial_runs(tracker: Tracker, study: optuna.Study, name: str) -> None:
             with Tracker(name, run_id=run.info.run_id) as reopened:  # ends FINISHED
                 if (result := recorded_result(trial)) and "score" not in run.data.metrics:
                     trained = trial.user_attrs.get(TRAINED_ATTR, rounds_used(trial))
-                    reopened.log_metrics(trial_metrics(result, rounds_used(trial), trained))
+                    reopened.log_metrics(trial_metrics(result, rounds_used(trial), trained, metric))
 
 
 @dataclass(frozen=True)
@@ -241,7 +247,9 @@ class FinalRun:
     model_version: str | None = None
 
 
-def final_markdown(about: Mapping[str, object], configuration: Configuration, final: FinalRun, registered: str) -> str:
+def final_markdown(
+    about: Mapping[str, object], configuration: Configuration, final: FinalRun, registered: str, score: str = "acc"
+) -> str:
     """The final run's description: what was retrained, for how long, how good it is, where its model is."""
     rows = dict(about) | {
         "configuration": configuration.text(),
@@ -251,7 +259,8 @@ def final_markdown(about: Mapping[str, object], configuration: Configuration, fi
         rows["result"] = f"diverged at round {final.result.diverged_round}: no model"
     else:
         last = final.result.evaluations[-1]
-        rows |= {"validation accuracy": f"{last.val_acc:.4f}", "test accuracy": f"{last.test_acc:.4f}"}
+        name = "accuracy" if score == "acc" else score
+        rows |= {f"validation {name}": f"{last.val_score:.4f}", f"test {name}": f"{last.test_score:.4f}"}
         rows["model"] = f"`{final.model_uri}`"
     if final.model_version:
         rows["registered"] = f"`models:/{registered}/{final.model_version}`"
@@ -280,18 +289,19 @@ def retrain(
         result, reports, _ = train_configuration(
             data, fixed, configuration, rounds, tracker, steps, tuner=tuner, on_round=on_round
         )
-        final = FinalRun(result, system_objectives(reports, fixed.target_acc), tracker.run_id)
+        metric = data.spec.score
+        final = FinalRun(result, system_objectives(reports, fixed.target_acc, metric), tracker.run_id)
         if not result.diverged:
             model = load_flat_weights(data.spec.build(), result.state.weights)
-            uri = tracker.log_model(model, input_example=data.test[0][:8].cpu().numpy().astype(np.float32))
+            uri = tracker.log_model(model, input_example=data.test[0][:8].cpu().numpy())
             final = replace(final, model_uri=uri)
             if register_as:
                 last = result.evaluations[-1]
                 tags = dict(about) | {
                     "seed": fixed.seed,
-                    "final_test_acc": last.test_acc,
-                    "final_val_acc": last.val_acc,
+                    f"final_test_{metric.name}": last.test_score,
+                    f"final_val_{metric.name}": last.val_score,
                 }
                 final = replace(final, model_version=tracker.register_model(uri, register_as, tags))
-        tracker.describe(final_markdown(about, configuration, final, register_as or ""))
+        tracker.describe(final_markdown(about, configuration, final, register_as or "", metric.name))
     return final

@@ -20,6 +20,7 @@ from fedhpo_core.reports import (
 )
 from fedhpo_core.search.study import TuneSettings
 from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
+from fedhpo_core.task import ACCURACY, Metric, TaskRef, prepared, scoring_metric
 from fedhpo_core.tracking import ROLE_TAG, Tracker, run_url, set_model_alias, ui_base
 from flows.study import FINAL_COSTS, artifact_key, hpo_study
 from flows.training import run_parameters
@@ -72,8 +73,9 @@ def comparison_run_name() -> str:
     """A comparison's flow run is named for its methods and dataset, and a random slug: its studies
     are named after it, so two comparisons of the same methods never share a study."""
     parameters = run_parameters(method_comparison.fn)
-    dataset = (parameters["train"] or {}).get("dataset", TrainSettings.dataset)
-    return f"{'-'.join(parameters['methods'])}-{dataset}-{generate_slug(2)}"
+    train = parameters["train"] or {}
+    label = TaskRef(train.get("task") or train.get("dataset", TrainSettings.dataset)).label
+    return f"{'-'.join(parameters['methods'])}-{label}-{generate_slug(2)}"
 
 
 def comparison_markdown(
@@ -85,12 +87,14 @@ def comparison_markdown(
     outcome: dict,
     tracker: Tracker,
     base: str = "",
+    metric: Metric = ACCURACY,
 ) -> str:
     """The comparison table, its winner and a link to each study run in the MLflow UI at `base`
     ('' within the MLflow UI): the run's description and the flow run's Markdown artifact."""
+    test = f"final_test_{metric.name}"
     studies = "\n".join(
         f"- [{row['method']}, budget {row['budget']}, seed {row['seed']}]"
-        f"({run_url(base, tracker.experiment_id, row['run_id'])}): final_test_acc {row['final_test_acc']:.4f}"
+        f"({run_url(base, tracker.experiment_id, row['run_id'])}): {test} {row[test]:.4f}"
         for row in rows
     )
     run = run_url(base, tracker.experiment_id, tracker.run_id)
@@ -98,7 +102,8 @@ def comparison_markdown(
     if "champion_version" in outcome:
         winner += f"; its model is version {outcome['champion_version']}, alias `{CHAMPION}`"
     return (
-        f"### Method comparison `{name}`\n\nTest accuracy of each study's retrained best configuration, "
+        f"### Method comparison `{name}`\n\nTest {metric.name} ({metric.direction}) of each study's retrained "
+        "best configuration, "
         f"mean ± std over seeds {seeds}, and each method's difference from {reference} on the same seeds "
         f"(mean, 95% t-interval; `tie`: the interval holds 0); [MLflow run]({run}).\n\n"
         f"{markdown_table(table)}\n{winner}.\n\nStudies:\n\n{studies}\n"
@@ -176,11 +181,15 @@ def method_comparison(
         register_model=register_model,
     )
     execution = ExecutionSettings(task_runner, dask_address, dask_workers, engine, device)
-    fixed = TrainSettings(**(train or {}))
+    fixed = prepared(TrainSettings(**(train or {})))
     check_comparison(methods, seeds, budgets, tune, fixed, reference, options)
+    metric = scoring_metric(fixed)
+    for method in methods:  # a method that cannot work with the task's score says so before any study
+        TuneSettings(method=method).search_method().use_score(metric)
     reference = reference or methods[0]
     tags = {ROLE_TAG: "comparison", "prefect.flow_run_id": str(flow_run.id)}
     rows = []
+    test, val = f"final_test_{metric.name}", f"final_val_{metric.name}"
     studies = len(seeds) * len(budgets) * len(methods)
     bar().plan(len(seeds) * len(methods) * sum(budgets), trials=0, studies=studies)
     with (
@@ -194,6 +203,9 @@ def method_comparison(
                 "seeds": ",".join(map(str, seeds)),
                 "budgets": ",".join(map(str, budgets)),
                 "reference": reference,
+                "task": fixed.task_ref.label,
+                "score": metric.name,
+                "score_direction": metric.direction,
                 **asdict(tune),
             }
         )
@@ -214,8 +226,8 @@ def method_comparison(
                             "method": method,
                             "budget": budget,
                             "seed": seed,
-                            "final_test_acc": summary.get("final_test_acc", float("nan")),
-                            "final_val_acc": summary.get("final_val_acc", float("nan")),
+                            test: summary.get(test, float("nan")),
+                            val: summary.get(val, float("nan")),
                             "rounds_used": summary["rounds_used"],
                             "wall_time_s": summary["wall_time_s"],
                             "run_id": summary["run_id"],
@@ -224,39 +236,44 @@ def method_comparison(
                         | {k: v for k, v in summary.items() if k in FINAL_COSTS}
                     )
                     logger.info(
-                        "%s budget %d seed %d: final_test_acc %.4f [%d/%d studies]",
+                        "%s budget %d seed %d: %s %.4f [%d/%d studies]",
                         method,
                         budget,
                         seed,
-                        rows[-1]["final_test_acc"],
+                        test,
+                        rows[-1][test],
                         len(rows),
                         studies,
                     )
         results = pd.DataFrame(rows)
-        table = comparison_table(results, reference)
+        table = comparison_table(results, reference, metric)
         tracker.log_table(results, "comparison/results.csv")
-        tracker.log_table(paired_differences(results, reference), "comparison/paired.csv")
+        tracker.log_table(paired_differences(results, reference, metric=metric), "comparison/paired.csv")
         tracker.log_table(table.reset_index(), "comparison/table.csv")
         tracker.log_text(markdown_table(table), "comparison/table.md")
-        tracker.log_figure(comparison_figure(results), "comparison/accuracy_vs_budget.png")
-        means = results.groupby(["method", "budget"], sort=False).final_test_acc.mean()
-        for (method, budget), mean in means.items():  # a chart per method: accuracy against budget
-            tracker.log_metrics({f"mean_final_test_acc/{method}": mean}, step=int(budget))
+        tracker.log_figure(comparison_figure(results, metric), f"comparison/{metric.name}_vs_budget.png")
+        means = results.groupby(["method", "budget"], sort=False)[test].mean()
+        for (method, budget), mean in means.items():  # a chart per method: the score against budget
+            tracker.log_metrics({f"mean_{test}/{method}": mean}, step=int(budget))
         outcome = {}
-        if (winner := comparison_winner(results)) is not None:
+        if (winner := comparison_winner(results, metric)) is not None:
             tracker.log_params({"winner": winner.method})
             outcome["champion"] = f"{winner.method}, budget {winner.budget}, seed {winner.seed}"
             if register_model and winner.model_version:
                 set_model_alias(register_model, CHAMPION, winner.model_version)
                 outcome["champion_version"] = winner.model_version
-        tracker.describe(comparison_markdown(flow_run.name, table, rows, reference, seeds, outcome, tracker))
+        tracker.describe(
+            comparison_markdown(flow_run.name, table, rows, reference, seeds, outcome, tracker, "", metric)
+        )
         create_markdown_artifact(
-            comparison_markdown(flow_run.name, table, rows, reference, seeds, outcome, tracker, ui_base()),
+            comparison_markdown(flow_run.name, table, rows, reference, seeds, outcome, tracker, ui_base(), metric),
             key=artifact_key(f"comparison-{flow_run.name}"),
             description="Method comparison",
         )
     return {
         "table": markdown_table(table),
+        "score": metric.name,
+        "direction": metric.direction,
         "results": rows,
         "run_id": tracker.run_id,
         "experiment_id": tracker.experiment_id,

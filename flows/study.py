@@ -25,6 +25,7 @@ from fedhpo_core.search.study import (
     study_definition,
 )
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
+from fedhpo_core.task import ACCURACY, Metric, TaskRef, prepared
 from fedhpo_core.tracking import (
     ROLE_TAG,
     STUDY_TAG,
@@ -37,7 +38,7 @@ from fedhpo_core.tracking import (
 )
 from fedhpo_core.trial import TrialTrainer, align_trial_runs, retrain
 from flows.training import run_parameters
-from tasks.training import load_data, partition_data, round_steps
+from tasks.training import announce_engine, load_data, partition_data, round_steps, task_params
 
 
 def artifact_key(name: str) -> str:
@@ -45,7 +46,9 @@ def artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
 
 
-def study_markdown(summary: dict, table: pd.DataFrame, tune: TuneSettings, base: str = "", top: int = 10) -> str:
+def study_markdown(
+    summary: dict, table: pd.DataFrame, tune: TuneSettings, base: str = "", top: int = 10, metric: Metric = ACCURACY
+) -> str:
     """The study's summary and its best trials, with links to its MLflow runs in the UI at `base`
     ('' within the MLflow UI): the run's description and the flow run's Markdown artifact."""
 
@@ -64,19 +67,20 @@ def study_markdown(summary: dict, table: pd.DataFrame, tune: TuneSettings, base:
     else:
         rows["best trial"] = link(f"trial {summary['best_trial']}", summary["best_trial_run_id"])
         rows["best configuration"] = summary["best_configuration"]
-        rows["best validation score"] = f"{summary['best_val_score']:.4f}"
-    if "final_test_acc" in summary:
+        rows[f"best validation score ({metric.name})"] = f"{summary['best_val_score']:.4f}"
+    test = f"final_test_{metric.name}"
+    if test in summary:
         retrained = link(f"best retrained {tune.final_rounds} rounds", summary["final_run_id"])
-        rows[f"test accuracy, {retrained}"] = f"{summary['final_test_acc']:.4f}"
+        rows[f"test {'accuracy' if metric.name == 'acc' else metric.name}, {retrained}"] = f"{summary[test]:.4f}"
     if "model_version" in summary:
         rows["registered model"] = f"`models:/{tune.register_model}/{summary['model_version']}`"
     lines = [f"### Study: {tune.method}, budget {tune.budget} rounds", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows.items()]
     studies = view_url(base, summary["experiment_id"], STUDIES_VIEW)
-    lines += ["", f"[All studies of the experiment]({studies}), grouped by method, the best test accuracy first."]
+    lines += ["", f"[All studies of the experiment]({studies}), grouped by method, the best test score first."]
     lines += ["", f"Best {min(top, len(table))} trials:", ""]
     columns = ["value", "rounds_used", *(c for c in table.columns if c.startswith("params_"))]
-    best = table.sort_values("value", ascending=False).head(top)[columns]
+    best = table.sort_values("value", ascending=not metric.maximize).head(top)[columns]
     best = best.round({"value": 4}).astype({"rounds_used": int}).rename(columns={"value": "validation score"})
     return "\n".join(lines) + "\n" + markdown_table(best.rename(columns=lambda c: c.removeprefix("params_")))
 
@@ -87,21 +91,22 @@ SHOWN_COSTS = ("sim_time_s", "time_to_target_s", "epsilon")
 FINAL_COSTS = tuple(f"final_{k}" for k in SHOWN_COSTS)
 # The task a study tunes for, as params of its run (the runs table groups and filters on them); the
 # other fixed settings are params `fixed.<name>`.
-TASK_PARAMS = ("dataset", "model", "partition", "alpha", "clients", "seed")
+TASK_PARAMS = ("dataset", "task", "model", "partition", "alpha", "clients", "seed")
 # The experiment's runs table as a comparison of its studies: grouped by method, the most accurate first.
 STUDIES_VIEW = "fedhpo-studies"
 
 
-def studies_view() -> dict:
+def studies_view(metric: Metric = ACCURACY) -> dict:
     """The shared view `STUDIES_VIEW` (`Tracker.share_view`): study runs, their method, budget,
-    seed and dataset beside what they found (a screen wide; the other task params filter)."""
+    seed and dataset beside what they found (a screen wide; the other task params filter), the
+    best test score first."""
     columns = [f"params.`{name}`" for name in ("method", "budget", "seed", "dataset")]
-    columns += [f"metrics.`{name}`" for name in ("final_test_acc", "best_val_score", "rounds_used")]
+    columns += [f"metrics.`{name}`" for name in (f"final_test_{metric.name}", "best_val_score", "rounds_used")]
     return {
         "searchFilter": f"tags.`{ROLE_TAG}` = 'study'",
         "selectedColumns": columns,
-        "orderByKey": "metrics.`final_test_acc`",
-        "orderByAsc": False,
+        "orderByKey": f"metrics.`final_test_{metric.name}`",
+        "orderByAsc": not metric.maximize,
         "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": "method"}]},
     }
 
@@ -114,14 +119,18 @@ def run_study(
 ) -> dict:
     logger = get_run_logger()
     started = time.perf_counter()
+    fixed = prepared(fixed)
     method = tune.search_method()
     tune.check_with(fixed)
     space = tune.space()
+    dataset, partition = load_data(fixed.task_ref, fixed.data_root), partition_data(fixed.data)
+    data = FederatedData.build(dataset, partition, fixed.model, execution.resolved_device, fixed.task_ref)
+    metric = data.spec.score
+    method.use_score(metric)
+    announce_engine(data.spec, execution, logger)
     storage = tune.storage or default_storage(tracking_uri())
     name = tune.name_for(fixed)
     study = open_study(method, storage, name, tune.resume, tune.join, study_definition(tune, fixed))
-    dataset, partition = load_data(fixed.dataset, fixed.data_root), partition_data(fixed.data)
-    data = FederatedData.build(dataset, partition, fixed.model, execution.resolved_device)
 
     tags = {ROLE_TAG: "study", STUDY_TAG: name, "prefect.flow_run_id": str(flow_run.id)}
     # Processes joining a shared study each keep their own study run; a resumed study reopens its run.
@@ -136,13 +145,14 @@ def run_study(
         if parent_id is None:
             if RUN_ATTR not in study.user_attrs:
                 study.set_user_attr(RUN_ATTR, tracker.run_id)
-            tracker.share_view(STUDIES_VIEW, studies_view())
+            tracker.share_view(STUDIES_VIEW, studies_view(metric))
             fixed_values = asdict(fixed)
             options = asdict(tune.method_options)
             tracker.log_params(
                 {k: v for k, v in asdict(tune).items() if k != "options"}
                 | {f"option.{k}": v for k, v in options.items()}
                 | {k: fixed_values[k] for k in TASK_PARAMS}
+                | task_params(fixed, data.spec)
                 | {f"fixed.{k}": v for k, v in fixed_values.items() if k not in TASK_PARAMS}
                 | {"storage": storage, "study_name": name}
                 | {f"execution.{k}": v for k, v in asdict(execution).items()}
@@ -178,12 +188,13 @@ def run_study(
                 stop,
             )
         finally:
-            align_trial_runs(tracker, study, name)
+            align_trial_runs(tracker, study, name, metric)
         progress.finish(budget.spent)
 
         table = study_table(study, method.objectives if len(study.directions) > 1 else ())
         tracker.log_table(table, "study/trials.csv")
-        for artifact, figure in study_figures(table, space.parameters(tune.scope, fixed.clients)).items():
+        parameters = space.parameters(tune.scope, fixed.clients)
+        for artifact, figure in study_figures(table, parameters, maximize=metric.maximize).items():
             tracker.log_figure(figure, f"study/{artifact}")
         importances = importance_table(study, fixed.seed)
         tracker.log_table(importances, "study/param_importances.csv")
@@ -220,7 +231,8 @@ def run_study(
                 register_as=tune.register_model,
             )
             last = final.result.evaluations[-1]
-            summary |= {"final_test_acc": last.test_acc, "final_val_acc": last.val_acc, "final_run_id": final.run_id}
+            summary |= {f"final_test_{metric.name}": last.test_score, f"final_val_{metric.name}": last.val_score}
+            summary["final_run_id"] = final.run_id
             summary |= {f"final_{k}": final.costs[k] for k in SHOWN_COSTS if k in final.costs}
             if final.model_version:
                 summary["model_version"] = final.model_version
@@ -229,12 +241,14 @@ def run_study(
         summary["trial_run_ids"] = [t.user_attrs[RUN_ATTR] for t in ran]
         summary["wall_time_s"] = time.perf_counter() - started
         # The run's metrics are what the study found (the best first, alphabetically), never the last trial's.
-        found = ("best_val_score", "final_test_acc", "final_val_acc", "rounds_used", "trials_finished", "wall_time_s")
+        found = ("best_val_score", f"final_test_{metric.name}", f"final_val_{metric.name}", "rounds_used")
+        found += ("trials_finished", "wall_time_s")
         tracker.log_metrics({k: summary[k] for k in (*found, *FINAL_COSTS) if k in summary})
         summary |= {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "storage": storage}
-        tracker.describe(study_markdown(summary, table, tune))  # the run's Overview says what the study found
+        summary |= {"score": metric.name, "direction": metric.direction}
+        tracker.describe(study_markdown(summary, table, tune, metric=metric))  # the run's Overview: what it found
         create_markdown_artifact(
-            study_markdown(summary, table, tune, ui_base()),
+            study_markdown(summary, table, tune, ui_base(), metric=metric),
             key=artifact_key(f"study-{name}"),
             description=f"Study {name}",
         )
@@ -254,8 +268,8 @@ def study_run_name() -> str:
     scheduled runs reads apart in the Prefect UI."""
     parameters = run_parameters(hpo_study.fn)
     train = parameters["train"] or {}
-    dataset, seed = train.get("dataset", TrainSettings.dataset), train.get("seed", TrainSettings.seed)
-    return f"{parameters['method']}-{dataset}-b{parameters['budget']}-s{seed}"
+    label = TaskRef(train.get("task") or train.get("dataset", TrainSettings.dataset)).label
+    return f"{parameters['method']}-{label}-b{parameters['budget']}-s{train.get('seed', TrainSettings.seed)}"
 
 
 @flow(name="hpo-study", flow_run_name=study_run_name)

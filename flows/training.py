@@ -4,7 +4,6 @@ import inspect
 import time
 from dataclasses import asdict, fields
 
-import numpy as np
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.utilities.names import generate_slug
@@ -16,9 +15,10 @@ from fedhpo_core.models import load_flat_weights
 from fedhpo_core.partition import label_histogram, label_skew
 from fedhpo_core.reports import ConfigTrajectory, partition_figure, partition_table, round_metrics
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
+from fedhpo_core.task import TaskRef, prepared
 from fedhpo_core.tracking import ROLE_TAG, Tracker
 from fedhpo_core.tuners import FixedConfig
-from tasks.training import load_data, partition_data, round_steps
+from tasks.training import announce_engine, load_data, partition_data, round_steps, task_params
 
 
 def run_parameters(flow_function) -> dict:
@@ -32,21 +32,27 @@ def training_run_name() -> str:
     """A training's flow run (and MLflow run) is named for its dataset, model and seed, and a random
     slug: a week of scheduled runs reads apart in the Prefect UI."""
     parameters = run_parameters(federated_training.fn)
-    return f"{parameters['dataset']}-{parameters['model']}-s{parameters['seed']}-{generate_slug(2)}"
+    label = TaskRef(parameters.get("task") or parameters["dataset"]).label
+    return f"{label}-{parameters['model']}-s{parameters['seed']}-{generate_slug(2)}"
 
 
 def partition_title(settings: TrainSettings) -> str:
     detail = {"dirichlet": f" alpha={settings.alpha}", "shards": f" k={settings.shards_per_client}"}
-    return f"{settings.dataset}, {settings.clients} clients, {settings.partition}{detail.get(settings.partition, '')}"
+    label = settings.task_ref.label
+    return f"{label}, {settings.clients} clients, {settings.partition}{detail.get(settings.partition, '')}"
 
 
 def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSettings()) -> dict:
-    """One tracked federated run with a fixed configuration; returns its summary."""
+    """One tracked federated run with a fixed configuration; returns its summary (the task's score
+    under its name: `final_test_acc`, `final_test_rmse`)."""
     logger = get_run_logger()
     started = time.perf_counter()
-    dataset = load_data(settings.dataset, settings.data_root)
+    settings = prepared(settings)
+    dataset = load_data(settings.task_ref, settings.data_root)
     partition = partition_data(settings.data)
-    data = FederatedData.build(dataset, partition, settings.model, execution.resolved_device)
+    data = FederatedData.build(dataset, partition, settings.model, execution.resolved_device, settings.task_ref)
+    metric = data.spec.score
+    announce_engine(data.spec, execution, logger)
     federation = Federation.of(data, settings)
     histogram = label_histogram(dataset.y_train.numpy(), partition, dataset.num_classes)
 
@@ -54,6 +60,7 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
     with cooperative_interrupts() as stop, Tracker(settings.experiment, flow_run.name, tags) as tracker:
         tracker.log_params(
             {**asdict(settings), "server_lr": settings.server.lr, "model_parameters": data.spec.size}
+            | task_params(settings, data.spec)
             | {
                 "partition_label_skew": label_skew(histogram),
                 **{f"execution.{k}": v for k, v in asdict(execution).items()},
@@ -63,23 +70,25 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
         configs = ConfigTrajectory()
         bar().plan(settings.rounds)
 
-        reached: list[float] = []  # the simulated time at which val_acc first reached target_acc
+        reached: list[float] = []  # the simulated time at which the validation score first reached target_acc
         bytes_sent: list[int] = []
 
         def observe(report: RoundReport, evaluation: Evaluation) -> None:
             configs.record(report)
             bytes_sent.append(report.bytes_sent)
-            if settings.target_acc and not reached and evaluation.val_acc >= settings.target_acc:
+            if settings.target_acc and not reached and not metric.better(settings.target_acc, evaluation.val_score):
                 reached.append(report.sim_time_s)
-            tracker.log_metrics(round_metrics(report, evaluation), step=report.round)
+            tracker.log_metrics(round_metrics(report, evaluation, metric.name), step=report.round)
             bar().advance(rounds=1)
             logger.info(
-                "round %d/%d: train_loss %.4f val_acc %.4f test_acc %.4f",
+                "round %d/%d: train_loss %.4f val_%s %.4f test_%s %.4f",
                 report.round,
                 settings.rounds,
                 report.train_loss,
-                evaluation.val_acc,
-                evaluation.test_acc,
+                metric.name,
+                evaluation.val_score,
+                metric.name,
+                evaluation.test_score,
             )
             stop.check()  # Ctrl-C ends the run here, between rounds
 
@@ -90,8 +99,8 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
         tracker.log_figure(partition_figure(histogram, partition_title(settings)), "partition/partition.png")
         final = result.evaluations[-1]
         summary = {
-            "final_val_acc": final.val_acc,
-            "final_test_acc": final.test_acc,
+            f"final_val_{metric.name}": final.val_score,
+            f"final_test_{metric.name}": final.test_score,
             "final_val_loss": final.val_loss,
             "final_test_loss": final.test_loss,
             "rounds_completed": result.state.round,
@@ -107,9 +116,11 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
         else:
             tracker.set_tags({"fedhpo.diverged": "false"})
             model = load_flat_weights(data.spec.build(), result.state.weights)
-            tracker.log_model(model, input_example=data.test[0][:8].cpu().numpy().astype(np.float32))
+            tracker.log_model(model, input_example=data.test[0][:8].cpu().numpy())
     return {
         **summary,
+        "score": metric.name,
+        "direction": metric.direction,
         "sim_time_s": result.state.sim_time_s,  # also the last round's metric of that name
         "run_id": tracker.run_id,
         "experiment_id": tracker.experiment_id,
@@ -120,10 +131,14 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
 @flow(name="federated-training", flow_run_name=training_run_name)
 def federated_training(
     dataset: str = "digits",
+    task: str = "",
+    client_column: str = "",
+    target: str = "",
+    task_type: str = "auto",
     data_root: str = "data",
     model: str = "mlp",
     clients: int = 10,
-    partition: str = "iid",
+    partition: str = "auto",
     alpha: float = 0.5,
     shards_per_client: int = 2,
     val_fraction: float = 0.1,
@@ -160,11 +175,17 @@ def federated_training(
     """Train one federated model and track it in MLflow.
 
     Args:
-        dataset: digits, mnist, fashion_mnist or cifar10.
+        dataset: digits, mnist, fashion_mnist or cifar10 (a bundled task).
+        task: Any task: a bundled or installed name, package.module:attribute, a .py file, a .csv or
+            .parquet table, or a folder with a subfolder per client (default: dataset).
+        client_column: A table task's client-id column.
+        target: A table task's target column.
+        task_type: A table's target: classification, regression or auto.
         data_root: Folder holding datasets in torchvision's layout.
-        model: mlp, lenet5 or cnn.
-        clients: Number of simulated clients.
-        partition: iid, dirichlet or shards.
+        model: mlp, lenet5 or cnn (bundled datasets and folders).
+        clients: Number of simulated clients (under the natural partition: the data's own).
+        partition: iid, dirichlet, shards, natural (the data's own clients) or auto (natural where the
+            data has clients of its own, else iid).
         alpha: Dirichlet concentration (smaller: more label skew).
         shards_per_client: Classes per client for the shards partition.
         val_fraction: Fraction of the training set held by the server for validation.
@@ -190,7 +211,7 @@ def federated_training(
         devices: Simulated device profiles: uniform or cross-device.
         dropout: Probability that a participant drops out mid-round (sends nothing).
         deadline_s: Simulated seconds the server waits for uploads (0: for the slowest).
-        target_acc: Validation accuracy whose first simulated time is logged as time_to_target_s (0: none).
+        target_acc: Validation score whose first simulated time is logged as time_to_target_s (0: none).
         seed: Seed of every random choice in the run.
         experiment: MLflow experiment name.
         task_runner: thread (the round's clients in the flow's process) or dask (shares on a cluster).

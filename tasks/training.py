@@ -19,7 +19,8 @@ from prefect.utilities.hashing import hash_objects
 
 from fedhpo_core import partition as partitioning
 from fedhpo_core.client import ClientData, ClientJob, ClientUpdate
-from fedhpo_core.data import Dataset, load_dataset
+from fedhpo_core.cohort import cohort_refusal
+from fedhpo_core.data import Dataset
 from fedhpo_core.federation import (
     TRAIN_CLIENTS,
     RoundSteps,
@@ -29,15 +30,29 @@ from fedhpo_core.federation import (
     partition_of,
 )
 from fedhpo_core.models import ModelSpec
-from fedhpo_core.settings import DataSettings, ExecutionSettings
+from fedhpo_core.settings import DataSettings, ExecutionSettings, TrainSettings
+from fedhpo_core.task import TaskRef, load_task_data
 
 # The task's own source is not enough: a change to a partitioner must miss the old cache entries.
 PARTITIONER_SOURCE = CacheKeyFnPolicy(cache_key_fn=lambda *_: hash_objects(inspect.getsource(partitioning)))
 
 
 @task(name="load-dataset", cache_policy=NO_CACHE)
-def load_data(name: str, root: str) -> Dataset:
-    return load_dataset(name, root)
+def load_data(task: TaskRef, root: str) -> Dataset:
+    """The task's data, loaded once per process."""
+    return load_task_data(task, root)
+
+
+def announce_engine(spec: ModelSpec, execution: ExecutionSettings, logger) -> None:
+    """One line when the cohort engine cannot batch the task's model (its clients then train one
+    after another, as on the sequential engine)."""
+    if execution.engine == "cohort" and (reason := cohort_refusal(spec)):
+        logger.warning("cohort engine: %s; training its clients one after another (sequential engine)", reason)
+
+
+def task_params(settings: TrainSettings, spec: ModelSpec) -> dict:
+    """The task's name and its scoring metric with direction, as run params."""
+    return {"task": settings.task_ref.label, "score": spec.score.name, "score_direction": spec.score.direction}
 
 
 @task(name="partition", cache_policy=INPUTS + TASK_SOURCE + PARTITIONER_SOURCE, persist_result=True)

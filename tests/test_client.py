@@ -67,7 +67,7 @@ def test_update_reports_samples_and_local_validation():
     client = make_client(n=30)
     update = local_update(SPEC, SPEC.initial_weights(0), client, ClientJob(2, 1, ClientConfig(batch_size=8), 0))
     assert update.client == 2 and update.num_samples == 30 and update.num_val == 4
-    assert math.isfinite(update.train_loss) and 0 <= update.val_acc <= 1
+    assert math.isfinite(update.train_loss) and 0 <= update.val_score <= 1
 
 
 def test_huge_learning_rate_yields_a_non_finite_loss_not_an_exception():

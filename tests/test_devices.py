@@ -128,8 +128,8 @@ def test_time_to_target_is_the_simulated_time_of_the_first_round_that_reaches_it
     settings, data = digits
     reports = []
     Federation.of(data, settings).run(FixedConfig(ClientConfig()), 5, observe=lambda r, _: reports.append(r))
-    target = reports[2].val_acc
-    first = next(r for r in reports if r.val_acc >= target)
+    target = reports[2].val_score
+    first = next(r for r in reports if r.val_score >= target)
     costs = system_objectives(reports, target_acc=target)
     assert costs["time_to_target_s"] == first.sim_time_s and costs["sim_time_s"] == reports[-1].sim_time_s
     assert system_objectives(reports, target_acc=1.0)["time_to_target_s"] == math.inf

@@ -77,5 +77,5 @@ def test_divergence_ends_the_run_and_is_reported():
 
 def test_federated_training_learns_digits():
     result = digits_federation().run(FixedConfig(ClientConfig(lr=0.1)), rounds=10)
-    assert result.evaluations[-1].test_acc > 0.85
+    assert result.evaluations[-1].test_score > 0.85
     assert result.evaluations[-1].val_loss < result.evaluations[0].val_loss

@@ -167,13 +167,13 @@ def test_stepwise_feedback_combines_global_and_local_improvement():
     tuner.configure(1, [0, 1])
 
     class Report:
-        val_acc, client_val_acc, diverged = 0.5, 0.3, False
+        val_score, client_val_score, diverged = 0.5, 0.3, False
 
     tuner.observe(Report)
     assert tuner.feedback == pytest.approx(0.5 * (0.5 - 0.1) + 0.5 * (0.3 - 0.1))  # chance is 0.1 before round 1
     assert tuner.study.trials[0].value == pytest.approx(tuner.feedback)
     tuner.configure(2, [2, 3])
-    Report.val_acc, Report.client_val_acc = 0.6, 0.5
+    Report.val_score, Report.client_val_score = 0.6, 0.5
     tuner.observe(Report)
     assert tuner.feedback == pytest.approx(0.5 * 0.1 + 0.5 * 0.2)
     assert tuner.chosen() == tuner.study.trials[0].params  # the larger improvement so far
@@ -183,14 +183,14 @@ def test_stepwise_log_error_feedback_is_the_same_for_the_same_error_ratio():
     tuner = stepwise([100] * 4, baseline="none")
     for round, (server, clients) in enumerate([(0.55, 0.55), (0.775, 0.775)], start=1):
         tuner.configure(round, [0, 1])
-        report = type("Report", (), {"val_acc": server, "client_val_acc": clients, "diverged": False})
+        report = type("Report", (), {"val_score": server, "client_val_score": clients, "diverged": False})
         tuner.observe(report)
         assert tuner.feedback == pytest.approx(math.log(2))  # the error halves in both rounds
     # With the window baseline the second round is judged against the first: no better, no worse.
     windowed = stepwise([100] * 4)
     for round, accuracy in enumerate([0.55, 0.775], start=1):
         windowed.configure(round, [0, 1])
-        windowed.observe(type("Report", (), {"val_acc": accuracy, "client_val_acc": accuracy, "diverged": False}))
+        windowed.observe(type("Report", (), {"val_score": accuracy, "client_val_score": accuracy, "diverged": False}))
     assert windowed.feedback == pytest.approx(0.0, abs=1e-12)
 
 

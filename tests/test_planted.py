@@ -163,7 +163,7 @@ def planted_accuracy_rounds(tuner: Stepwise, rounds: int, sign: float = 1.0, see
         config = tuner.configure(round, [0])[0]
         rate = (0.25 + sign * quality(config)) / math.sqrt(round) + rng.normal(0, NOISE / 3)
         error *= math.exp(-max(rate, -0.5))
-        report = type("Report", (), {"val_acc": 1 - error, "client_val_acc": 1 - error, "diverged": False})
+        report = type("Report", (), {"val_score": 1 - error, "client_val_score": 1 - error, "diverged": False})
         tuner.observe(report)
     return tuner
 

@@ -65,7 +65,7 @@ def test_scores_follow_the_objective_and_keep_going_stops_after_a_round(data):
     assert lines == [f"trial 0: 2 rounds -> val score {clients.score:.4f} {CONFIGURATION.values}"]
     with Tracker(FIXED.experiment, "by hand") as tracker:
         _, reports, _ = train_configuration(data, FIXED, CONFIGURATION, 2, tracker, RoundSteps())
-    assert clients.score == reports[-1].client_val_acc != reports[-1].val_acc
+    assert clients.score == reports[-1].client_val_score != reports[-1].val_score
     # Two clients a round (participation 0.5), the model down and up, 4 bytes a weight.
     assert clients.objectives["bytes_sent"] == 2 * 2 * 2 * data.spec.size * 4
     assert system_objectives(reports) == clients.objectives

@@ -17,6 +17,7 @@ import optuna
 from fedhpo_core.federation import FederatedData, FederationState
 from fedhpo_core.search.space import Configuration
 from fedhpo_core.settings import SettingsError, TrainSettings
+from fedhpo_core.task import ACCURACY, Metric
 from fedhpo_core.tuners.base import Tuner
 
 if TYPE_CHECKING:
@@ -182,8 +183,8 @@ class SearchMethod(ABC):
     and figures to the study's run.
     """
 
-    directions: tuple[str, ...] = ("maximize",)
-    objectives: tuple[str, ...] = ()  # names of the objectives after accuracy, if several
+    score: Metric = ACCURACY  # the task's scoring metric: the driver sets it before the study opens
+    objectives: tuple[str, ...] = ()  # names of the objectives after the score (costs to minimize), if several
     parallel = False  # whether trials may train at once and processes may share the study
     # Whether a trial spans several trainings (successive halving's rungs): one left RUNNING with a
     # recorded result is paused, and the method continues it; otherwise it is told that result.
@@ -195,6 +196,16 @@ class SearchMethod(ABC):
     def __init__(self, options=None):
         """`options`: the method's `registry.Options` (its declaration makes them)."""
         self.options = options
+
+    def use_score(self, metric: Metric) -> None:
+        """Score trials by the task's metric; the driver calls this before the study opens. A method
+        that cannot work with the metric raises a one-line SettingsError."""
+        self.score = metric
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        """The study's: the score's direction, then every system objective minimized."""
+        return (self.score.direction, *["minimize"] * len(self.objectives))
 
     @abstractmethod
     def sampler(self, parameters, seed: int) -> optuna.samplers.BaseSampler:
@@ -219,8 +230,8 @@ class SearchMethod(ABC):
         return {}
 
     def values(self, result: TrialResult):
-        """What the study is told: the score (a diverged trial's is 0), then any system objectives."""
-        score = score_of(result)
+        """What the study is told: the score (a diverged trial's is the worst), then any system objectives."""
+        score = score_of(result, self.score)
         return [score, *(result.objectives[name] for name in self.objectives)] if self.objectives else score
 
     def check_budget(self, budget: int, n_configs: int) -> None:
@@ -315,9 +326,10 @@ def settle_interrupted_trials(study: optuna.Study, method: SearchMethod, numbers
             finish_trial(study, trial, result, method)
 
 
-def score_of(result: TrialResult) -> float:
-    """The value told to Optuna: a diverged or unscored trial counts as accuracy 0."""
-    return result.score if math.isfinite(result.score) and not result.diverged else 0.0
+def score_of(result: TrialResult, metric: Metric = ACCURACY) -> float:
+    """The value told to Optuna: a diverged or unscored trial counts as the metric's worst (accuracy 0,
+    an error of inf)."""
+    return result.score if math.isfinite(result.score) and not result.diverged else metric.worst()
 
 
 def configuration_of(trial: optuna.trial.FrozenTrial) -> dict:

@@ -186,7 +186,6 @@ class MultiObjectiveSearch(FixedBudgetSearch):
     def __init__(self, options: "MultiObjectiveOptions | None" = None):
         super().__init__(options or MultiObjectiveOptions())
         self.objectives = tuple(self.options.objectives.split(","))
-        self.directions = ("maximize", *(["minimize"] * len(self.objectives)))
 
     def reports(self, study, table):
         """The Pareto front's trials, and accuracy against each cost with the front marked."""

@@ -121,8 +121,9 @@ class SuccessiveHalving(SearchMethod):
                 if reached < rung.rounds and not (recorded and recorded.diverged):
                     start_from = trial if reached else None
                     context.train(trial, Configuration(trial.params), rung.rounds - reached, start_from=start_from)
-            scores = {n: score_of(recorded_result(t)) for n, t in trials.items()}
-            ranked = sorted(trials, key=lambda n: -scores[n])
+            sign = self.score.sign()
+            scores = {n: score_of(recorded_result(t), self.score) for n, t in trials.items()}
+            ranked = sorted(trials, key=lambda n: -sign * scores[n])
             if k + 1 == len(rungs):
                 for number in ranked:
                     context.complete(trials[number], recorded_result(trials[number]))

@@ -167,12 +167,20 @@ class StepwiseOptions(Options):
 class StepwiseSearch(OnlineSearch):
     """Step-wise adaptive Optuna with straggler-aware selection (`fedhpo_core.tuners.stepwise`)."""
 
+    def use_score(self, metric):
+        if metric.name != "acc":
+            raise SettingsError(
+                "stepwise's feedback is the gain in accuracy (from chance): "
+                f"it cannot tune a task scored by {metric.name}"
+            )
+        super().use_score(metric)
+
     def tuner(self, context, configs, values):
         global_parameters = {setting_of(n): d for n, d in context.parameters.items()}
         base = context.fixed.client_config
         seconds = Federation.of(context.data, context.fixed).client_seconds(base.local_epochs)
         return Stepwise(
-            global_parameters, base, seconds, context.data.spec.num_classes, context.seed, **asdict(self.options)
+            global_parameters, base, seconds, context.data.spec.outputs, context.seed, **asdict(self.options)
         )
 
 

@@ -31,7 +31,8 @@ MEMBER, GENERATION, PARENT = LINEAGE
 
 
 def exploit(scores: dict[int, float], rng: np.random.Generator, fraction: float = 0.25) -> dict[int, int]:
-    """{loser: winner}: each member of the bottom fraction copies a random member of the top one."""
+    """{loser: winner}: each member of the bottom fraction copies a random member of the top one
+    (`scores`: larger is better)."""
     ranked = sorted(scores, key=lambda m: -scores[m])
     cut = max(1, math.ceil(fraction * len(ranked))) if len(ranked) > 1 else 0
     top, bottom = ranked[:cut], ranked[len(ranked) - cut :]
@@ -93,7 +94,7 @@ class PopulationBasedTraining(SearchMethod):
         """{member: (configuration, parent trial)} of a generation from the one before: the worst
         quarter exploit the best and explore; the rest continue their own run as they were."""
         rng = seeding.numpy_rng(context.seed, seeding.PBT, generation)
-        copies = exploit({m: t.value for m, t in previous.items()}, rng)
+        copies = exploit({m: self.score.sign() * t.value for m, t in previous.items()}, rng)
         plan = {m: (dict(t.params), t) for m, t in previous.items()}
         for loser, winner in copies.items():
             plan[loser] = (explore(previous[winner].params, dict(context.parameters), rng), previous[winner])

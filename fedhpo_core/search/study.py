@@ -56,7 +56,14 @@ COMPARISON_PRESETS = {
 }
 DEFINITION_ATTR = "definition"  # Optuna study user attribute: `study_definition` at creation
 # Settings a definition holds since after studies began keeping one: a study recorded without them had these.
-ADDED_TO_DEFINITION = {"eval_clients": 0, "eval_noise": 0.0}
+ADDED_TO_DEFINITION = {
+    "eval_clients": 0,
+    "eval_noise": 0.0,
+    "task": "",
+    "client_column": "",
+    "target": "",
+    "task_type": "auto",
+}
 SCHEMA_ATTEMPTS = 3  # processes joining a new storage at once race to create its tables
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from us, not Optuna's
@@ -182,7 +189,7 @@ class TuneSettings:
         method = f"{self.method}[{';'.join(map(str, changed.values()))}]" if changed else self.method
         noisy = "".join(f"-{k.removeprefix('eval_')}{v:g}" for k, v in self.noisy.items())
         return self.study_name or (
-            f"{method}-{self.scope}-{fixed.dataset}-{fixed.partition}-{fixed.clients}c-b{self.budget}-s{fixed.seed}"
+            f"{method}-{self.scope}-{fixed.task_ref.label}-{fixed.partition}-{fixed.clients}c-b{self.budget}-s{fixed.seed}"
             + noisy
         )
 
@@ -341,9 +348,10 @@ def limits_text(limits) -> str:
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The best complete trial within the study's limits (Optuna's constraints); with several
-    objectives, the most accurate on the Pareto front. None when no trial is within them."""
+    objectives, the best scored on the Pareto front. None when no trial is within them."""
     if len(study.directions) > 1:
-        return max(study.best_trials, key=lambda t: t.values[0], default=None)
+        sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
+        return max(study.best_trials, key=lambda t: sign * t.values[0], default=None)
     try:
         return study.best_trial
     except ValueError:  # no feasible complete trial

@@ -92,7 +92,7 @@ class Stepwise(Tuner):
         return dict.fromkeys(clients, config)
 
     def observe(self, report):
-        current = (report.val_acc, report.client_val_acc)
+        current = (report.val_score, report.client_val_score)
         deltas = [self.gain(before, now) for now, before in zip(current, self.previous, strict=True)]
         if report.diverged or not all(np.isfinite(deltas)):
             self.study.tell(self.trial, state=optuna.trial.TrialState.FAIL)
