@@ -1,5 +1,5 @@
 """Step-wise adaptive Optuna, one change at a time: the configuration each variant settles on after
-the search budget, on the partitions and seeds of the README's MNIST comparison (search only, no
+the search budget, on the partitions and seeds of the MNIST comparison in docs/compare.md (search only, no
 retraining; what a configuration is worth after 100 rounds is the grid oracle's table).
 
     python bench/stepwise_ablation.py --data-root ../shared/data --seeds 0,1,2

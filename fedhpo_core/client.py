@@ -152,18 +152,29 @@ class ClientUpdate:
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: ModelSpec | None = None) -> tuple[float, float]:
     """Mean loss and score of `model` on (x, y), by the spec's loss and scoring metric (without a
     spec: cross-entropy and accuracy); (nan, nan) on an empty split."""
-    if len(y) == 0:
-        return math.nan, math.nan
+    loss, values = evaluate_metrics(model, x, y, spec)
+    return loss, next(iter(values.values()))
+
+
+@torch.no_grad()
+def evaluate_metrics(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: ModelSpec | None = None
+) -> tuple[float, dict[str, float]]:
+    """Mean loss and every metric of the spec (the scoring one first) of `model` on (x, y); nan on
+    an empty split."""
     loss_of = spec.loss if spec else default_loss
-    metric = spec.score if spec else ACCURACY
+    metrics = spec.metrics if spec else (ACCURACY,)
+    if len(y) == 0:
+        return math.nan, {m.name: math.nan for m in metrics}
     model.eval()
-    loss_sum, score_sum = 0.0, 0.0
+    loss_sum, sums = 0.0, [0.0] * len(metrics)
     for start in range(0, len(y), EVAL_BATCH):
         outputs = model(x[start : start + EVAL_BATCH])
         target = y[start : start + EVAL_BATCH]
         loss_sum += float(loss_of(outputs, target).sum(dtype=torch.float64))
-        score_sum += float(metric.per_sample(outputs, target).sum(dtype=torch.float64))
-    return loss_sum / len(y), metric.value(score_sum / len(y))
+        for i, metric in enumerate(metrics):
+            sums[i] += float(metric.per_sample(outputs, target).sum(dtype=torch.float64))
+    return loss_sum / len(y), {m.name: m.value(total / len(y)) for m, total in zip(metrics, sums, strict=True)}
 
 
 def as_float32(value: float) -> float:

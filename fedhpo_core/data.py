@@ -43,6 +43,23 @@ class Dataset:
         """Classes of a classification task; 0 for regression."""
         return self.outputs if self.classification else 0
 
+    @classmethod
+    def of(cls, name: str, train, test, outputs: int | None = None) -> "Dataset":
+        """A dataset from two labelled torch Datasets (or anything indexable whose items are
+        (input, label) pairs), stacked into tensors once; `outputs` defaults to the number of
+        classes the integer labels span (max + 1), or the target's width for float targets."""
+        x_train, y_train = _stacked(train)
+        x_test, y_test = _stacked(test)
+        if outputs is None:
+            targets = torch.cat([y_train, y_test])
+            outputs = int(targets.max()) + 1 if not targets.is_floating_point() else (targets[0].numel() or 1)
+        return cls(name, x_train, y_train, x_test, y_test, outputs)
+
+
+def _stacked(pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, labels = zip(*(pairs[i] for i in range(len(pairs))), strict=True)
+    return torch.stack([torch.as_tensor(x) for x in inputs]), torch.as_tensor(labels)
+
 
 @dataclass(frozen=True)
 class DatasetSpec:

@@ -72,4 +72,5 @@ def subsampled_accuracy(data: FederatedData, weights: torch.Tensor, clients: lis
     accuracies weighted by validation size (nan if none of them holds validation data)."""
     rows = [data.clients[c] for c in clients]
     split = (torch.cat([c.x_val for c in rows]), torch.cat([c.y_val for c in rows]))
-    return evaluate_splits(data.spec, weights, {"clients": split})["clients"][1]
+    _, values = evaluate_splits(data.spec, weights, {"clients": split})["clients"]
+    return next(iter(values.values()))

@@ -17,7 +17,7 @@ import torch
 
 from fedhpo_core import seeding
 from fedhpo_core.aggregators import ServerSettings, State, server_step
-from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, Controls, evaluate, local_update
+from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, Controls, evaluate_metrics, local_update
 from fedhpo_core.cohort import train_cohort
 from fedhpo_core.data import Dataset
 from fedhpo_core.devices import Devices, RoundPlan, profiles_of
@@ -135,10 +135,22 @@ class FederationState:
 
 @dataclass(frozen=True)
 class Evaluation:
+    """The global model on the server's validation split and the test set: loss and scoring metric,
+    and the task's other metrics by their logged names (`val_mae`, `test_mae`)."""
+
     val_loss: float
     val_score: float
     test_loss: float
     test_score: float
+    others: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, metrics: Mapping[str, tuple[float, dict[str, float]]]) -> "Evaluation":
+        """From `evaluate_splits`' val and test entries (loss, every metric by name, the score first)."""
+        (val_loss, val), (test_loss, test) = metrics["val"], metrics["test"]
+        score, *rest = val
+        others = {f"{split}_{k}": values[k] for split, values in (("val", val), ("test", test)) for k in rest}
+        return cls(val_loss, val[score], test_loss, test[score], others)
 
 
 def _weighted(values: Sequence[float], weights: Sequence[int]) -> float:
@@ -205,9 +217,9 @@ def aggregate_updates(
 
 
 def evaluate_splits(spec: ModelSpec, weights: torch.Tensor, splits: Mapping[str, Split]) -> dict[str, tuple]:
-    """(loss, accuracy) of the global model on each named split."""
+    """(loss, {metric: value}) of the global model on each named split, the scoring metric first."""
     model = workspace_model(spec, weights)
-    return {name: evaluate(model, x, y, spec) for name, (x, y) in splits.items()}
+    return {name: evaluate_metrics(model, x, y, spec) for name, (x, y) in splits.items()}
 
 
 def train_sequentially(
@@ -391,7 +403,7 @@ class Federation:
                 server, start_weights, updates, state.server_state, self.links(t, factors)
             )
             metrics = steps.evaluate(spec, weights, splits)
-            evaluation = Evaluation(*metrics["val"], *metrics["test"])
+            evaluation = Evaluation.of(metrics)
             sim_time_s = state.sim_time_s + plan.seconds
             report = RoundReport(
                 t,

@@ -78,6 +78,7 @@ def round_metrics(report: RoundReport, evaluation: Evaluation, score: str = "acc
         "train_loss": report.train_loss,
         "client_val_loss": report.client_val_loss,
         f"client_val_{score}": report.client_val_score,
+        **e.others,
         "sim_time_s": report.sim_time_s,
     } | {k: v for k, v in optional.items() if v is not None}
 

@@ -564,7 +564,7 @@ def check_clients(data: Dataset, settings) -> None:
             name = data.group_names[g] if g < len(data.group_names) else str(g)
             least = next(n for n in range(int(count) + 1, 10**6) if enough(n))
             raise TaskError(
-                f"client {name!r} has {count} training rows, fewer than its validation split of "
+                f"client {name!r} has {count} rows, fewer than its validation split of "
                 f"{settings.client_val_fraction} needs (at least {least})"
             )
 

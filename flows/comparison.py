@@ -251,7 +251,8 @@ def method_comparison(
         tracker.log_table(paired_differences(results, reference, metric=metric), "comparison/paired.csv")
         tracker.log_table(table.reset_index(), "comparison/table.csv")
         tracker.log_text(markdown_table(table), "comparison/table.md")
-        tracker.log_figure(comparison_figure(results, metric), f"comparison/{metric.name}_vs_budget.png")
+        figure = "accuracy" if metric.name == "acc" else metric.name
+        tracker.log_figure(comparison_figure(results, metric), f"comparison/{figure}_vs_budget.png")
         means = results.groupby(["method", "budget"], sort=False)[test].mean()
         for (method, budget), mean in means.items():  # a chart per method: the score against budget
             tracker.log_metrics({f"mean_{test}/{method}": mean}, step=int(budget))

@@ -232,6 +232,7 @@ def run_study(
             )
             last = final.result.evaluations[-1]
             summary |= {f"final_test_{metric.name}": last.test_score, f"final_val_{metric.name}": last.val_score}
+            summary |= {f"final_{k}": v for k, v in last.others.items()}
             summary["final_run_id"] = final.run_id
             summary |= {f"final_{k}": final.costs[k] for k in SHOWN_COSTS if k in final.costs}
             if final.model_version:
@@ -243,7 +244,8 @@ def run_study(
         # The run's metrics are what the study found (the best first, alphabetically), never the last trial's.
         found = ("best_val_score", f"final_test_{metric.name}", f"final_val_{metric.name}", "rounds_used")
         found += ("trials_finished", "wall_time_s")
-        tracker.log_metrics({k: summary[k] for k in (*found, *FINAL_COSTS) if k in summary})
+        others = [k for k in summary if k.startswith(("final_val_", "final_test_")) and k not in found]
+        tracker.log_metrics({k: summary[k] for k in (*found, *others, *FINAL_COSTS) if k in summary})
         summary |= {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "storage": storage}
         summary |= {"score": metric.name, "direction": metric.direction}
         tracker.describe(study_markdown(summary, table, tune, metric=metric))  # the run's Overview: what it found

@@ -32,8 +32,9 @@ def training_run_name() -> str:
     """A training's flow run (and MLflow run) is named for its dataset, model and seed, and a random
     slug: a week of scheduled runs reads apart in the Prefect UI."""
     parameters = run_parameters(federated_training.fn)
-    label = TaskRef(parameters.get("task") or parameters["dataset"]).label
-    return f"{label}-{parameters['model']}-s{parameters['seed']}-{generate_slug(2)}"
+    ref = TaskRef(parameters.get("task") or parameters["dataset"])
+    model = f"-{parameters['model']}" if ref.bundled else ""
+    return f"{ref.label}{model}-s{parameters['seed']}-{generate_slug(2)}"
 
 
 def partition_title(settings: TrainSettings) -> str:
@@ -103,6 +104,7 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
             f"final_test_{metric.name}": final.test_score,
             "final_val_loss": final.val_loss,
             "final_test_loss": final.test_loss,
+            **{f"final_{k}": v for k, v in final.others.items()},
             "rounds_completed": result.state.round,
             "total_bytes_sent": float(sum(bytes_sent)),
             "diverged": float(result.diverged),

@@ -51,8 +51,12 @@ def announce_engine(spec: ModelSpec, execution: ExecutionSettings, logger) -> No
 
 
 def task_params(settings: TrainSettings, spec: ModelSpec) -> dict:
-    """The task's name and its scoring metric with direction, as run params."""
-    return {"task": settings.task_ref.label, "score": spec.score.name, "score_direction": spec.score.direction}
+    """The task's name, model and scoring metric with its direction, as run params (a task of
+    one's own shows its name as the dataset and its model's class as the model)."""
+    params = {"task": settings.task_ref.label, "score": spec.score.name, "score_direction": spec.score.direction}
+    if not settings.task_ref.bundled:
+        params |= {"dataset": settings.task_ref.label, "model": type(spec.build()).__name__}
+    return params
 
 
 @task(name="partition", cache_policy=INPUTS + TASK_SOURCE + PARTITIONER_SOURCE, persist_result=True)

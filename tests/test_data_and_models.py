@@ -77,3 +77,16 @@ def test_flat_weights_round_trip_without_aliasing():
         next(model.parameters()).add_(1.0)
     assert torch.equal(spec.initial_weights(0), weights)  # the vector was copied, not shared
     assert not torch.equal(spec.initial_weights(1), weights)
+
+
+def test_a_labelled_torch_dataset_becomes_tensors_with_its_outputs_counted():
+    from torch.utils.data import TensorDataset
+
+    from fedhpo_core.data import Dataset
+
+    x, labels = torch.arange(30.0).view(10, 3), torch.tensor([0, 1, 2, 4, 0, 1, 2, 4, 0, 1])
+    data = Dataset.of("toy", TensorDataset(x, labels), TensorDataset(x[:2], labels[:2]))
+    assert torch.equal(data.x_train, x) and torch.equal(data.y_train, labels) and data.outputs == 5
+    assert data.classification and data.num_classes == 5 and data.input_shape == (3,)
+    regression = Dataset.of("toy", TensorDataset(x, x[:, 0]), TensorDataset(x[:2], x[:2, 0]))
+    assert not regression.classification and regression.outputs == 1 and regression.num_classes == 0

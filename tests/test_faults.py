@@ -170,7 +170,7 @@ def test_resume_refuses_other_settings_and_says_which(flags, message, capsys, tm
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    tune, fixed = TuneSettings(method="random", budget=12, n_configs=4), TrainSettings()
+    tune, fixed = TuneSettings(method="random", budget=12, n_configs=4), TrainSettings(partition="iid")
     open_study(method_named("random").build(), storage, "made", False, definition=study_definition(tune, fixed))
     base = ["--method", "random", "--budget", "12", "--n-configs", "4"]
     error = one_line_exit(capsys, ["tune", "--resume", "--study-name", "made", "--storage", storage, *base, *flags])

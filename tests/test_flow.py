@@ -12,6 +12,7 @@ from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, Federation
 from fedhpo_core.partition import partition_dataset
 from fedhpo_core.settings import TrainSettings
+from fedhpo_core.task import prepared
 from fedhpo_core.tuners import FixedConfig
 from flows.training import federated_training
 from tasks.training import partition_data
@@ -42,10 +43,11 @@ def test_flow_leaves_the_expected_mlflow_run(mlflow_client):
     assert run.data.tags["fedhpo.role"] == "train" and run.data.tags["fedhpo.diverged"] == "false"
     assert run.data.tags["prefect.flow_run_id"]
 
-    settings = TrainSettings(**SMALL, experiment="flow-e2e")
+    settings = prepared(TrainSettings(**SMALL, experiment="flow-e2e"))  # as the flow runs it: partition auto is iid
+    shown = {"server_lr": settings.server.lr, "task": "digits"}  # the task's label, for a bundled one its dataset
     for name, value in vars(settings).items():
-        expected = settings.server.lr if name == "server_lr" else value
-        assert run.data.params[name] == str(expected), name
+        assert run.data.params[name] == str(shown.get(name, value)), name
+    assert run.data.params["score"] == "acc" and run.data.params["score_direction"] == "maximize"
 
     for metric in ("val_acc", "val_loss", "test_acc", "test_loss", "train_loss"):
         history = mlflow_client.get_metric_history(run.info.run_id, metric)

@@ -58,7 +58,7 @@ def test_a_100_client_run_opens_on_its_learning_curves_with_a_bounded_set_of_met
 
 MODEL = "fedhpo-browse"
 ROOT = Path(__file__).resolve().parent.parent
-# A folder (relative to the repository): the browsing test saves its pages there (the README's screenshots).
+# A folder (relative to the repository): the browsing test saves its pages there (docs/screenshots).
 SCREENSHOTS_ENV = "FEDHPO_SCREENSHOTS"
 SHOW_DESCRIPTION = "document.querySelector('[data-testid=\"show-comment-toggle\"]').click()"  # its "Show more"
 

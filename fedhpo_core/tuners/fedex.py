@@ -17,7 +17,7 @@ The options are the reference code's, plus one of ours:
   reference's default discount 0) or "round" (ours: this round's weighted mean, an advantage
   across the round's clients). The loss falls round after round whatever is drawn, so against the
   previous round every draw looks good, and the arms drawn early while the loss fell fastest are
-  reinforced most: the collapse the README recorded (lr 0.05, weight decay 0.01 after 30 MNIST
+  reinforced most: the collapse docs/compare.md records (lr 0.05, weight decay 0.01 after 30 MNIST
   rounds). Against the same round's mean only the differences between configurations remain.
   "fitted" (ours): the round's mean plus the client's own effect and the other settings' effects
   (`policy.FittedBaseline`): clients whose data the global model fits worse improve more whatever
@@ -36,7 +36,7 @@ values swung it through their importance weights 1/theta_j). Server settings are
 them to an outer random search or successive halving.
 
 `FedEx.PAPER` is the faithful reading (after, previous, auto, joint); the defaults are what worked
-best on digits and MNIST (README, "Round-level methods").
+best on digits and MNIST (docs/methods.md, "Round-level methods").
 """
 
 import math

@@ -16,7 +16,7 @@ configuration not yet in the buffer starts from the latest aggregate. D_i / D us
 sampled clients, whose models the server holds.
 
 What the paper leaves open, and the choices here (`FedTune.PAPER` is the faithful reading; the
-defaults are what worked on digits and MNIST, README "Round-level methods", and on the planted
+defaults are what worked on digits and MNIST, docs/methods.md "Round-level methods", and on the planted
 problems of `tests/test_planted.py`):
 - `credit`: "mixture" (eq. 12 as written: the dummy one scales client i's outputs in the
   sample-weighted mixture of the clients' outputs, L = CE(sum_i D_i/D 1_i theta_i(x), y)),
