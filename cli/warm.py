@@ -293,8 +293,14 @@ class Runner:
             os.dup2(fd, target)
             os.close(fd)
         os.chdir(request["cwd"])
+        ours = {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
         os.environ.clear()
         os.environ.update(request["env"])
+        # Imports as a fresh `fedhpo` would find them: the command's PYTHONPATH (an installed plugin
+        # found through it), not the runner's, nor the folder the runner was started in (`-m`).
+        theirs = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        sys.path[:] = [*theirs, *(p for p in sys.path[1:] if os.path.abspath(p) not in ours)]
+        importlib.invalidate_caches()
         sys.argv = ["fedhpo", *request["argv"]]
         reseed_and_reconfigure()
         from cli.main import main as run

@@ -68,9 +68,14 @@ def gather(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def per_parameter(flat: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
     """Flat vectors stacked, (k, P), as views of each parameter's stack, (k, *shape)."""
-    shapes = [p.shape for p in spec.build().parameters()]
+    shapes = parameter_shapes(spec)
     parts = flat.split([shape.numel() for shape in shapes], dim=1)
     return [part.view(len(flat), *shape) for part, shape in zip(parts, shapes, strict=True)]
+
+
+@functools.lru_cache(maxsize=16)
+def parameter_shapes(spec: ModelSpec) -> tuple[torch.Size, ...]:
+    return tuple(p.shape for p in spec.build().parameters())
 
 
 class CohortSGD:
@@ -258,8 +263,11 @@ def kernel_name(spec: ModelSpec) -> str:
     """The fastest kernel that runs the spec's model: `linear` for Flatten/Linear/ReLU stacks
     trained on the default loss with class labels (its backward is softmax cross-entropy's),
     `batched` for Sequentials of the layers it knows, `vmap` for any other module."""
-    if spec.name in KERNELS:
-        return KERNELS[spec.name]
+    return KERNELS.get(spec.name) or _fastest_kernel(spec)
+
+
+@functools.lru_cache(maxsize=16)
+def _fastest_kernel(spec: ModelSpec) -> str:
     module = spec.build()
     if not isinstance(module, nn.Sequential):
         return "vmap"

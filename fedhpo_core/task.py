@@ -26,6 +26,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import math
+import os
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -255,6 +256,18 @@ class TableTask(Task):
         text = [c for c in features.columns if not np.issubdtype(features[c].dtype, np.number)]
         if text:
             raise TaskError(f"{self.path}: feature columns must be numeric; {', '.join(text)} are not")
+        for role, frame in (
+            ("feature", features),
+            ("target", table[[self.target]]),
+            ("client", table[[self.client_column]]),
+        ):
+            bad = frame.isna().to_numpy() | (np.isinf(frame.to_numpy()) if role == "feature" else False)
+            if bad.any():
+                row, column = np.argwhere(bad)[0]
+                raise TaskError(
+                    f"{self.path}: {role} column {frame.columns[column]!r} is missing or not finite in "
+                    f"{int(bad.any(1).sum())} rows (first: data row {row + 1})"
+                )
         clients, groups = np.unique(table[self.client_column].astype(str).to_numpy(), return_inverse=True)
         x = torch.tensor(features.to_numpy(dtype=np.float32))
         y, outputs = self.targets(table[self.target])
@@ -402,9 +415,25 @@ def _import_file(path: Path):
     return module
 
 
+def _import_here(name: str):
+    """A module importable from the current folder (as with `python -m`) or the environment."""
+    here = os.getcwd()
+    added = here not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        return importlib.import_module(name)
+    finally:
+        if added:
+            sys.path.remove(here)
+
+
 def _as_task(value, where: str) -> Task:
-    if isinstance(value, type) and issubclass(value, Task) or callable(value) and not isinstance(value, Task):
-        value = value()
+    if callable(value) and not isinstance(value, Task):  # a Task subclass or a function making one
+        try:
+            value = value()
+        except Exception as error:  # whatever the user's factory raises
+            raise TaskError(f"{where} does not make a task: {type(error).__name__}: {_line(error)}") from error
     if not isinstance(value, Task):
         raise TaskError(f"{where} is a {type(value).__name__}, not a fedhpo_core.task.Task (or a function making one)")
     return value
@@ -418,7 +447,7 @@ def _module_attribute(ref: str) -> Task:
             raise TaskError(f"task file {head} does not exist")
         load = functools.partial(_import_file, path)
     else:
-        load = functools.partial(importlib.import_module, head)
+        load = functools.partial(_import_here, head)
     try:
         module = load()
     except Exception as error:  # whatever the user's module raises while importing

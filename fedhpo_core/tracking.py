@@ -380,7 +380,8 @@ class Tracker:
         return f"runs:/{self.run_id}/{artifact_file}"
 
     def log_model(self, model, input_example, name: str = "model") -> str:
-        """The model through `mlflow.pytorch.log_model` in its default 'pt2' format.
+        """The model through `mlflow.pytorch.log_model` in its default 'pt2' format (pickled, with one
+        warning line, where torch.export cannot trace it).
 
         pt2 needs `input_example` (without it the logged model ends FAILED) and fixes any example
         dimension of size 1, so the example needs a batch of several. Naming the requirement
@@ -389,16 +390,24 @@ class Tracker:
         if len(input_example) < 2:
             raise ValueError("input_example needs a batch of at least 2 so the batch size stays dynamic")
 
-        def log() -> str:
+        def send() -> str:
             with mlflow.start_run(run_id=self.run_id):  # so the model is filed under the run's experiment
-                return mlflow.pytorch.log_model(
-                    model,
-                    name=name,
-                    input_example=input_example,
-                    pip_requirements=[f"torch=={torch_version()}"],
-                ).model_uri
+                requirements = [f"torch=={torch_version()}"]
+                try:
+                    return mlflow.pytorch.log_model(
+                        model, name=name, input_example=input_example, pip_requirements=requirements
+                    ).model_uri
+                except Exception as error:  # torch.export cannot trace some models (control flow on the data)
+                    if not type(error).__module__.startswith("torch"):
+                        raise
+                    log.warning(
+                        "model %s is logged pickled: torch.export cannot trace it (%s)", name, one_line(error)[:200]
+                    )
+                    return mlflow.pytorch.log_model(
+                        model, name=name, serialization_format="pickle", pip_requirements=requirements
+                    ).model_uri
 
-        return self.outbox.call(log)
+        return self.outbox.call(send)
 
     def register_model(self, model_uri: str, name: str, tags: Mapping[str, object]) -> str:
         """A new version of registered model `name` (created if missing) from a logged model, with
@@ -459,7 +468,9 @@ def browse_lines(experiment_id: str, run_id: str) -> list[str]:
 
 
 def load_state(uri: str, device: torch.device | str = "cpu") -> dict:
-    """What `Tracker.log_state` stored at `uri`, its tensors on `device`."""
+    """What `Tracker.log_state` stored at `uri`, its tensors on `device` (without MLflow's download
+    progress bar: a study loads a checkpoint per continued trial)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as folder:
         path = outbox().call(mlflow.artifacts.download_artifacts, artifact_uri=uri, dst_path=folder)
         return torch.load(path, map_location=device, weights_only=True)

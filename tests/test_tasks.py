@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedhpo_core import task as task_module
 from fedhpo_core.client import evaluate
 from fedhpo_core.federation import FederatedData, partition_of
 from fedhpo_core.partition import natural_partition, natural_sizes, partition_dataset
@@ -439,9 +440,8 @@ task = Blobs()
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory) -> dict[str, str]:
     """A package installed as pip installs one (its dist-info with METADATA and entry_points.txt)
-    in a folder of its own: the environment of commands that see it. The warm runner (cli/warm.py)
-    forks its commands from a process whose sys.path was fixed when it started, so a PYTHONPATH
-    given to one command does not reach it: these commands run in their own process."""
+    in a folder of its own: the environment of commands that see it (through PYTHONPATH, which the
+    warm runner applies to each command it forks)."""
     site = tmp_path_factory.mktemp("site")
     (site / "fedhpo_plugin_demo").mkdir()
     (site / "fedhpo_plugin_demo" / "__init__.py").write_text(PLUGIN_SOURCE)
@@ -449,13 +449,16 @@ def plugin(tmp_path_factory) -> dict[str, str]:
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fedhpo_plugin_demo\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[fedhpo.tasks]\ndemo = fedhpo_plugin_demo:task\n")
-    return {"PYTHONPATH": str(site), "FEDHPO_WARM": "0"}
+    return {"PYTHONPATH": str(site)}
 
 
 def test_an_installed_plugins_task_is_listed(plugin, tmp_path):
-    result = fedhpo("tasks", cwd=tmp_path, **plugin)
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"^  demo +fedhpo_plugin_demo:task \(fedhpo_plugin_demo\)$", result.stdout, re.MULTILINE)
+    listed = r"^  demo +fedhpo_plugin_demo:task \(fedhpo_plugin_demo\)$"
+    # The same warm runner serves a command with the plugin on its PYTHONPATH and commands without.
+    for env in ({}, plugin, {}):
+        result = fedhpo("tasks", cwd=tmp_path, **env)
+        assert result.returncode == 0, result.stderr
+        assert bool(re.search(listed, result.stdout, re.MULTILINE)) == bool(env), result.stdout
 
 
 def test_an_installed_plugins_task_is_tuned_and_compared(plugin, tmp_path):
@@ -500,3 +503,14 @@ def test_the_plugin_listing_names_how_to_name_any_task(tmp_path):
     assert result.returncode == 0
     for line in ("--task package.module:attribute", "--task path/to/file.py[:attribute]", "--client-column"):
         assert line in result.stdout
+
+
+def test_a_module_in_the_current_folder_is_a_task_without_touching_sys_path(tmp_path, monkeypatch):
+    (tmp_path / "here_task_module.py").write_text(
+        "from fedhpo_core.task import ImageTask\ntask = ImageTask('digits', 'lenet5')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    found = task_module.resolve(task_module.TaskRef("here_task_module:task"))
+    assert isinstance(found, task_module.ImageTask) and found.model_name == "lenet5"
+    assert sys.path == before
