@@ -265,8 +265,8 @@ class TableTask(Task):
             if bad.any():
                 row, column = np.argwhere(bad)[0]
                 raise TaskError(
-                    f"{self.path}: {role} column {frame.columns[column]!r} is missing or not finite in "
-                    f"{int(bad.any(1).sum())} rows (first: data row {row + 1})"
+                    f"{self.path}: {role} column {frame.columns[column]!r} has missing or non-finite values "
+                    f"(NaN, inf) in {int(bad.any(1).sum())} rows (first: data row {row + 1})"
                 )
         clients, groups = np.unique(table[self.client_column].astype(str).to_numpy(), return_inverse=True)
         x = torch.tensor(features.to_numpy(dtype=np.float32))

@@ -157,9 +157,14 @@ def test_mnist_goes_through_the_per_client_folder_layout(tuned_mnist_folders):
         assert max(counts) > 0.2 * sum(counts), (client, counts)
 
 
-@pytest.mark.parametrize("name", ["diabetes", "sequences"])
+@pytest.mark.parametrize("name", sorted(SCORES))
 def test_compare_names_the_examples_score(name, tmp_path):
+    from conftest import SHARED_DATA
+
     score, direction, _ = SCORES[name]
+    flags = ("--data-root", str(SHARED_DATA)) if name == "mnist_folders" else ()
+    if flags and not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip(f"no MNIST under {SHARED_DATA}")
     stdout, _ = fedhpo(
         tmp_path,
         *COMPARE,
@@ -167,6 +172,7 @@ def test_compare_names_the_examples_score(name, tmp_path):
         str(FINAL_ROUNDS),
         "--task",
         str(EXAMPLES / f"{name}.py"),
+        *flags,
         FEDHPO_EXAMPLES_CACHE=str(tmp_path / "cache"),
     )
     assert f"final_test_{score} ({direction}), mean ± std over seeds" in stdout

@@ -123,7 +123,7 @@ REFUSALS = {  # flags (INPUTS stands for the inputs folder), and what the one li
         ["--task", "INPUTS/labels.py"],
         ("labels", "0..10", "10 outputs"),
     ),
-    "NaN features": (["--task", "INPUTS/nan.csv", *TABLE], ("non-finite", "NaN")),
+    "NaN features": (["--task", "INPUTS/nan.csv", *TABLE], ("feature column", "non-finite", "NaN", "in 1 rows")),
     "missing client column": (
         ["--task", "INPUTS/five.csv", "--client-column", "city", "--target", "target"],
         ("client column 'city' is not a column of INPUTS/five.csv",),
