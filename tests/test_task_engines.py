@@ -14,18 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cohort import assert_agree, jobs_for  # the engines agree as they do on the bundled models
 from torch import nn
 from torch.nn import functional as F
 
 from fedhpo_core import cohort
-from fedhpo_core.client import ClientJob
 from fedhpo_core.data import Dataset, load_dataset
 from fedhpo_core.federation import FederatedData, partition_of, train_sequentially
 from fedhpo_core.settings import ClientConfig, TrainSettings
 from fedhpo_core.task import Task, load_task_data, prepared
 
 # Weights after one round, cohort against sequential: as tests/test_cohort.py bounds them.
-TOLERANCE = 1e-5
 
 CONFIGS = [  # every client trains differently (no momentum): rate, decay, FedProx, batch size, epochs
     ClientConfig(lr=0.05),
@@ -173,19 +172,6 @@ def federation(attribute: str, clients: int = 5) -> FederatedData:
         settings = prepared(TrainSettings(task=ref, seed=1, clients=clients, partition="dirichlet"))
     data = load_task_data(settings.task_ref, settings.data_root)
     return FederatedData.build(data, partition_of(settings.data), settings.model, task=settings.task_ref)
-
-
-def jobs_for(configs):
-    return [ClientJob(c, 1, config, 0) for c, config in enumerate(configs)]
-
-
-def assert_agree(sequential, batched):
-    for a, b in zip(sequential, batched, strict=True):
-        assert (a.client, a.num_samples, a.num_val) == (b.client, b.num_samples, b.num_val)
-        assert (a.weights - b.weights).abs().max() < TOLERANCE, a.client
-        assert a.train_loss == pytest.approx(b.train_loss, abs=TOLERANCE)
-        assert a.val_loss == pytest.approx(b.val_loss, abs=TOLERANCE, nan_ok=True)
-        assert a.val_score == pytest.approx(b.val_score, nan_ok=True)
 
 
 @pytest.mark.parametrize(
