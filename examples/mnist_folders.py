@@ -13,8 +13,8 @@ else `examples/.cache/mnist_folders` next to this file (ignored by git). It is w
 (about 2,000 small PNG files, a few seconds) and reused; delete it to rebuild it. MNIST itself is
 read from `--data-root` in torchvision's layout (`MNIST/raw/...`), downloaded there if missing.
 
-The model, `SmallCNN`, is an `nn.Module` of its own (not an `nn.Sequential`), so the cohort
-engine batches a round's clients through torch.func's vmap of its functional call.
+The model, `SmallCNN`, is an `nn.Module` of its own (not an `nn.Sequential`) whose forward is a
+chain of layers the cohort engine knows: it lowers it (torch.fx) to its built-in batched kernel.
 
 Run from the repository root (with MNIST under ../shared/data):
 

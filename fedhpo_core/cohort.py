@@ -29,8 +29,9 @@ stops at the end of that epoch); either way its loss marks the round diverged.
 
 Kernels (measured with `bench/bench_cohort.py`; `kernel_name` picks the fastest that runs a model):
 - `vmap`, the general path: torch.func's vmap of the module's functional call, autograd backward;
-- `batched`, our own forward for Sequentials of Linear, Conv2d, ReLU, MaxPool2d and Flatten
-  (grouped convolutions, batched matrix products), autograd backward;
+- `batched`, our own forward for chains of Linear, Conv2d, ReLU, MaxPool2d and Flatten
+  (grouped convolutions, batched matrix products), autograd backward: a Sequential of them, or
+  any module whose forward torch.fx finds to be such a chain (`as_chain`);
 - `linear`, our own forward and backward for Flatten/Linear/ReLU stacks (the MLP): each weight
   gradient is a batched product that plain SGD accumulates straight into the weights (one
   `baddbmm_`), never materialized.
@@ -260,20 +261,86 @@ KERNELS: dict[str, str] = {}  # a kernel forced for a model name (benchmarks and
 
 
 def kernel_name(spec: ModelSpec) -> str:
-    """The fastest kernel that runs the spec's model: `linear` for Flatten/Linear/ReLU stacks
+    """The fastest kernel that runs the spec's model: `linear` for Flatten/Linear/ReLU chains
     trained on the default loss with class labels (its backward is softmax cross-entropy's),
-    `batched` for Sequentials of the layers it knows, `vmap` for any other module."""
+    `batched` for chains of the layers it knows (a Sequential, or any module whose forward is such
+    a chain: `as_chain`), `vmap` for any other module."""
     return KERNELS.get(spec.name) or _fastest_kernel(spec)
 
 
 @functools.lru_cache(maxsize=16)
 def _fastest_kernel(spec: ModelSpec) -> str:
-    module = spec.build()
-    if not isinstance(module, nn.Sequential):
+    chain = as_chain(spec.build())
+    if chain is None:
         return "vmap"
-    if spec.classification and spec.default_loss and all(isinstance(m, LinearKernel.layers_known) for m in module):
+    if spec.classification and spec.default_loss and all(isinstance(m, LinearKernel.layers_known) for m in chain):
         return "linear"
-    return "batched" if all(isinstance(m, BATCHED_LAYERS) for m in module) else "vmap"
+    return "batched"
+
+
+def as_chain(module: nn.Module) -> nn.Sequential | None:
+    """The module as a Sequential of the layers our kernels run, when its forward is a chain of
+    them (each step taking only the step before's output, found by torch.fx) and its parameters
+    are registered in the chain's order, so that its flat weights mean the same to the Sequential;
+    else None. Layers: Linear and Conv2d with biases (Conv2d ungrouped), ReLU, MaxPool2d, and
+    Flatten from dimension 1 (modules, or F.relu, F.max_pool2d, torch.flatten, .relu(), .flatten(1))."""
+    if isinstance(module, nn.Sequential):
+        return module if all(_known(m) for m in module) else None
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception:  # fx cannot trace it (control flow on the data, say): not a chain we know
+        return None
+    layers: list[nn.Module] = []
+    previous = None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if previous is not None:
+                return None
+            previous = node
+            continue
+        if node.op == "output":
+            return _same_parameters(nn.Sequential(*layers), module) if node.args[0] is previous else None
+        others = [*node.args[1:], *node.kwargs.values()]
+        if node.args[:1] != (previous,) or any(isinstance(a, torch.fx.Node) for a in others):
+            return None
+        layer = _layer_of(module, node)
+        if layer is None or layer in layers:  # a module called twice would take its weights twice
+            return None
+        layers.append(layer)
+        previous = node
+    return None
+
+
+def _known(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Linear | nn.Conv2d):
+        return layer.bias is not None and getattr(layer, "groups", 1) == 1
+    if isinstance(layer, nn.Flatten):
+        return layer.start_dim == 1 and layer.end_dim == -1
+    if isinstance(layer, nn.MaxPool2d):
+        return not layer.return_indices
+    return isinstance(layer, nn.ReLU)
+
+
+def _layer_of(module: nn.Module, node) -> nn.Module | None:
+    """The layer a traced step is, if our kernels know it."""
+    args, kwargs = node.args[1:], node.kwargs
+    if node.op == "call_module":
+        layer = module.get_submodule(node.target)
+    elif node.target in (F.relu, torch.relu, "relu") and not args and not kwargs.get("inplace"):
+        layer = nn.ReLU()
+    elif node.target in (torch.flatten, "flatten"):
+        start = args[0] if args else kwargs.get("start_dim", 0)
+        layer = nn.Flatten(start, args[1] if len(args) > 1 else kwargs.get("end_dim", -1))
+    elif node.target is F.max_pool2d:
+        layer = nn.MaxPool2d(*args, **kwargs)
+    else:
+        return None
+    return layer if _known(layer) else None
+
+
+def _same_parameters(chain: nn.Sequential, module: nn.Module) -> nn.Sequential | None:
+    same = [id(p) for p in chain.parameters()] == [id(p) for p in module.parameters()]
+    return chain if same else None
 
 
 _kernels = threading.local()
@@ -285,7 +352,8 @@ def kernel_for(spec: ModelSpec) -> Kernel:
     built = _kernels.__dict__.setdefault("built", {})
     key = (spec, kernel_name(spec))
     if key not in built:
-        built[key] = KERNEL_CLASSES[key[1]](spec.build(), spec.loss)
+        module = spec.build()
+        built[key] = KERNEL_CLASSES[key[1]](module if key[1] == "vmap" else as_chain(module), spec.loss)
     return built[key]
 
 

@@ -137,7 +137,8 @@ def test_the_diabetes_runs_measure_mae_beside_rmse(tuned_diabetes):
 
 @pytest.mark.parametrize("name", ["mnist_folders", "sequences"])
 def test_the_custom_models_train_on_the_cohort_engine(name, request):
-    """Neither model is an nn.Sequential; torch.func's vmap batches both, so no fallback line."""
+    """Neither model is an nn.Sequential; the cohort engine batches both (SmallCNN lowered to its
+    built-in kernel, MotifCNN through torch.func's vmap), so no fallback line."""
     tuned = request.getfixturevalue(f"tuned_{name}")
     assert "cohort engine:" not in tuned["output"]
     assert "sequential engine" not in tuned["output"]

@@ -1,5 +1,6 @@
 """A task's own model on the engines: the cohort engine batches any `nn.Module` through torch.func
-(`VmapKernel`) and agrees with the sequential engine to float rounding; a model it cannot batch
+(`VmapKernel`), or through the built-in kernels where its forward is a chain of layers they know,
+and agrees with the sequential engine to float rounding; a model it cannot batch
 (batch normalization, data-dependent control flow) is named in one line and trained client after
 client, exactly as the sequential engine trains it.
 
@@ -14,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cohort import assert_agree, jobs_for  # the engines agree as they do on the bundled models
 from torch import nn
 from torch.nn import functional as F
 
 from fedhpo_core import cohort
 from fedhpo_core.data import Dataset, load_dataset
 from fedhpo_core.federation import FederatedData, partition_of, train_sequentially
+from fedhpo_core.models import ModelSpec
 from fedhpo_core.settings import ClientConfig, TrainSettings
 from fedhpo_core.task import Task, load_task_data, prepared
 
@@ -186,6 +187,8 @@ def federation(attribute: str, clients: int = 5) -> FederatedData:
     ],
 )
 def test_a_tasks_model_trains_on_the_cohort_engine_as_on_the_sequential_one(attribute, kernel, score):
+    from test_cohort import assert_agree, jobs_for  # not at the top: this file is also a task module
+
     data = federation(attribute)
     spec = data.spec
     assert cohort.kernel_name(spec) == kernel and cohort.cohort_refusal(spec) is None
@@ -202,6 +205,8 @@ def test_a_tasks_model_trains_on_the_cohort_engine_as_on_the_sequential_one(attr
 
 
 def test_a_custom_loss_is_the_one_trained_on():
+    from test_cohort import jobs_for  # not at the top: this file is also a task module
+
     """The smoothed task trains differently from the same model under plain cross-entropy."""
     smoothed_data, plain_data = federation("smoothed"), federation("residual_mlp")
     start = smoothed_data.spec.initial_weights(0)
@@ -224,6 +229,8 @@ UNBATCHABLE = {  # the task, and what its one line names
 
 @pytest.mark.parametrize("attribute", list(UNBATCHABLE))
 def test_a_model_the_cohort_engine_cannot_batch_trains_client_after_client(attribute):
+    from test_cohort import jobs_for  # not at the top: this file is also a task module
+
     data = federation(attribute, clients=4)
     spec = data.spec
     reason = cohort.cohort_refusal(spec)
@@ -260,3 +267,88 @@ def test_the_command_says_once_why_the_cohort_engine_trains_client_after_client(
     # torch.export cannot trace the branch: the model is logged pickled, with one line saying so
     pickled = [line for line in (result.stdout + result.stderr).splitlines() if "is logged pickled" in line]
     assert len(pickled) == (attribute == "branching"), pickled
+
+
+# --- user modules that are chains of known layers take the built-in kernels ----------------------
+
+
+class ChainedLeNet(nn.Module):
+    """LeNet-5 as a user writes it: modules and functional calls in one chain."""
+
+    def __init__(self, input_shape, outputs):
+        super().__init__()
+        self.conv1 = nn.Conv2d(input_shape[0], 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5, padding=2)
+        self.fc1 = nn.Linear(16 * (input_shape[1] // 4) * (input_shape[2] // 4), 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, outputs)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        h = F.max_pool2d(torch.relu(self.conv2(h)), 2)
+        return self.fc3(F.relu(self.fc2(self.fc1(torch.flatten(h, 1)).relu())))
+
+
+class ChainedMLP(nn.Module):
+    def __init__(self, input_shape, outputs, tail=lambda h: h):
+        super().__init__()
+        self.hidden = nn.Linear(int(np.prod(input_shape)), 128)
+        self.out = nn.Linear(128, outputs)
+        self.tail = tail
+
+    def forward(self, x):
+        return self.tail(self.out(F.relu(self.hidden(x.flatten(1)))))
+
+
+class HiddenFirst(ChainedMLP):
+    """The same chain, its parameters registered in another order than the chain uses them."""
+
+    def __init__(self, input_shape, outputs):
+        nn.Module.__init__(self)
+        self.out = nn.Linear(128, outputs)
+        self.hidden = nn.Linear(int(np.prod(input_shape)), 128)
+        self.tail = lambda h: h
+
+
+class TwiceUsed(nn.Module):
+    def __init__(self, input_shape, outputs):
+        super().__init__()
+        self.square = nn.Linear(int(np.prod(input_shape)), int(np.prod(input_shape)))
+        self.out = nn.Linear(int(np.prod(input_shape)), outputs)
+
+    def forward(self, x):
+        return self.out(self.square(self.square(x.flatten(1))))
+
+
+chained_lenet = Digits(ChainedLeNet)
+chained_mlp = Digits(ChainedMLP)
+scaled_mlp = Digits(lambda shape, outputs: ChainedMLP(shape, outputs, tail=lambda h: 2 * h))
+hidden_first = Digits(HiddenFirst)
+twice_used = Digits(TwiceUsed)
+unbiased = Digits(lambda shape, outputs: nn.Sequential(nn.Flatten(), nn.Linear(64, outputs, bias=False)))
+
+
+@pytest.mark.parametrize(
+    ("attribute", "bundled", "kernel"), [("chained_mlp", "mlp", "linear"), ("chained_lenet", "lenet5", "batched")]
+)
+def test_a_users_chain_of_known_layers_trains_as_the_bundled_model_does(attribute, bundled, kernel):
+    """The user's module, lowered to a Sequential by torch.fx, runs the bundled model's kernel on
+    the same flat weights: the same round to the bit."""
+    from test_cohort import jobs_for
+
+    data = federation(attribute)
+    assert cohort.kernel_name(data.spec) == kernel and cohort.cohort_refusal(data.spec) is None
+    same = FederatedData(data.clients, data.server_val, data.test, ModelSpec(bundled, (1, 8, 8), 10))
+    start = data.spec.initial_weights(0)
+    assert torch.equal(start, same.spec.initial_weights(0))  # parameters created in the bundled order
+    jobs = jobs_for(CONFIGS)
+    users = cohort.train_cohort(data.spec, start, jobs, data.clients)
+    theirs = cohort.train_cohort(same.spec, start, jobs, same.clients)
+    for a, b in zip(users, theirs, strict=True):
+        assert torch.equal(a.weights, b.weights) and a.train_loss == b.train_loss and a.val_score == b.val_score
+
+
+@pytest.mark.parametrize("attribute", ["scaled_mlp", "hidden_first", "twice_used", "unbiased", "residual_mlp"])
+def test_a_module_that_is_not_such_a_chain_goes_through_torch_func(attribute):
+    spec = federation(attribute, clients=2).spec
+    assert cohort.as_chain(spec.build()) is None and cohort.kernel_name(spec) == "vmap"
