@@ -30,7 +30,7 @@ import os
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ from torch.nn import functional as F
 from fedhpo_core import seeding
 from fedhpo_core.data import DATASETS, Dataset, load_dataset, split_sizes
 from fedhpo_core.errors import SettingsError
+from fedhpo_core.partition import NATURAL, Partition, natural_sizes, partition_dataset
 
 ENTRY_POINTS = "fedhpo.tasks"
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -153,10 +154,9 @@ class Task(ABC):
         """The metrics measured, the scoring one first."""
         return self.metrics or ((ACCURACY,) if classification else (RMSE, MAE))
 
-    def partition(self, dataset: Dataset, settings) -> "Partition":  # noqa: F821 (settings.DataSettings)
-        """Server validation rows, then each client's training and validation rows."""
-        from fedhpo_core.partition import partition_dataset
-
+    def partition(self, dataset: Dataset, settings) -> Partition:
+        """Server validation rows, then each client's training and validation rows (`settings`:
+        the run's `DataSettings`)."""
         return partition_dataset(
             dataset.y_train.numpy() if not dataset.y_train.is_floating_point() else np.zeros(len(dataset.y_train)),
             settings.clients,
@@ -579,8 +579,6 @@ def check_model(task: Task, data: Dataset, ref: TaskRef) -> None:
 def check_clients(data: Dataset, settings) -> None:
     """Each client of a dataset partitioned at its source keeps rows for training and, when the
     settings ask for one, for its local validation split."""
-    from fedhpo_core.partition import natural_sizes
-
     if data.groups is None:
         return
 
@@ -603,9 +601,6 @@ def prepared(settings):
     work: the partition "auto" resolved (natural for data with its own clients, else iid) and,
     under the natural partition, `clients` set to the data's number of clients. Raises TaskError
     (one line) for a task that cannot be used."""
-    from dataclasses import replace
-
-    from fedhpo_core.partition import NATURAL
     from fedhpo_core.settings import TrainSettings
 
     ref = settings.task_ref
