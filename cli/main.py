@@ -201,11 +201,7 @@ def compare_command(args: argparse.Namespace) -> int:
     options = _given_options(args)
     fixed = _prepared("compare", fixed)
     try:
-        from fedhpo_core.task import scoring_metric
-
         check_comparison(args.methods, args.seeds, args.budgets, tune, fixed, args.reference, options)
-        for name in args.methods:
-            TuneSettings(method=name).search_method().use_score(scoring_metric(fixed))
     except SettingsError as error:
         _fail("compare", str(error))
     from fedhpo_core.search.study import default_storage

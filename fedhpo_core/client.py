@@ -152,18 +152,19 @@ class ClientUpdate:
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: ModelSpec | None = None) -> tuple[float, float]:
     """Mean loss and score of `model` on (x, y), by the spec's loss and scoring metric (without a
     spec: cross-entropy and accuracy); (nan, nan) on an empty split."""
-    loss, values = evaluate_metrics(model, x, y, spec)
+    loss, values = evaluate_metrics(model, x, y, spec, scoring_only=True)
     return loss, next(iter(values.values()))
 
 
 @torch.no_grad()
 def evaluate_metrics(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: ModelSpec | None = None
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: ModelSpec | None = None, scoring_only: bool = False
 ) -> tuple[float, dict[str, float]]:
-    """Mean loss and every metric of the spec (the scoring one first) of `model` on (x, y); nan on
-    an empty split."""
+    """Mean loss and every metric of the spec (the scoring one first; only it with `scoring_only`)
+    of `model` on (x, y); nan on an empty split."""
     loss_of = spec.loss if spec else default_loss
     metrics = spec.metrics if spec else (ACCURACY,)
+    metrics = metrics[:1] if scoring_only else metrics
     if len(y) == 0:
         return math.nan, {m.name: math.nan for m in metrics}
     model.eval()
@@ -296,3 +297,10 @@ def reported(
     training (`VAL_LOSS_AFTER`)."""
     values = {**computed, VAL_LOSS_AFTER.name: val_loss}
     return {s.name: values[s.name] for s in job.statistics}
+
+
+def train_sequentially(
+    spec: ModelSpec, weights: torch.Tensor, jobs: Sequence[ClientJob], data: Sequence[ClientData]
+) -> list[ClientUpdate]:
+    """The sequential engine: one client after another, each with one intra-op thread."""
+    return [local_update(spec, weights, d, job) for job, d in zip(jobs, data, strict=True)]

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, RunningSchedules, local_update, reported
+from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, RunningSchedules, reported, train_sequentially
 from fedhpo_core.models import ModelSpec
 from fedhpo_core.statistics import VAL_LOSS_BEFORE, data_statistics
 from fedhpo_core.task import default_loss
@@ -442,7 +442,7 @@ def train_cohort(
     """Every job's client trained from `global_weights`, in cohorts of one batch size; updates in
     job order. A model the cohort engine cannot batch (`cohort_refusal`) trains client after client."""
     if cohort_refusal(spec):
-        return [local_update(spec, global_weights, d, job) for job, d in zip(jobs, data, strict=True)]
+        return train_sequentially(spec, global_weights, jobs, data)
     data = pooled(data) if data else []
     by_batch: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):

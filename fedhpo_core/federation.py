@@ -17,7 +17,7 @@ import torch
 
 from fedhpo_core import seeding
 from fedhpo_core.aggregators import ServerSettings, State, server_step
-from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, Controls, evaluate_metrics, local_update
+from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, Controls, evaluate_metrics, train_sequentially
 from fedhpo_core.cohort import train_cohort
 from fedhpo_core.data import Dataset
 from fedhpo_core.devices import Devices, RoundPlan, profiles_of
@@ -220,13 +220,6 @@ def evaluate_splits(spec: ModelSpec, weights: torch.Tensor, splits: Mapping[str,
     """(loss, {metric: value}) of the global model on each named split, the scoring metric first."""
     model = workspace_model(spec, weights)
     return {name: evaluate_metrics(model, x, y, spec) for name, (x, y) in splits.items()}
-
-
-def train_sequentially(
-    spec: ModelSpec, weights: torch.Tensor, jobs: Sequence[ClientJob], data: Sequence[ClientData]
-) -> list[ClientUpdate]:
-    """The sequential engine: one client after another, each with one intra-op thread."""
-    return [local_update(spec, weights, d, job) for job, d in zip(jobs, data, strict=True)]
 
 
 TRAIN_CLIENTS: dict[str, Callable[..., list[ClientUpdate]]] = {"cohort": train_cohort, "sequential": train_sequentially}

@@ -87,12 +87,8 @@ class ModelSpec:
 
     @property
     def metrics(self) -> "tuple[Metric, ...]":
-        """The metrics measured, the scoring one first."""
-        from fedhpo_core.task import ACCURACY
-
-        if self.task is None:
-            return (ACCURACY,)
-        return tuple(replace(m, scale=self.target_scale) for m in self.definition.scoring(self.classification))
+        """The metrics measured, the scoring one first (made once per spec: engines ask every round)."""
+        return metrics_of(self)
 
     @property
     def score(self) -> "Metric":
@@ -112,6 +108,15 @@ class ModelSpec:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeding.torch_seed(seed, seeding.INIT))
             return flat_weights(self.build())
+
+
+@functools.lru_cache(maxsize=32)
+def metrics_of(spec: ModelSpec) -> "tuple[Metric, ...]":
+    from fedhpo_core.task import ACCURACY
+
+    if spec.task is None:
+        return (ACCURACY,)
+    return tuple(replace(m, scale=spec.target_scale) for m in spec.definition.scoring(spec.classification))
 
 
 @functools.lru_cache(maxsize=32)

@@ -218,8 +218,8 @@ class TrainSettings:
             f"algorithm {self.algorithm} cannot run with dp_clip: its control variates would leave the clients "
             "unprivatized",
         )
-        if self.task_ref.bundled:
-            self.check_size(DATASETS[self.task_ref.ref].num_train, DATASETS[self.task_ref.ref].num_classes)
+        if self.task_name in DATASETS:
+            self.check_size(DATASETS[self.task_name].num_train, DATASETS[self.task_name].num_classes)
         _check(self.server_lr is None or self.server_lr > 0, f"server_lr must be > 0, got {self.server_lr}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         _check(self.tau > 0, f"tau must be > 0, got {self.tau}")
@@ -230,7 +230,7 @@ class TrainSettings:
     def check_size(self, num_train: int, num_classes: int) -> None:
         """The server's validation split and the clients fit the task's training rows."""
         held, pool = split_sizes(num_train, self.val_fraction)
-        name = self.task_ref.label
+        name = TaskRef(self.task_name).label
         _check(held >= 1, f"val_fraction {self.val_fraction} leaves the server no validation sample of {name}")
         _check(
             self.clients <= pool,
@@ -245,10 +245,15 @@ class TrainSettings:
             )
 
     @property
+    def task_name(self) -> str:
+        """What `--task` names, else the bundled `--dataset`."""
+        return self.task or self.dataset
+
+    @property
     def task_ref(self) -> TaskRef:
-        """The task these settings name (`--task`, else the bundled `--dataset`)."""
-        ref = self.task or self.dataset
-        return TaskRef(ref, self.model, self.client_column, self.target, self.task_type, fingerprint(ref))
+        """The task these settings name, with the fingerprint of its file or folder (read here)."""
+        name = self.task_name
+        return TaskRef(name, self.model, self.client_column, self.target, self.task_type, fingerprint(name))
 
     @property
     def client_config(self) -> ClientConfig:

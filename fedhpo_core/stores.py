@@ -11,14 +11,10 @@ from pathlib import Path
 
 import sqlalchemy
 
-from fedhpo_core.settings import SettingsError
+from fedhpo_core.errors import SettingsError, one_line
 
 CONNECT_TIMEOUT_S = 5
 _wait_checks: list[Callable[[], None]] = []  # innermost last (`waits_interrupted_by`)
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300]
 
 
 def check_folder(folder: Path, what: str) -> None:

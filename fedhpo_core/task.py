@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from fedhpo_core import seeding
 from fedhpo_core.data import DATASETS, Dataset, load_dataset, split_sizes
-from fedhpo_core.errors import SettingsError
+from fedhpo_core.errors import SettingsError, one_line
 from fedhpo_core.partition import NATURAL, Partition, natural_sizes, partition_dataset
 
 ENTRY_POINTS = "fedhpo.tasks"
@@ -273,21 +273,12 @@ class TableTask(Task):
         y, outputs = self.targets(table[self.target])
         data = _dataset_of(self.name, x, y, groups, clients, outputs)
         mean, std = data.x_train.mean(0), data.x_train.std(0).clamp(min=1e-8)
-        y_train, y_test, scale = data.y_train, data.y_test, 1.0
-        if y_train.is_floating_point():  # trained on standardized targets, scored in the target's units
-            y_mean, scale = float(y_train.mean()), max(float(y_train.std()), 1e-8)
-            y_train, y_test = (y_train - y_mean) / scale, (y_test - y_mean) / scale
-        return Dataset(
-            data.name,
-            (data.x_train - mean) / std,
-            y_train,
-            (data.x_test - mean) / std,
-            y_test,
-            outputs,
-            data.groups,
-            data.group_names,
-            scale,
-        )
+        data = replace(data, x_train=(data.x_train - mean) / std, x_test=(data.x_test - mean) / std)
+        if not data.classification:  # trained on standardized targets, scored in the target's units
+            y_mean, scale = float(data.y_train.mean()), max(float(data.y_train.std()), 1e-8)
+            y_train, y_test = (data.y_train - y_mean) / scale, (data.y_test - y_mean) / scale
+            data = replace(data, y_train=y_train, y_test=y_test, target_scale=scale)
+        return data
 
     def targets(self, column) -> tuple[torch.Tensor, int]:
         values = column.to_numpy()
@@ -433,7 +424,7 @@ def _as_task(value, where: str) -> Task:
         try:
             value = value()
         except Exception as error:  # whatever the user's factory raises
-            raise TaskError(f"{where} does not make a task: {type(error).__name__}: {_line(error)}") from error
+            raise TaskError(f"{where} does not make a task: {type(error).__name__}: {one_line(error)}") from error
     if not isinstance(value, Task):
         raise TaskError(f"{where} is a {type(value).__name__}, not a fedhpo_core.task.Task (or a function making one)")
     return value
@@ -451,7 +442,7 @@ def _module_attribute(ref: str) -> Task:
     try:
         module = load()
     except Exception as error:  # whatever the user's module raises while importing
-        raise TaskError(f"task module {head} does not import: {type(error).__name__}: {_line(error)}") from error
+        raise TaskError(f"task module {head} does not import: {type(error).__name__}: {one_line(error)}") from error
     if not attribute:
         found = [v for v in vars(module).values() if isinstance(v, Task)]
         if len(found) != 1:
@@ -460,10 +451,6 @@ def _module_attribute(ref: str) -> Task:
     if not hasattr(module, attribute):
         raise TaskError(f"task module {head} has no attribute {attribute!r}")
     return _as_task(getattr(module, attribute), ref)
-
-
-def _line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300]
 
 
 @functools.lru_cache(maxsize=16)
@@ -477,7 +464,7 @@ def resolve(ref: TaskRef) -> Task:
             value = installed_tasks()[name].load()
         except Exception as error:  # the plugin's import
             raise TaskError(
-                f"installed task {name!r} does not import: {type(error).__name__}: {_line(error)}"
+                f"installed task {name!r} does not import: {type(error).__name__}: {one_line(error)}"
             ) from error
         return _as_task(value, f"installed task {name!r}")
     path = Path(name)
@@ -505,7 +492,7 @@ def load_task_data(ref: TaskRef, root: str) -> Dataset:
     except (TaskError, FileNotFoundError):
         raise
     except Exception as error:  # whatever the user's loader raises
-        raise TaskError(f"task {ref.label} does not load: {type(error).__name__}: {_line(error)}") from error
+        raise TaskError(f"task {ref.label} does not load: {type(error).__name__}: {one_line(error)}") from error
     if not isinstance(dataset, Dataset):
         raise TaskError(f"task {ref.label}: load() returned a {type(dataset).__name__}, not a fedhpo_core.data.Dataset")
     return dataset
@@ -553,7 +540,7 @@ def check_model(task: Task, data: Dataset, ref: TaskRef) -> None:
         model = task.model(data.input_shape, data.outputs)
     except Exception as error:  # the user's model factory
         raise TaskError(
-            f"task {ref.label}: its model does not build: {type(error).__name__}: {_line(error)}"
+            f"task {ref.label}: its model does not build: {type(error).__name__}: {one_line(error)}"
         ) from error
     if not isinstance(model, nn.Module) or not list(model.parameters()):
         raise TaskError(f"task {ref.label}: model() must return an nn.Module with parameters")
@@ -565,7 +552,7 @@ def check_model(task: Task, data: Dataset, ref: TaskRef) -> None:
     except Exception as error:  # shape mismatches and the like
         raise TaskError(
             f"task {ref.label}: the model does not take the data (inputs {tuple(x.shape[1:])}): "
-            f"{type(error).__name__}: {_line(error)}"
+            f"{type(error).__name__}: {one_line(error)}"
         ) from error
     if not y.is_floating_point() and outputs.shape[-1] != data.outputs:
         raise TaskError(

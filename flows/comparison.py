@@ -47,8 +47,8 @@ def check_comparison(
     reference: str | None = None,
     options: dict | None = None,
 ) -> None:
-    """Every study of the comparison is valid, before any of them runs; every option is one of a
-    compared method's."""
+    """Every study of the comparison is valid, before any of them runs (each method works with the
+    task's score: `fixed` is prepared); every option is one of a compared method's."""
     for name, values in (("methods", methods), ("seeds", seeds), ("budgets", budgets)):
         if not values:
             raise SettingsError(f"{name} need at least one value")
@@ -64,9 +64,12 @@ def check_comparison(
         if not set(owners := registry.declared_by(name)) & set(methods):
             owners = ", ".join(owners) or "no method"
             raise SettingsError(f"--{registry.flag(name)} is an option of {owners}, none of the compared methods")
+    metric = scoring_metric(fixed)
     for method in methods:
         for budget in budgets:
-            TuneSettings(**study_settings(tune, method, budget, options)).check_with(fixed)
+            study = TuneSettings(**study_settings(tune, method, budget, options))
+            study.check_with(fixed)
+            study.search_method().use_score(metric)
 
 
 def comparison_run_name() -> str:
@@ -184,8 +187,6 @@ def method_comparison(
     fixed = prepared(TrainSettings(**(train or {})))
     check_comparison(methods, seeds, budgets, tune, fixed, reference, options)
     metric = scoring_metric(fixed)
-    for method in methods:  # a method that cannot work with the task's score says so before any study
-        TuneSettings(method=method).search_method().use_score(metric)
     reference = reference or methods[0]
     tags = {ROLE_TAG: "comparison", "prefect.flow_run_id": str(flow_run.id)}
     rows = []
