@@ -173,7 +173,10 @@ def tune_command(args: argparse.Namespace) -> int:
         )
     test = f"final_test_{summary['score']}"
     if test in summary:
-        print(f"Best configuration retrained for {tune.final_rounds} rounds: {test[6:]} {summary[test]:.4f}")
+        personal = f"final_personal_{summary['score']}"
+        mean, worst = summary.get(personal), summary.get(f"{personal}_worst10")
+        clients = f"; personalized {summary['score']} {mean:.4f}, worst tenth {worst:.4f}" if mean is not None else ""
+        print(f"Best configuration retrained for {tune.final_rounds} rounds: {test[6:]} {summary[test]:.4f}{clients}")
     if "model_version" in summary:
         print(f"Its model registered as models:/{tune.register_model}/{summary['model_version']}")
     print(f"Optuna study in {summary['storage']}; MLflow run {summary['run_id']} in {tracking_uri()}")
@@ -229,6 +232,10 @@ def compare_command(args: argparse.Namespace) -> int:
         "and the paired difference from the reference method:"
     )
     print(summary["table"])
+    for column, table in summary["personalized_tables"].items():
+        worst = "the worst tenth of clients" if column.endswith("worst10") else "the mean over clients"
+        print(f"{column}: personalized {summary['score']} on the clients' validation splits, {worst}:")
+        print(table)
     if "champion" in summary:
         print(f"Winner: {summary['champion']}")
     if "champion_version" in summary:
@@ -285,9 +292,10 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
     compare.add_argument(
         "--preset",
         choices=sorted(COMPARISON_PRESETS),
-        help="named defaults; flags given explicitly still win. fedtune-table1: "
-        + " ".join(
-            f"--{k.replace('_', '-')} {_flag_value(v)}" for k, v in COMPARISON_PRESETS["fedtune-table1"].items()
+        help="named defaults; flags given explicitly still win. "
+        + "; ".join(
+            f"{name}: " + " ".join(f"--{k.replace('_', '-')} {_flag_value(v)}" for k, v in preset.items())
+            for name, preset in COMPARISON_PRESETS.items()
         ),
     )
     _add_settings(compare, TuneSettings, skip=COMPARISON_SKIPS)
@@ -357,7 +365,10 @@ def methods_command(args: argparse.Namespace) -> int:
                 print(f"  {'':<16} --{flag(f.name)} {shown(default_of(m, f))}: {f.metadata['help']}")
             notes = {
                 "parallel trials (--workers, --join)": m.parallel,
-                "asks every client for": ", ".join(s.name for s in m.statistics),
+                "asks every client for": ", ".join(s.name for s in m.statistics if s.on_client),
+                "drawn by the server in each client's name, charged as uploads": ", ".join(
+                    s.name for s in m.statistics if not s.on_client
+                ),
                 "reports": ", ".join(m.reports),
                 "trial attributes": ", ".join(m.attributes),
             }

@@ -296,7 +296,7 @@ def reported(
     """The statistics the job asks for, by name, from those computed and the validation loss after
     training (`VAL_LOSS_AFTER`)."""
     values = {**computed, VAL_LOSS_AFTER.name: val_loss}
-    return {s.name: values[s.name] for s in job.statistics}
+    return {s.name: values[s.name] for s in job.statistics if s.on_client}
 
 
 def train_sequentially(

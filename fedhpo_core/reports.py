@@ -12,6 +12,7 @@ from scipy import stats
 
 from fedhpo_core.federation import Evaluation, RoundReport
 from fedhpo_core.partition import Partition
+from fedhpo_core.personalization import OBJECTIVES, objective_key
 from fedhpo_core.search.base import LINEAGE, configuration_of
 from fedhpo_core.settings import ClientConfig
 from fedhpo_core.task import ACCURACY, Metric
@@ -257,7 +258,7 @@ def importance_figure(table: pd.DataFrame, title: str, most: int = 20) -> Figure
 
 
 def paired_differences(
-    results: pd.DataFrame, reference: str, level: float = 0.95, metric: Metric = ACCURACY
+    results: pd.DataFrame, reference: str, level: float = 0.95, metric: Metric = ACCURACY, column: str | None = None
 ) -> pd.DataFrame:
     """Each method against `reference` on the same seeds (the studies of a seed share its partition
     and initial model): per budget, the per-seed differences of `final_test_<score>` (method minus
@@ -266,8 +267,9 @@ def paired_differences(
     when the interval excludes 0 (better: above it for a score to maximize, below for one to
     minimize), else `tie` (within noise); with one seed there is no interval and the verdict is
     `one seed`. With n seeds the signed-rank p is at least 2^(1-n) (0.25 for 3 seeds), so the
-    interval, not p, decides."""
-    column = f"final_test_{metric.name}"
+    interval, not p, decides. `column`: another score of the metric's direction to pair on (say
+    `final_personal_acc`)."""
+    column = column or f"final_test_{metric.name}"
     table = results.pivot_table(index=["budget", "seed"], columns="method", values=column)
     rows = []
     for method in dict.fromkeys(results.method):
@@ -309,17 +311,20 @@ def paired_differences(
     return pd.DataFrame(rows, columns=[*columns, "signed_rank_p", "verdict"])
 
 
-def comparison_table(results: pd.DataFrame, reference: str | None = None, metric: Metric = ACCURACY) -> pd.DataFrame:
-    """From one row per (method, budget, seed) with `final_test_<score>`: a row per method, a column
-    per budget, "mean ± std" over seeds (the FedTune paper's Table 1 layout), and beside each budget
-    the paired difference against `reference` (default: the first method) with its 95% interval and
-    verdict (`paired_differences`)."""
+def comparison_table(
+    results: pd.DataFrame, reference: str | None = None, metric: Metric = ACCURACY, column: str | None = None
+) -> pd.DataFrame:
+    """From one row per (method, budget, seed) with `final_test_<score>` (or `column`): a row per
+    method, a column per budget, "mean ± std" over seeds (the FedTune paper's Table 1 layout), and
+    beside each budget the paired difference against `reference` (default: the first method) with
+    its 95% interval and verdict (`paired_differences`)."""
     reference = reference or results.method.iloc[0]
-    stats_ = results.groupby(["method", "budget"])[f"final_test_{metric.name}"].agg(["mean", "std"]).fillna(0.0)
+    column = column or f"final_test_{metric.name}"
+    stats_ = results.groupby(["method", "budget"])[column].agg(["mean", "std"]).fillna(0.0)
     cells = stats_.apply(lambda r: f"{r['mean']:.4f} ± {r['std']:.4f}", axis=1).unstack("budget")
     order = list(dict.fromkeys(results.method))
     table = cells.loc[order].rename(columns=lambda b: f"budget {b}")
-    paired = paired_differences(results, reference, metric=metric)
+    paired = paired_differences(results, reference, metric=metric, column=column)
     for budget in dict.fromkeys(results.budget):
         column = f"budget {budget}: vs {reference}"
         table[column] = "reference"
@@ -327,6 +332,15 @@ def comparison_table(results: pd.DataFrame, reference: str | None = None, metric
             interval = "" if math.isnan(row.ci_low) else f" [{row.ci_low:+.4f}, {row.ci_high:+.4f}]"
             table.loc[row.method, column] = f"{row.mean_difference:+.4f}{interval} {row.verdict}"
     return table[[c for b in dict.fromkeys(results.budget) for c in (f"budget {b}", f"budget {b}: vs {reference}")]]
+
+
+def personal_columns(results: pd.DataFrame, objective: str, metric: Metric) -> list[str]:
+    """The personalized scores the studies reported, the objective's first when it is one."""
+    columns = [c for c in results.columns if c.startswith(f"final_personal_{metric.name}")]
+    if objective in OBJECTIVES:
+        first = f"final_{objective_key(objective, metric)}"
+        columns = [first, *(c for c in columns if c != first)]
+    return columns
 
 
 def comparison_winner(results: pd.DataFrame, metric: Metric = ACCURACY) -> pd.Series | None:
@@ -352,15 +366,17 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def comparison_figure(results: pd.DataFrame, metric: Metric = ACCURACY) -> Figure:
-    """The test score after final retraining against the search budget, mean and std over seeds."""
+def comparison_figure(results: pd.DataFrame, metric: Metric = ACCURACY, column: str | None = None) -> Figure:
+    """The test score (or `column`) after final retraining against the search budget, mean and std
+    over seeds."""
+    column = column or f"final_test_{metric.name}"
     figure = Figure(figsize=(6, 4))
     axis = figure.subplots()
     for method, rows in results.groupby("method", sort=False):
-        summary = rows.groupby("budget")[f"final_test_{metric.name}"].agg(["mean", "std"]).fillna(0.0)
+        summary = rows.groupby("budget")[column].agg(["mean", "std"]).fillna(0.0)
         axis.errorbar(summary.index, summary["mean"], yerr=summary["std"], marker="o", capsize=3, label=method)
     axis.set_xlabel("search budget (communication rounds)")
-    axis.set_ylabel(f"final test {metric.name} ({metric.direction})")
+    axis.set_ylabel(f"{column.removeprefix('final_').replace('_', ' ')} ({metric.direction})")
     axis.legend()
     figure.tight_layout()
     return figure

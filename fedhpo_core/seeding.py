@@ -18,6 +18,11 @@ DP_NOISE = 11  # DP-FedAvg's noise on a round's aggregate
 EVALUATION = 12  # noisy evaluation's clients and Laplace noise, per trial and round
 DEVICES = 13  # simulated devices: their profiles, and who is online or drops out in a round
 AUTOFEDRL = 14  # Auto-FedRL's policy: its actions per round, and its DRL network's initial weights
+ENCODING_NOISE = 15  # the noise a client adds to its data encoding (pFedHPO), per client
+FTS = 16  # FTS: the shared random features, the agents' posterior samples and choices
+HPN = 17  # pFedHPO's hypernetwork: its initial weights, anchor rounds and configuration draws
+CLUSTERED = 18  # clustered experts: k-means's start, the experts' draws and the router's probes
+PERSONALIZE = 19  # personalized evaluation: each client's fine-tuning batches
 
 
 def numpy_rng(seed: int, *keys: int) -> np.random.Generator:

@@ -46,6 +46,11 @@ class ClientConfig:
     batch_size: int = 32
     local_epochs: int = 1
     mu: float = 0.0  # FedProx proximal weight (Li et al. 2020, eq. 2); 0 is FedAvg's local SGD
+    # Personalized evaluation (`fedhpo_core.personalization`): what the client does with the
+    # trained global model before it is scored on its own data; nothing in the rounds.
+    finetune_steps: int = 0  # k local SGD steps on its own data (0: the global model as it is)
+    finetune_lr: float = 0.0  # their learning rate (0: the client's own lr)
+    ditto_lambda: float = 0.0  # Ditto's lambda: the fine-tuned model's proximal pull to the global one
 
     def __post_init__(self):
         _finite(self)
@@ -55,6 +60,9 @@ class ClientConfig:
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.local_epochs >= 1, f"local_epochs must be >= 1, got {self.local_epochs}")
         _check(self.mu >= 0, f"mu must be >= 0, got {self.mu}")
+        _check(self.finetune_steps >= 0, f"finetune_steps must be >= 0, got {self.finetune_steps}")
+        _check(self.finetune_lr >= 0, f"finetune_lr must be >= 0, got {self.finetune_lr}")
+        _check(self.ditto_lambda >= 0, f"ditto_lambda must be >= 0, got {self.ditto_lambda}")
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,15 @@ class TrainSettings:
     momentum: float = setting(0.0, "client SGD momentum")
     weight_decay: float = setting(0.0, "client weight decay")
     mu: float = setting(0.0, "FedProx proximal weight (0: plain FedAvg local SGD)")
+    finetune_steps: int = setting(
+        0, "personalized evaluation: local SGD steps each client takes from the global model before scoring it"
+    )
+    finetune_lr: float = setting(
+        0.0, "personalized evaluation: the fine-tuning steps' learning rate (0: the client's lr)"
+    )
+    ditto_lambda: float = setting(
+        0.0, "personalized evaluation: Ditto's lambda, the fine-tuned model's proximal pull to the global model"
+    )
     algorithm: str = setting(
         "fedavg",
         "fedavg: local SGD; scaffold: local SGD corrected by control variates (Karimireddy et al. 2020), "
@@ -264,6 +281,9 @@ class TrainSettings:
             batch_size=self.batch_size,
             local_epochs=self.local_epochs,
             mu=self.mu,
+            finetune_steps=self.finetune_steps,
+            finetune_lr=self.finetune_lr,
+            ditto_lambda=self.ditto_lambda,
         )
 
     @property

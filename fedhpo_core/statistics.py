@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedhpo_core import seeding
+
 if TYPE_CHECKING:
     from fedhpo_core.client import ClientData, ClientJob
     from fedhpo_core.models import ModelSpec
@@ -23,10 +25,14 @@ class Statistic(ABC):
     """Something a client computes in the round and uploads: `name` is its key in
     `ClientUpdate.statistics`. Values are frozen dataclasses (they travel on jobs to Dask workers).
     `privatized`: whether DP-FedAvg's postprocessor chain privatizes it (a method that asks for one
-    that is not cannot run under DP)."""
+    that is not cannot run under DP). `on_client` False: a message whose inputs the server holds
+    anyway (FTS's posterior sample of a client's own observations, kept by the tuner in the client's
+    name as SCAFFOLD's c_i are kept in the federation's state): the engines do not compute it, its
+    upload is charged all the same."""
 
     name: str
     privatized: bool = False
+    on_client: bool = True  # computed by the client's engine; False: by the tuner in the client's name
 
     @abstractmethod
     def floats(self, spec: "ModelSpec", data: "ClientData") -> int:
@@ -67,8 +73,11 @@ class DataStatistic(Statistic):
     clients in one call."""
 
     @abstractmethod
-    def compute(self, spec: "ModelSpec", clients: Sequence["ClientData"]) -> list[torch.Tensor]:
-        """Each client's value (a tensor of `floats` values), in the clients' order."""
+    def compute(
+        self, spec: "ModelSpec", clients: Sequence["ClientData"], ids: Sequence[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Each client's value (a tensor of `floats` values), in the clients' order; `ids` are the
+        clients' ids in the federation (default 0, 1, ...), for what a client draws of its own."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +91,16 @@ class DataEncoding(DataStatistic):
     phi(x) = sqrt(2 / D) cos(W x + b) on the flattened input (d values), W ~ N(0, I / l^2) and
     b ~ U(0, 2 pi) drawn from `seed`, the same for every client so that encodings are comparable.
     The lengthscale l is sqrt(d), fixed: the median heuristic would depend on the data. Zeros for a
-    client without training samples. Not privatized: pFedHPO adds Gaussian noise to e, not done here.
+    client without training samples. `noise` sigma adds pFedHPO's Gaussian noise N(0, (2 sigma / n)^2)
+    to every value (`pfedhpo/utils.py: noisy_dataset_embedding`, sigma 0.1 there; 2 / n bounds how far
+    one sample moves the mean), drawn once per client from `seed` and the client's id, so a client
+    sends the same encoding every round. Not privatized by DP-FedAvg's chain: the noise is the
+    encoding's own, without an accountant.
     """
 
     dim: int = 64  # D, the random features
     seed: int = 0
+    noise: float = 0.0
 
     name = "data_encoding"
 
@@ -103,7 +117,21 @@ class DataEncoding(DataStatistic):
         b = torch.rand(self.dim, generator=generator) * (2 * math.pi)
         return w, b
 
-    def compute(self, spec, clients):
+    def compute(self, spec, clients, ids=None):
+        encodings = self.means(spec, clients)
+        if not self.noise:
+            return encodings
+        ids = range(len(clients)) if ids is None else ids
+        return [e + self.perturbation(e, c.num_train, i) for e, c, i in zip(encodings, clients, ids, strict=True)]
+
+    def perturbation(self, encoding: torch.Tensor, n: int, client: int) -> torch.Tensor:
+        """pFedHPO's N(0, (2 sigma / n)^2) on each value, from the client's own stream."""
+        generator = seeding.torch_generator(self.seed, seeding.ENCODING_NOISE, client)
+        noise = torch.randn(encoding.shape, generator=generator) * (2 * self.noise / max(n, 1))
+        return noise.to(encoding.device, encoding.dtype)
+
+    def means(self, spec, clients) -> list[torch.Tensor]:
+        """The noiseless mean embeddings e of the clients, one batched computation."""
         x = torch.cat([c.x_train for c in clients]).flatten(1).float()
         y = torch.cat([c.y_train for c in clients])
         counts = torch.tensor([c.num_train for c in clients], device=x.device)
@@ -131,6 +159,7 @@ def data_statistics(
     wanted = dict.fromkeys(s for job in jobs for s in job.statistics if isinstance(s, DataStatistic))
     for statistic in wanted:
         asking = [i for i, job in enumerate(jobs) if statistic in job.statistics]
-        for i, value in zip(asking, statistic.compute(spec, [data[i] for i in asking]), strict=True):
+        ids = [jobs[i].client for i in asking]
+        for i, value in zip(asking, statistic.compute(spec, [data[i] for i in asking], ids), strict=True):
             values[i][statistic.name] = value
     return values

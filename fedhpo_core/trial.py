@@ -4,8 +4,8 @@ they write. How a round's steps execute (`RoundSteps`) and what happens after ea
 (`on_round`: progress) are given by the caller."""
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import optuna
@@ -13,6 +13,7 @@ import pandas as pd
 
 from fedhpo_core.evaluation import NoisyEvaluation
 from fedhpo_core.federation import (
+    TRAIN_CLIENTS,
     FederatedData,
     Federation,
     FederationResult,
@@ -21,6 +22,8 @@ from fedhpo_core.federation import (
     RoundSteps,
 )
 from fedhpo_core.models import load_flat_weights
+from fedhpo_core.personalization import OBJECTIVES as PERSONAL_OBJECTIVES
+from fedhpo_core.personalization import objective_key, personalize
 from fedhpo_core.reports import ConfigTrajectory, round_metrics, trajectory_figure
 from fedhpo_core.search.base import (
     RUN_ATTR,
@@ -31,7 +34,7 @@ from fedhpo_core.search.base import (
     score_of,
 )
 from fedhpo_core.search.space import Configuration
-from fedhpo_core.settings import TrainSettings
+from fedhpo_core.settings import ClientConfig, TrainSettings
 from fedhpo_core.task import ACCURACY, Metric
 from fedhpo_core.tracking import ROLE_TAG, STUDY_TAG, TRIAL_TAG, Tracker, load_state
 from fedhpo_core.tuners import PerClientConfig, Tuner
@@ -74,10 +77,11 @@ def train_configuration(
     tuner: Tuner | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
     keep_going: Callable[[int], bool] | None = None,
+    round_extras: Callable[[RoundReport], dict[str, float]] | None = None,
 ) -> tuple[FederationResult, list[RoundReport], list[dict]]:
     """`rounds` rounds of the configuration (from `start` if given), or of `tuner`'s choices with
     the configuration's other settings, ending early after a round where `keep_going(round)` is
-    false; each round's metrics and tuner state tracked."""
+    false; each round's metrics, `round_extras` (say, personalized scores) and tuner state tracked."""
     settings = configuration.settings(fixed)
     federation = Federation.of(data, settings)
     tuner = tuner or PerClientConfig(configuration.client_configs(fixed))
@@ -95,7 +99,8 @@ def train_configuration(
             for client, values in tuner.client_state().items()
             for k, v in values.items()
         )
-        tracker.log_metrics(round_metrics(report, evaluation, data.spec.score.name) | state, report.round)
+        extras = round_extras(report) if round_extras else {}
+        tracker.log_metrics(round_metrics(report, evaluation, data.spec.score.name) | state | extras, report.round)
         if on_round:
             on_round(report)
 
@@ -110,6 +115,24 @@ def train_configuration(
                 break
     tracker.log_client_configs(configs)
     return result, reports, trajectory
+
+
+def personal_metrics(
+    data: FederatedData,
+    weights,
+    configs: Mapping[int, ClientConfig],
+    seed: int,
+    round: int,
+    steps: RoundSteps,
+) -> dict[str, float]:
+    """The mean and worst-tenth personalized scores of `weights` (`fedhpo_core.personalization`),
+    every client fine-tuned by the steps' engine in this process."""
+    return personalize(data.spec, weights, data.clients, configs, seed, round, TRAIN_CLIENTS[steps.engine]).metrics()
+
+
+def round_configs(report: RoundReport, configs: Sequence[ClientConfig]) -> dict[int, ClientConfig]:
+    """Every client's configuration in the round: what it was given if sampled, else its own."""
+    return {c: report.configs.get(c, config) for c, config in enumerate(configs)}
 
 
 def trial_metrics(result: TrialResult, rounds: int, trained: int, metric: Metric = ACCURACY) -> dict[str, float]:
@@ -148,12 +171,29 @@ class TrialTrainer:
         )
         self.steps, self.on_round, self.log, self.evaluation = steps, on_round, log, evaluation
 
-    def round_score(self, report: RoundReport, trial: int) -> float:
+    def round_score(self, report: RoundReport, trial: int, personal: Mapping[str, float]) -> float:
         """What the study is told of a trial's round, every round and as the trial's result: the
-        validation accuracy of the objective (the server's split, or the clients' sample-weighted
-        reports), or its noisy evaluation (`evaluation`, Kuo et al. 2023)."""
-        exact = report.val_score if self.objective == "server" else report.client_val_score
+        validation score of the objective (the server's split, the clients' sample-weighted
+        reports, or the clients' personalized scores), or its noisy evaluation (`evaluation`, Kuo
+        et al. 2023)."""
+        if self.objective in PERSONAL_OBJECTIVES:
+            exact = personal[objective_key(self.objective, self.data.spec.score)]
+        else:
+            exact = report.val_score if self.objective == "server" else report.client_val_score
         return self.evaluation.score(self.data, report.weights_after, exact, self.fixed.seed, trial, report.round)
+
+    def personal(self, configs: Sequence[ClientConfig]) -> Callable[[RoundReport], dict[str, float]] | None:
+        """Each round's personalized scores, when the objective is personalized (else None)."""
+        if self.objective not in PERSONAL_OBJECTIVES:
+            return None
+
+        def scores(report: RoundReport) -> dict[str, float]:
+            configs_now = round_configs(report, configs)
+            return personal_metrics(
+                self.data, report.weights_after, configs_now, self.fixed.seed, report.round, self.steps
+            )
+
+        return scores
 
     def load(self, checkpoint: str) -> FederationState:
         return FederationState(**load_state(checkpoint, self.data.device))
@@ -175,9 +215,16 @@ class TrialTrainer:
         reported = set(frozen.intermediate_values)  # steps a killed attempt of this training reported
 
         scores: dict[int, float] = {}  # by round: a noisy score is drawn once
+        personal_of_round = self.personal(configuration.client_configs(self.fixed))
+        personal: dict[str, float] = {}
+
+        def extras(report: RoundReport) -> dict[str, float]:
+            personal.clear()
+            personal.update(personal_of_round(report))
+            return personal
 
         def on_round(report: RoundReport) -> None:
-            score = scores[report.round] = self.round_score(report, trial.number)
+            score = scores[report.round] = self.round_score(report, trial.number, personal)
             if reporting and report.round not in reported:
                 trial.report(score if math.isfinite(score) else self.data.spec.score.worst(), report.round)
             if self.on_round:
@@ -185,7 +232,17 @@ class TrialTrainer:
 
         with tracker:
             outcome, reports, trajectory = train_configuration(
-                self.data, self.fixed, configuration, rounds, tracker, self.steps, start, tuner, on_round, keep_going
+                self.data,
+                self.fixed,
+                configuration,
+                rounds,
+                tracker,
+                self.steps,
+                start,
+                tuner,
+                on_round,
+                keep_going,
+                extras if personal_of_round else None,
             )
             state = outcome.state
             stored = {f.name: getattr(state, f.name) for f in fields(state)}
@@ -245,6 +302,7 @@ class FinalRun:
     run_id: str
     model_uri: str | None = None
     model_version: str | None = None
+    personal: Mapping[str, float] = field(default_factory=dict)  # personalized scores of the final model
 
 
 def final_markdown(
@@ -261,6 +319,7 @@ def final_markdown(
         last = final.result.evaluations[-1]
         name = "accuracy" if score == "acc" else score
         rows |= {f"validation {name}": f"{last.val_score:.4f}", f"test {name}": f"{last.test_score:.4f}"}
+        rows |= {f"{k.replace('_', ' ')} (clients' validation)": f"{v:.4f}" for k, v in final.personal.items()}
         rows["model"] = f"`{final.model_uri}`"
     if final.model_version:
         rows["registered"] = f"`models:/{registered}/{final.model_version}`"
@@ -292,6 +351,10 @@ def retrain(
         metric = data.spec.score
         final = FinalRun(result, system_objectives(reports, fixed.target_acc, metric), tracker.run_id)
         if not result.diverged:
+            configs = round_configs(reports[-1], configuration.client_configs(fixed))
+            personal = personal_metrics(data, result.state.weights, configs, fixed.seed, result.state.round, steps)
+            tracker.log_metrics(personal, result.state.round)
+            final = replace(final, personal=personal)
             model = load_flat_weights(data.spec.build(), result.state.weights)
             uri = tracker.log_model(model, input_example=data.test[0][:8].cpu().numpy())
             final = replace(final, model_uri=uri)

@@ -1,5 +1,6 @@
 """The `method-comparison` flow: several search methods over several seeds and budgets, paired."""
 
+from collections.abc import Mapping
 from dataclasses import asdict, fields, replace
 
 import pandas as pd
@@ -17,6 +18,7 @@ from fedhpo_core.reports import (
     comparison_winner,
     markdown_table,
     paired_differences,
+    personal_columns,
 )
 from fedhpo_core.search.study import TuneSettings
 from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
@@ -91,9 +93,11 @@ def comparison_markdown(
     tracker: Tracker,
     base: str = "",
     metric: Metric = ACCURACY,
+    personal: Mapping[str, pd.DataFrame] = {},  # noqa: B006 - read only
 ) -> str:
-    """The comparison table, its winner and a link to each study run in the MLflow UI at `base`
-    ('' within the MLflow UI): the run's description and the flow run's Markdown artifact."""
+    """The comparison table, the personalized scores' tables, its winner and a link to each study
+    run in the MLflow UI at `base` ('' within the MLflow UI): the run's description and the flow
+    run's Markdown artifact."""
     test = f"final_test_{metric.name}"
     studies = "\n".join(
         f"- [{row['method']}, budget {row['budget']}, seed {row['seed']}]"
@@ -109,8 +113,18 @@ def comparison_markdown(
         "best configuration, "
         f"mean ± std over seeds {seeds}, and each method's difference from {reference} on the same seeds "
         f"(mean, 95% t-interval; `tie`: the interval holds 0); [MLflow run]({run}).\n\n"
-        f"{markdown_table(table)}\n{winner}.\n\nStudies:\n\n{studies}\n"
+        f"{markdown_table(table)}\n{personal_markdown(personal)}{winner}.\n\nStudies:\n\n{studies}\n"
     )
+
+
+def personal_markdown(personal: Mapping[str, pd.DataFrame]) -> str:
+    """Each personalized score's table, titled."""
+    titles = {False: "mean over clients", True: "mean of the worst tenth of clients"}
+    return "".join(
+        f"\nPersonalized {column.split('_')[2]} on the clients' validation splits "
+        f"({titles[column.endswith('worst10')]}):\n\n{markdown_table(table)}"
+        for column, table in personal.items()
+    ) + ("\n" if personal else "")
 
 
 @flow(name="method-comparison", flow_run_name=comparison_run_name)
@@ -234,7 +248,7 @@ def method_comparison(
                             "run_id": summary["run_id"],
                             "model_version": summary.get("model_version"),
                         }
-                        | {k: v for k, v in summary.items() if k in FINAL_COSTS}
+                        | {k: v for k, v in summary.items() if k in FINAL_COSTS or k.startswith("final_personal_")}
                     )
                     logger.info(
                         "%s budget %d seed %d: %s %.4f [%d/%d studies]",
@@ -254,6 +268,15 @@ def method_comparison(
         tracker.log_text(markdown_table(table), "comparison/table.md")
         figure = "accuracy" if metric.name == "acc" else metric.name
         tracker.log_figure(comparison_figure(results, metric), f"comparison/{figure}_vs_budget.png")
+        personal = {}  # the same tables on each personalized score, the objective's first
+        for column in personal_columns(results, objective, metric):
+            personal[column] = comparison_table(results, reference, metric, column)
+            name = column.removeprefix("final_")
+            tracker.log_table(personal[column].reset_index(), f"comparison/{name}_table.csv")
+            tracker.log_figure(comparison_figure(results, metric, column), f"comparison/{name}_vs_budget.png")
+            means = results.groupby(["method", "budget"], sort=False)[column].mean()
+            for (method, budget), mean in means.items():
+                tracker.log_metrics({f"mean_{column}/{method}": mean}, step=int(budget))
         means = results.groupby(["method", "budget"], sort=False)[test].mean()
         for (method, budget), mean in means.items():  # a chart per method: the score against budget
             tracker.log_metrics({f"mean_{test}/{method}": mean}, step=int(budget))
@@ -265,15 +288,18 @@ def method_comparison(
                 set_model_alias(register_model, CHAMPION, winner.model_version)
                 outcome["champion_version"] = winner.model_version
         tracker.describe(
-            comparison_markdown(flow_run.name, table, rows, reference, seeds, outcome, tracker, "", metric)
+            comparison_markdown(flow_run.name, table, rows, reference, seeds, outcome, tracker, "", metric, personal)
         )
         create_markdown_artifact(
-            comparison_markdown(flow_run.name, table, rows, reference, seeds, outcome, tracker, ui_base(), metric),
+            comparison_markdown(
+                flow_run.name, table, rows, reference, seeds, outcome, tracker, ui_base(), metric, personal
+            ),
             key=artifact_key(f"comparison-{flow_run.name}"),
             description="Method comparison",
         )
     return {
         "table": markdown_table(table),
+        "personalized_tables": {k: markdown_table(t) for k, t in personal.items()},
         "score": metric.name,
         "direction": metric.direction,
         "results": rows,

@@ -72,6 +72,10 @@ def study_markdown(
     if test in summary:
         retrained = link(f"best retrained {tune.final_rounds} rounds", summary["final_run_id"])
         rows[f"test {'accuracy' if metric.name == 'acc' else metric.name}, {retrained}"] = f"{summary[test]:.4f}"
+        for key in (f"final_personal_{metric.name}", f"final_personal_{metric.name}_worst10"):
+            if key in summary:
+                worst = " (worst tenth of clients)" if key.endswith("worst10") else " (mean of clients)"
+                rows[f"personalized {metric.name}{worst}, clients' validation"] = f"{summary[key]:.4f}"
     if "model_version" in summary:
         rows["registered model"] = f"`models:/{tune.register_model}/{summary['model_version']}`"
     lines = [f"### Study: {tune.method}, budget {tune.budget} rounds", "", "| | |", "|---|---|"]
@@ -232,7 +236,7 @@ def run_study(
             )
             last = final.result.evaluations[-1]
             summary |= {f"final_test_{metric.name}": last.test_score, f"final_val_{metric.name}": last.val_score}
-            summary |= {f"final_{k}": v for k, v in last.others.items()}
+            summary |= {f"final_{k}": v for k, v in (last.others | final.personal).items()}
             summary["final_run_id"] = final.run_id
             summary |= {f"final_{k}": final.costs[k] for k in SHOWN_COSTS if k in final.costs}
             if final.model_version:
@@ -244,7 +248,9 @@ def run_study(
         # The run's metrics are what the study found (the best first, alphabetically), never the last trial's.
         found = ("best_val_score", f"final_test_{metric.name}", f"final_val_{metric.name}", "rounds_used")
         found += ("trials_finished", "wall_time_s")
-        others = [k for k in summary if k.startswith(("final_val_", "final_test_")) and k not in found]
+        others = [
+            k for k in summary if k.startswith(("final_val_", "final_test_", "final_personal_")) and k not in found
+        ]
         tracker.log_metrics({k: summary[k] for k in (*found, *others, *FINAL_COSTS) if k in summary})
         summary |= {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "storage": storage}
         summary |= {"score": metric.name, "direction": metric.direction}

@@ -17,6 +17,7 @@ from fedhpo_core.reports import ConfigTrajectory, partition_figure, partition_ta
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
 from fedhpo_core.task import TaskRef, prepared
 from fedhpo_core.tracking import ROLE_TAG, Tracker
+from fedhpo_core.trial import personal_metrics
 from fedhpo_core.tuners import FixedConfig
 from tasks.training import announce_engine, load_data, partition_data, round_steps, task_params
 
@@ -111,6 +112,10 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
             "wall_time_s": time.perf_counter() - started,
         }
         summary |= {"time_to_target_s": reached[0]} if reached else {}
+        if not result.diverged:  # how well the model serves each client once it adapts it
+            everyone = dict.fromkeys(range(len(data.clients)), settings.client_config)
+            personal = personal_metrics(data, result.state.weights, everyone, settings.seed, result.state.round, steps)
+            summary |= {f"final_{k}": v for k, v in personal.items()}
         tracker.log_metrics(summary)
         if result.diverged:
             tracker.set_tags({"fedhpo.diverged": "true", "fedhpo.diverged_round": result.diverged_round})
@@ -153,6 +158,9 @@ def federated_training(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     mu: float = 0.0,
+    finetune_steps: int = 0,
+    finetune_lr: float = 0.0,
+    ditto_lambda: float = 0.0,
     algorithm: str = "fedavg",
     aggregator: str = "fedavg",
     server_lr: float | None = None,
@@ -200,6 +208,10 @@ def federated_training(
         momentum: Client SGD momentum.
         weight_decay: Client weight decay.
         mu: FedProx proximal weight (0: plain FedAvg local SGD).
+        finetune_steps: Personalized evaluation: local SGD steps each client takes from the global
+            model before it is scored on its own validation split (0: the global model as it is).
+        finetune_lr: The fine-tuning steps' learning rate (0: the client's lr).
+        ditto_lambda: Ditto's lambda: the fine-tuned model's proximal pull to the global model.
         algorithm: fedavg (local SGD), scaffold (local SGD corrected by control variates, weighted by
             clients' samples) or scaffold-paper (SCAFFOLD as its Algorithm 1, every client weighing the same).
         aggregator: fedavg, fedavgm, fedadagrad, fedadam or fedyogi.

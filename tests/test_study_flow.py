@@ -36,7 +36,7 @@ def test_study_leaves_a_parent_run_a_child_per_trial_and_a_final_run(mlflow_clie
     assert task.items() <= parent.data.params.items() and "fixed.lr" in parent.data.params
     # What the study found, never the last trial's configuration under a name that reads like a result.
     found = {"best_val_score", "final_test_acc", "final_val_acc", "rounds_used", "trials_finished", "wall_time_s"}
-    assert set(parent.data.metrics) == found | {"final_sim_time_s"}
+    assert set(parent.data.metrics) == found | {"final_sim_time_s", "final_personal_acc", "final_personal_acc_worst10"}
     assert parent.data.metrics["best_val_score"] == summary["best_val_score"]
     assert parent.data.metrics["trials_finished"] == 3 and "best.lr" in parent.data.params
 
@@ -238,7 +238,12 @@ def test_comparison_pairs_methods_on_seeds_and_tabulates_them(mlflow_client, tmp
     assert run.data.tags["fedhpo.role"] == "comparison"
     paths = {a.path for a in mlflow_client.list_artifacts(summary["run_id"], "comparison")}
     names = ("results.csv", "paired.csv", "table.csv", "table.md", "accuracy_vs_budget.png")
-    assert paths == {f"comparison/{n}" for n in names}
+    personal = [
+        f"{score}_{kind}"
+        for score in ("personal_acc", "personal_acc_worst10")
+        for kind in ("table.csv", "vs_budget.png")
+    ]
+    assert paths == {f"comparison/{n}" for n in (*names, *personal)}
     table = pd.read_csv(mlflow_client.download_artifacts(summary["run_id"], "comparison/table.csv"))
     assert list(table.columns) == ["method", "budget 4", "budget 4: vs random", "budget 6", "budget 6: vs random"]
     assert list(table.method) == ["random", "sha"]

@@ -21,7 +21,17 @@ import yaml
 from fedhpo_core.settings import ClientConfig, SettingsError, TrainSettings
 
 # The documented tunable settings (docs/tune.md): a new ClientConfig field is not tunable until listed.
-CLIENT_SETTINGS = ("lr", "momentum", "weight_decay", "batch_size", "local_epochs", "mu")
+CLIENT_SETTINGS = (
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+    "local_epochs",
+    "mu",
+    "finetune_steps",
+    "finetune_lr",
+    "ditto_lambda",
+)
 SERVER_SETTINGS = ("server_lr", "beta1", "participation", "dp_clip", "dp_noise", "deadline_s")
 SCOPES = ("global", "personalized")
 

@@ -14,6 +14,7 @@ import sqlalchemy
 
 from fedhpo_core import seeding
 from fedhpo_core.evaluation import NoisyEvaluation
+from fedhpo_core.personalization import OBJECTIVES as PERSONAL_OBJECTIVES
 from fedhpo_core.registry import Method, Options, methods
 from fedhpo_core.registry import method as method_named
 from fedhpo_core.search.base import (
@@ -35,7 +36,7 @@ RENAMED = {
     "fedhyper-local": ("fedhyper", "--schedulers server_local"),
     "fedhyper-client": ("fedhyper", "--schedulers client_local"),
 }
-OBJECTIVES = ("server", "clients")
+OBJECTIVES = ("server", "clients", *PERSONAL_OBJECTIVES)
 # Named `fedhpo compare` settings. fedtune-table1: the FedTune paper's Table 1 protocol (section
 # 4.1 and appendix C): MLP, 10 clients, Dirichlet alpha 0.1, its lr x weight-decay grid (the default
 # search space), budget 30, 400 final rounds, its four methods (Bayesian optimization: TPE); the
@@ -52,7 +53,19 @@ COMPARISON_PRESETS = {
         "clients": 10,
         "partition": "dirichlet",
         "alpha": 0.1,
-    }
+    },
+    # The FedTune paper's budget on a task where groups of clients need different learning rates
+    # (`fedhpo_core.scaled_groups`), scored by the clients' personalized accuracy after 5 local steps.
+    "personalized-scaled": {
+        "methods": ["random", "fedex", "fedtune", "fts", "hpn", "clustered"],
+        "seeds": [0, 1, 2],
+        "budgets": [30],
+        "final_rounds": 50,
+        "n_configs": 30,
+        "task": "mnist-scaled",
+        "objective": "personalized",
+        "finetune_steps": 5,
+    },
 }
 DEFINITION_ATTR = "definition"  # Optuna study user attribute: `study_definition` at creation
 # Settings a definition holds since after studies began keeping one: a study recorded without them had these.
@@ -63,6 +76,9 @@ ADDED_TO_DEFINITION = {
     "client_column": "",
     "target": "",
     "task_type": "auto",
+    "finetune_steps": 0,
+    "finetune_lr": 0.0,
+    "ditto_lambda": 0.0,
 }
 SCHEMA_ATTEMPTS = 3  # processes joining a new storage at once race to create its tables
 
@@ -79,7 +95,11 @@ class TuneSettings:
     final_rounds: int = setting(20, "rounds to retrain the best configuration from scratch (the paper uses 400)")
     scope: str = setting("global", "global: one configuration for all clients; personalized: one per client")
     search_space: str | None = setting(None, "YAML search space (default: the FedTune paper's lr x weight decay)")
-    objective: str = setting("server", "what trials are scored on: the server's validation split or clients' reports")
+    objective: str = setting(
+        "server",
+        "what trials are scored on: the server's validation split, the clients' reports, or the clients' "
+        "personalized scores (personalized: their mean; personalized-worst: the worst tenth's)",
+    )
     eval_clients: int = setting(
         0, "noisy evaluation (Kuo et al. 2023): score each round on k random clients' validation data (0: off)"
     )
@@ -107,6 +127,8 @@ class TuneSettings:
         if self.objective not in OBJECTIVES:
             raise SettingsError(f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
         self.evaluation()  # refuses a negative eval_clients or eval_noise
+        if self.objective in PERSONAL_OBJECTIVES and self.eval_clients:
+            raise SettingsError(f"objective {self.objective} scores every client: eval_clients does not apply")
         if self.n_configs < 1:
             raise SettingsError(f"n_configs must be >= 1, got {self.n_configs}")
         if self.final_rounds < 0:
