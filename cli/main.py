@@ -168,7 +168,8 @@ def tune_command(args: argparse.Namespace) -> int:
     else:
         print(
             f"Study {summary['study_name']}: best trial {summary['best_trial']} "
-            f"(validation {summary['score']} {summary['best_val_score']:.4f}), "
+            f"({OBJECTIVE_LABELS.get(tune.objective, 'validation')} {summary['score']} "
+            f"{summary['best_val_score']:.4f}), "
             f"{summary['rounds_used']} of {tune.budget} rounds used"
         )
     test = f"final_test_{summary['score']}"
@@ -245,6 +246,7 @@ def compare_command(args: argparse.Namespace) -> int:
     return 0
 
 
+OBJECTIVE_LABELS = {"personalized": "personalized", "personalized-worst": "worst-tenth personalized"}
 LOCAL_SERVER_RETRIES = 3
 USER_SERVER_RETRIES = 6
 # Set per study by the comparison (a method's options: those of the compared methods that declare them).
