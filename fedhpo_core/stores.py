@@ -32,7 +32,8 @@ def check_folder(folder: Path, what: str) -> None:
 
 def check_sqlite(path: Path, what: str) -> None:
     """An SQLite database file that exists and reads, or one that can be created (SQLite creates
-    the file, not the folders above it)."""
+    the file, not the folders above it). A hot journal (a writer killed mid-transaction) is rolled
+    back on the way, as the store's next writer would: a read-only look would refuse it."""
     check_folder(path.parent, what)
     if not path.parent.is_dir():
         raise SettingsError(f"{what}: the folder {path.parent} does not exist")
@@ -40,8 +41,8 @@ def check_sqlite(path: Path, what: str) -> None:
         raise SettingsError(f"{what}: {path} is a folder, not a database file")
     if not path.exists():
         return
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+    try:  # read-write, never creating: a process killed mid-write leaves a journal that reading rolls back
+        with sqlite3.connect(f"file:{path}?mode=rw", uri=True) as db:
             db.execute("select count(*) from sqlite_master").fetchone()
     except sqlite3.Error as error:
         raise SettingsError(f"{what}: {path} is not a readable SQLite database ({one_line(error)})") from error

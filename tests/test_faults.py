@@ -27,6 +27,7 @@ from fedhpo_core.search.base import recorded_result, rounds_used
 from fedhpo_core.search.halving import plan_cost, plan_rungs
 from fedhpo_core.search.study import TuneSettings, check_study, open_study, study_definition
 from fedhpo_core.settings import SettingsError, TrainSettings
+from fedhpo_core.stores import check_sqlite
 from fedhpo_core.tracking import PROCESS_TAG, close_orphaned_runs, process_identity
 from fedhpo_core.tuners import FixedConfig
 
@@ -417,3 +418,29 @@ def test_a_run_whose_prefect_server_goes_away_ends_within_seconds_of_the_error_w
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs([client.get_experiment_by_name("gone").experiment_id])
     assert run.info.status in ("FINISHED", "FAILED")  # as far as training got; never left RUNNING
+
+
+KILLED_MID_TRANSACTION = """
+import os, signal, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("pragma cache_size=1")  # the transaction spills to the file: a hot journal is left
+db.execute("begin")
+for _ in range(2000):
+    db.execute("insert into runs values (?)", ("x" * 500,))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_store_whose_writer_was_killed_mid_transaction_is_accepted_and_rolled_back(tmp_path):
+    """Seen in CI: a study SIGKILLed while MLflow wrote left a hot journal, and the check before
+    `--resume` refused the store as unreadable (a read-only look cannot roll a journal back)."""
+    store = tmp_path / "mlflow.db"
+    with sqlite3.connect(store) as db:
+        db.execute("create table runs (value text)")
+        db.execute("insert into runs values ('committed')")
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_TRANSACTION, str(store)], check=False)
+    assert killed.returncode == -signal.SIGKILL and (tmp_path / "mlflow.db-journal").exists()
+    check_sqlite(store, "MLflow tracking store")
+    assert not (tmp_path / "mlflow.db-journal").exists()
+    with sqlite3.connect(store) as db:
+        assert db.execute("select value from runs").fetchall() == [("committed",)]
