@@ -216,15 +216,14 @@ class TrialTrainer:
 
         scores: dict[int, float] = {}  # by round: a noisy score is drawn once
         personal_of_round = self.personal(configuration.client_configs(self.fixed))
-        personal: dict[str, float] = {}
+        personal: dict[int, dict[str, float]] = {}  # by round, when the objective is personalized
 
         def extras(report: RoundReport) -> dict[str, float]:
-            personal.clear()
-            personal.update(personal_of_round(report))
-            return personal
+            personal[report.round] = personal_of_round(report)
+            return personal[report.round]
 
         def on_round(report: RoundReport) -> None:
-            score = scores[report.round] = self.round_score(report, trial.number, personal)
+            score = scores[report.round] = self.round_score(report, trial.number, personal.get(report.round, {}))
             if reporting and report.round not in reported:
                 trial.report(score if math.isfinite(score) else self.data.spec.score.worst(), report.round)
             if self.on_round:

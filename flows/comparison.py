@@ -113,15 +113,15 @@ def comparison_markdown(
         "best configuration, "
         f"mean ± std over seeds {seeds}, and each method's difference from {reference} on the same seeds "
         f"(mean, 95% t-interval; `tie`: the interval holds 0); [MLflow run]({run}).\n\n"
-        f"{markdown_table(table)}\n{personal_markdown(personal)}{winner}.\n\nStudies:\n\n{studies}\n"
+        f"{markdown_table(table)}\n{personal_markdown(personal, metric)}{winner}.\n\nStudies:\n\n{studies}\n"
     )
 
 
-def personal_markdown(personal: Mapping[str, pd.DataFrame]) -> str:
+def personal_markdown(personal: Mapping[str, pd.DataFrame], metric: Metric) -> str:
     """Each personalized score's table, titled."""
     titles = {False: "mean over clients", True: "mean of the worst tenth of clients"}
     return "".join(
-        f"\nPersonalized {column.split('_')[2]} on the clients' validation splits "
+        f"\nPersonalized {metric.name} on the clients' validation splits "
         f"({titles[column.endswith('worst10')]}):\n\n{markdown_table(table)}"
         for column, table in personal.items()
     ) + ("\n" if personal else "")

@@ -64,7 +64,7 @@ from fedhpo_core.search.space import client_key
 from fedhpo_core.settings import ClientConfig, SettingsError
 from fedhpo_core.statistics import DataEncoding
 from fedhpo_core.tuners.base import Tuner
-from fedhpo_core.tuners.fedex import BASELINES, SCHEDULES, SIGNALS, FedEx, val_loss_before
+from fedhpo_core.tuners.fedex import BASELINES, SCHEDULES, SIGNALS, FedEx
 from fedhpo_core.tuners.policy import Factors
 
 GROUPINGS = ("encoding", "preference")
@@ -203,9 +203,7 @@ class ClusteredExperts(Tuner):
 
     def residuals(self, updates) -> dict[int, float]:
         """Each scored client's signal less the round's mean (weighted by validation samples)."""
-        scored = [u for u in updates if u.num_val > 0 and math.isfinite(u.val_loss) and u.client in self.draws]
-        if self.experts[0].signal != "after":
-            scored = [u for u in scored if math.isfinite(val_loss_before(u)) and val_loss_before(u) > 0]
+        scored = [u for u in self.experts[0].scored(updates) if u.client in self.draws]
         if len(scored) < 2:
             return {}
         signals = {u.client: self.signal_of(u) for u in scored}

@@ -112,10 +112,16 @@ class FedEx(Tuner):
             return self.eta0[factor] / norm if norm > 0 else 0.0
         return self.eta0[factor]
 
-    def observe(self, report):
-        scored = [u for u in report.updates if u.num_val > 0 and math.isfinite(u.val_loss)]
+    def scored(self, updates) -> list:
+        """The updates whose signal is defined: a finite validation loss after training and, for the
+        signals relative to it, a positive finite one before."""
+        scored = [u for u in updates if u.num_val > 0 and math.isfinite(u.val_loss)]
         if self.signal != "after":
             scored = [u for u in scored if math.isfinite(val_loss_before(u)) and val_loss_before(u) > 0]
+        return scored
+
+    def observe(self, report):
+        scored = self.scored(report.updates)
         if not scored:
             return
         signals = {u.client: self.signal_of(u) for u in scored}

@@ -89,6 +89,7 @@ from fedhpo_core.settings import ClientConfig, SettingsError
 from fedhpo_core.statistics import DataEncoding
 from fedhpo_core.tuners.base import Tuner
 from fedhpo_core.tuners.policy import Factors
+from fedhpo_core.tuners.policy import entropy as entropy_of
 
 REWARDS, BASELINES = ("log-ratio", "score", "aggregate"), ("round", "running", "none")
 NOISE = 0.1  # pFedHPO's sigma of the encodings' noise
@@ -331,7 +332,7 @@ class HPN(Tuner):
         entropy = math.nan
         if self.policy is not None:
             per_setting = self.distributions(sorted(self.encodings))
-            entropy = float(sum(-(p * np.log(np.clip(p, 1e-300, None))).sum(1).mean() for p in per_setting))
+            entropy = float(sum(np.mean([entropy_of(row) for row in p]) for p in per_setting))
         reward = float(np.mean(list(self.rewards.values()))) if self.rewards else math.nan
         start = math.nan if self.start is None else float(self.start)
         return {"hpn/entropy": entropy, "hpn/start_round": start, "hpn/reward": reward, "hpn/baseline": self.baseline}
