@@ -22,7 +22,7 @@ import optuna
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, Federation, RoundSteps, partition_of
 from fedhpo_core.registry import ROUND, methods
-from fedhpo_core.search.base import RoundBudget, SearchContext
+from fedhpo_core.search.base import Budget, SearchContext
 from fedhpo_core.search.space import SearchSpace
 from fedhpo_core.settings import TrainSettings
 from fedhpo_core.tuners.base import FixedConfig, Tuner
@@ -108,7 +108,7 @@ def tuner_of(name: str, fixed: TrainSettings, data: FederatedData, rounds: int) 
     space = SearchSpace.load(None).parameters("global", fixed.clients)
     study = optuna.create_study(direction="maximize")
     method = methods()[name].build()
-    context = SearchContext(study, method, space, None, RoundBudget(rounds), 30, fixed.seed, fixed, data)
+    context = SearchContext(study, method, space, None, Budget(rounds), 30, fixed.seed, fixed, data)
     return method.tuner_for(context)
 
 

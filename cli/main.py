@@ -164,13 +164,13 @@ def tune_command(args: argparse.Namespace) -> int:
         summary = hpo_study(**asdict(tune), **asdict(execution), train=asdict(fixed))
     if summary["best_trial"] is None:
         limits = limits_text(method.limits)
-        print(f"Study {summary['study_name']}: no trial within {limits}; {summary['rounds_used']} rounds used")
+        print(f"Study {summary['study_name']}: no trial within {limits}; {spent_text(summary, tune)} used")
     else:
         print(
             f"Study {summary['study_name']}: best trial {summary['best_trial']} "
             f"({OBJECTIVE_LABELS.get(tune.objective, 'validation')} {summary['score']} "
             f"{summary['best_val_score']:.4f}), "
-            f"{summary['rounds_used']} of {tune.budget} rounds used"
+            f"{spent_text(summary, tune)} used"
         )
     test = f"final_test_{summary['score']}"
     if test in summary:
@@ -249,7 +249,16 @@ def compare_command(args: argparse.Namespace) -> int:
 OBJECTIVE_LABELS = {"personalized": "personalized", "personalized-worst": "worst-tenth personalized"}
 LOCAL_SERVER_RETRIES = 3
 USER_SERVER_RETRIES = 6
+
+
 # Set per study by the comparison (a method's options: those of the compared methods that declare them).
+def spent_text(summary: dict, tune) -> str:
+    """What a study spent of its budget, as a user reads it: "24 of 30 rounds", or in its unit."""
+    if tune.budget_unit == "rounds":
+        return f"{summary['rounds_used']} of {tune.budget} rounds"
+    return f"{summary['budget_spent']:g} of {tune.budget} {tune.budget_unit} ({summary['rounds_used']} rounds)"
+
+
 COMPARISON_SKIPS = ("method", "budget", "study_name", "resume", "join", "options")
 
 

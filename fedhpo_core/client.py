@@ -183,6 +183,16 @@ def as_float32(value: float) -> float:
     return torch.tensor(value, dtype=torch.float32).item()
 
 
+def local_steps(num_train: int, config: ClientConfig) -> int:
+    """The local steps a client of `num_train` training samples takes in a round: its full steps,
+    `local_epochs` * ceil(num_train / batch_size), or with `step_fraction` f < 1 (a fidelity's cap)
+    the first max(1, ceil(f * full)) of them. Both engines take exactly these steps."""
+    full = config.local_epochs * -(-num_train // config.batch_size)
+    if config.step_fraction >= 1:
+        return full
+    return min(full, max(1, math.ceil(config.step_fraction * full)))
+
+
 def train_locally(
     model: nn.Module,
     data: ClientData,
@@ -192,8 +202,10 @@ def train_locally(
     controls: Controls | None = None,
     loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = default_loss,
 ) -> tuple[float, float]:
-    """`local_epochs` passes of mini-batch SGD over the client's shuffled training data; returns the
-    mean loss (per-sample `loss_of`, the task's) and the sum of the steps' learning rates.
+    """`local_epochs` passes of mini-batch SGD over the client's shuffled training data, cut short
+    after `local_steps` steps (`step_fraction` < 1: the first steps of the full run, its shuffles
+    drawn alike); returns the mean loss over the steps taken (per-sample `loss_of`, the task's) and
+    the sum of their learning rates.
 
     FedProx (Li et al. 2020, eq. 2) adds mu/2 ||w - w_global||^2 to the local objective; its
     gradient mu (w - w_global) is added to each parameter's gradient directly, and so is SCAFFOLD's
@@ -217,9 +229,10 @@ def train_locally(
     model.train()
     loss_sum = torch.zeros((), device=data.x.device)
     steps, rate, lr_sum = 0, lr, 0.0
+    total = local_steps(data.num_train, config)
     for _ in range(config.local_epochs):
         order = data.train[torch.randperm(data.num_train, generator=generator).to(data.train.device)]
-        for start in range(0, len(order), config.batch_size):
+        for start in range(0, len(order), config.batch_size)[: total - steps]:
             batch = order[start : start + config.batch_size]
             loss = loss_of(model(data.x[batch]), data.y[batch]).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -240,7 +253,7 @@ def train_locally(
                     group["lr"] = rate
             loss_sum += loss.detach()
             steps += 1
-        if not torch.isfinite(loss_sum):
+        if steps == total or not torch.isfinite(loss_sum):
             break
     return float(loss_sum) / steps, lr_sum
 

@@ -15,7 +15,8 @@ SGD settings as per-client columns. It is the sequential engine's algorithm
 - each client's `LocalSchedule` (a tuner's learning rate per local step), run for all clients
   whose schedules share a class at once.
 
-Clients whose datasets or local epochs differ take different numbers of steps: the cohort is
+Clients whose datasets, local epochs or step fractions (a fidelity's cap on local steps:
+`fedhpo_core.client.local_steps`) differ take different numbers of steps: the cohort is
 ordered by steps, so the clients still training are always a prefix of the stack and a finished
 client costs nothing. Clients of different batch sizes train in separate cohorts (padding every
 batch to the largest would cost its size for all), and a cohort holds at most as many clients as
@@ -48,7 +49,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, RunningSchedules, reported, train_sequentially
+from fedhpo_core.client import (
+    ClientData,
+    ClientJob,
+    ClientUpdate,
+    RunningSchedules,
+    local_steps,
+    reported,
+    train_sequentially,
+)
 from fedhpo_core.models import ModelSpec
 from fedhpo_core.statistics import VAL_LOSS_BEFORE, data_statistics
 from fedhpo_core.task import default_loss
@@ -407,19 +416,25 @@ def clients_per_cohort(spec: ModelSpec, batch_size: int) -> int:
 
 def batches(data: ClientData, job: ClientJob) -> tuple[torch.Tensor, torch.Tensor]:
     """The client's batches as (steps, batch_size) pool rows, and each sample's loss weight: 1 / (the
-    step's sample count), 0 where a partial last batch is padded (with its first row)."""
+    step's sample count), 0 where a partial last batch is padded (with its first row). Its steps are
+    `local_steps`': under a `step_fraction` cap, the first of the full run's, only the epochs they
+    reach shuffled."""
     n, size = data.num_train, job.config.batch_size
     per_epoch = -(-n // size)
     pad = per_epoch * size - n
+    total = local_steps(n, job.config)
+    epochs = -(-total // per_epoch)  # local_epochs without a cap
     generator = job.generator
     orders = []
-    for _ in range(job.config.local_epochs):
+    for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
         orders.append(torch.cat([order, order[:1].expand(pad)]) if pad else order)
     counts = torch.full((per_epoch, 1), float(size))
     counts[-1] = n - (per_epoch - 1) * size
-    weights = torch.where(torch.arange(size) < counts, 1.0 / counts, 0.0).repeat(job.config.local_epochs, 1)
+    weights = torch.where(torch.arange(size) < counts, 1.0 / counts, 0.0).repeat(epochs, 1)
     rows = data.train[torch.cat(orders).to(data.train.device)].view(-1, size)
+    if total < len(rows):
+        rows, weights = rows[:total], weights[:total]
     return rows, weights.to(data.x.device)
 
 

@@ -45,14 +45,17 @@ class Profiles:
         epochs: Sequence[int],
         model_bytes: int,
         extra: Sequence[int] | None = None,
+        upload_bytes: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """Each client's round time: the model down, `epochs` passes over `samples` and `extra`
-        samples more (its client statistics' passes), the model up."""
+        """Each client's round time: the model down (`model_bytes`), `epochs` passes over `samples`
+        and `extra` samples more (its client statistics' passes), its upload up (`upload_bytes`,
+        by default the model's)."""
         c = np.asarray(clients, dtype=np.int64)
         bits = 8.0 * model_bytes
+        up_bits = bits if upload_bytes is None else 8.0 * np.asarray(upload_bytes, dtype=float)
         passes = np.asarray(samples, dtype=float) * np.asarray(epochs, dtype=float)
         compute = (passes + (np.asarray(extra, dtype=float) if extra is not None else 0.0)) / self.speed[c]
-        return bits / (self.download_mbps[c] * MEGABIT) + compute + bits / (self.upload_mbps[c] * MEGABIT)
+        return bits / (self.download_mbps[c] * MEGABIT) + compute + up_bits / (self.upload_mbps[c] * MEGABIT)
 
 
 def uniform(n: int, rng: np.random.Generator) -> Profiles:
@@ -107,13 +110,15 @@ class Devices:
         epochs: Mapping[int, int],
         model_bytes: int,
         extra: Mapping[int, int] | None = None,
+        upload_bytes: Mapping[int, int] | None = None,
     ) -> RoundPlan:
-        """Round t's outcome for its participants (their training samples, local epochs and samples
-        passed for client statistics)."""
+        """Round t's outcome for its participants (their training samples, local epochs, samples
+        passed for client statistics and bytes uploaded: by default the model's)."""
         draws = seeding.numpy_rng(self.seed, seeding.DEVICES, t, 1).random(len(self.profiles.speed))
         passes = [(extra or {}).get(c, 0) for c in clients]
+        up = None if upload_bytes is None else [upload_bytes[c] for c in clients]
         times = self.profiles.seconds(
-            clients, [samples[c] for c in clients], [epochs[c] for c in clients], model_bytes, passes
+            clients, [samples[c] for c in clients], [epochs[c] for c in clients], model_bytes, passes, up
         )
         dropped = tuple(c for c in clients if draws[c] < self.dropout)
         late = tuple(

@@ -9,7 +9,7 @@ step executes (in this process here; as Prefect task runs, in the flow or on Das
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -17,13 +17,23 @@ import torch
 
 from fedhpo_core import seeding
 from fedhpo_core.aggregators import ServerSettings, State, server_step
-from fedhpo_core.client import ClientData, ClientJob, ClientUpdate, Controls, evaluate_metrics, train_sequentially
+from fedhpo_core.client import (
+    ClientData,
+    ClientJob,
+    ClientUpdate,
+    Controls,
+    evaluate_metrics,
+    local_steps,
+    train_sequentially,
+)
 from fedhpo_core.cohort import train_cohort
+from fedhpo_core.compression import Compressor, Uncompressed, compressor_of
+from fedhpo_core.cost import Cost
 from fedhpo_core.data import Dataset
 from fedhpo_core.devices import Devices, RoundPlan, profiles_of
 from fedhpo_core.models import ModelSpec, workspace_model
 from fedhpo_core.partition import Partition
-from fedhpo_core.postprocess import ClientWeights, DropNonFinite, Link, UniformWeights, apply_chain
+from fedhpo_core.postprocess import ClientWeights, Compress, DropNonFinite, Link, UniformWeights, apply_chain
 from fedhpo_core.privacy import Privacy, epsilon
 from fedhpo_core.settings import ClientConfig, DataSettings, TrainSettings
 from fedhpo_core.task import TaskRef, load_task_data, resolve
@@ -98,6 +108,19 @@ class FederatedData:
         return self.test[0].device
 
 
+@dataclass(frozen=True)
+class Fidelity:
+    """How much of a full training a configuration gets besides rounds (successive halving's rungs):
+    the fraction of the clients sampled each round (of the participation) and of each client's
+    local steps."""
+
+    clients: float = 1.0
+    steps: float = 1.0
+
+
+FULL = Fidelity()
+
+
 @dataclass(frozen=True, eq=False)
 class FederationState:
     """Where a run stands: enough to continue it (successive halving resumes from this). A run
@@ -109,6 +132,8 @@ class FederationState:
     sim_time_s: float = 0.0  # simulated seconds the rounds so far took
     client_controls: torch.Tensor | None = None  # SCAFFOLD's c_i of every client, (N, P)
     server_control: torch.Tensor | None = None  # SCAFFOLD's c, (P,)
+    residuals: Mapping[int, torch.Tensor] = field(default_factory=dict)  # top-k's unsent error, by client
+    broadcast: torch.Tensor | None = None  # under compressed downloads: the model the clients hold
 
     def controls(self, client: int) -> Controls | None:
         """What `client` receives under SCAFFOLD besides the weights: its c_i and the server's c (c_i
@@ -153,6 +178,13 @@ class Evaluation:
         return cls(val_loss, val[score], test_loss, test[score], others)
 
 
+def local_samples(num_train: int, config: ClientConfig) -> int:
+    """Training samples a client processes in a round: its local epochs' passes over its data, or
+    the first `step_fraction` of their mini-batch steps (at least one)."""
+    full = num_train * config.local_epochs
+    return full if config.step_fraction >= 1 else min(full, local_steps(num_train, config) * config.batch_size)
+
+
 def _weighted(values: Sequence[float], weights: Sequence[int]) -> float:
     pairs = [(v, w) for v, w in zip(values, weights, strict=True) if w > 0]
     total = sum(w for _, w in pairs)
@@ -172,13 +204,18 @@ class RoundReport:
     weights_after: torch.Tensor
     plan: RoundPlan = RoundPlan((), (), (), 0.0)  # who uploaded in time, who dropped out or was late, how long
     sim_time_s: float = 0.0  # simulated seconds of the run so far, this round included
-    bytes_sent: int = 0  # the model down to every participant, the model and statistics up from every upload
+    cost: Cost = Cost()  # the round's: its clients, their samples, the bytes down and up, its simulated seconds
     left_out: tuple[int, ...] = ()  # uploads the postprocessor chain left out (non-finite)
     epsilon: float | None = None  # the privacy spent so far, under DP-FedAvg
 
     @property
     def clients(self) -> list[int]:
         return [u.client for u in self.updates]
+
+    @property
+    def bytes_sent(self) -> int:
+        """The model down to every participant, each upload's payload and statistics up."""
+        return self.cost.bytes
 
     @property
     def aggregated(self) -> list[ClientUpdate]:
@@ -208,12 +245,14 @@ class RoundReport:
 
 def aggregate_updates(
     server: ServerSettings, weights: torch.Tensor, updates: Sequence[ClientUpdate], state: State, links: Sequence[Link]
-) -> tuple[torch.Tensor, State, tuple[int, ...]]:
+) -> tuple[torch.Tensor, State, tuple[int, ...], dict[int, torch.Tensor]]:
     """New global weights and server state: the uploads through the postprocessor chain, then the
-    server optimizer; with the clients the chain left out."""
+    server optimizer; with the clients the chain left out, and what compressing with error
+    feedback left unsent, by client."""
     mean, kept = apply_chain(links, weights, [(u.client, u.weights, u.num_samples) for u in updates])
     new_weights, new_state = server_step(server, weights, mean, state)
-    return new_weights, new_state, tuple(u.client for u in updates if u.client not in kept)
+    unsent = {c: r for link in links if isinstance(link, Compress) for c, r in link.unsent.items()}
+    return new_weights, new_state, tuple(u.client for u in updates if u.client not in kept), unsent
 
 
 def evaluate_splits(spec: ModelSpec, weights: torch.Tensor, splits: Mapping[str, Split]) -> dict[str, tuple]:
@@ -238,7 +277,7 @@ class RoundSteps:
     ) -> list[ClientUpdate]:
         return TRAIN_CLIENTS[self.engine](spec, weights, jobs, data)
 
-    def aggregate(self, server, weights, updates, state, links) -> tuple[torch.Tensor, State, tuple[int, ...]]:
+    def aggregate(self, server, weights, updates, state, links) -> tuple:
         return aggregate_updates(server, weights, updates, state, links)
 
     def evaluate(self, spec, weights, splits) -> dict[str, tuple]:
@@ -270,14 +309,23 @@ class Federation:
     privacy: Privacy = Privacy()  # DP-FedAvg when enabled
     devices: Devices | None = None  # default: the uniform preset, no dropout, no deadline
     algorithm: str = "fedavg"  # or scaffold, scaffold-paper: local steps corrected by control variates
+    download: Compressor = Uncompressed()  # how the server compresses the model it sends
 
     @classmethod
     def of(cls, data: FederatedData, settings: TrainSettings) -> "Federation":
         """The federation the settings describe: server, participation, privacy, devices, algorithm."""
         profiles = profiles_of(settings.devices, len(data.clients), settings.seed)
         devices = Devices(profiles, settings.dropout, settings.deadline_s, settings.seed)
+        download = compressor_of(settings) if settings.compress_downloads else Uncompressed()
         return cls(
-            data, settings.server, settings.participation, settings.seed, settings.privacy, devices, settings.algorithm
+            data,
+            settings.server,
+            settings.participation,
+            settings.seed,
+            settings.privacy,
+            devices,
+            settings.algorithm,
+            download,
         )
 
     @property
@@ -319,30 +367,85 @@ class Federation:
     def total_train(self) -> int:
         return sum(c.num_train for c in self.data.clients)
 
-    def sample_clients(self, t: int) -> list[int]:
-        """max(1, round(participation * N)) distinct clients for round t, drawn from the run's seed;
-        with privacy, each client independently with probability q = participation (DP-FedAvg's
-        sampling, which its accountant assumes; a round may have none)."""
+    def sample_clients(self, t: int, fraction: float = 1.0) -> list[int]:
+        """max(1, round(participation * fraction * N)) distinct clients for round t, drawn from the
+        run's seed (`fraction` < 1: a rung's client fidelity); with privacy, each client
+        independently with probability q = participation (DP-FedAvg's sampling, which its
+        accountant assumes; a round may have none)."""
         rng = seeding.numpy_rng(self.seed, seeding.SAMPLING, t)
         if self.privacy.enabled:
             return [int(c) for c in (rng.random(self.num_clients) < self.participation).nonzero()[0]]
-        count = max(1, round(self.participation * self.num_clients))
+        count = max(1, round(self.participation * fraction * self.num_clients))
         return sorted(int(c) for c in rng.choice(self.num_clients, size=count, replace=False))
 
-    def links(self, t: int, factors: Mapping[int, float] | None = None) -> list[Link]:
+    def links(
+        self,
+        t: int,
+        factors: Mapping[int, float] | None = None,
+        configs: Mapping[int, ClientConfig] | None = None,
+        residuals: Mapping[int, torch.Tensor] | None = None,
+    ) -> list[Link]:
         """Round t's postprocessor chain: non-finite uploads left out, then DP-FedAvg's links if on,
         or every client weighing the same under the paper's SCAFFOLD (Algorithm 1, line 16); a
         tuner's `factors` on the clients' weights once those are set (under DP capped at 1, before
-        the clipping)."""
+        the clipping); uploads compressed as their `configs` say (top-k's error feedback from
+        `residuals`). Under DP: clip, compress, clip again (a quantized update can be longer than
+        its input, and the noise is calibrated to the bound), then noise."""
+        compressors = {c: compressor_of(config) for c, config in (configs or {}).items()}
+        compress = [] if not compressors else [Compress(compressors, residuals or {}, self.seed, t)]
         if not self.privacy.enabled:
             chain: list[Link] = [DropNonFinite()]
             if self.algorithm == "scaffold-paper":
                 chain.append(UniformWeights())
-            return chain if factors is None else [*chain, ClientWeights(factors)]
+            return [*chain, *([] if factors is None else [ClientWeights(factors)]), *compress]
         noise_seed = seeding.torch_seed(self.seed, seeding.DP_NOISE, t)
-        uniform, *mechanism = self.privacy.links(self.participation * self.num_clients, noise_seed)
+        uniform, clip, noise = self.privacy.links(self.participation * self.num_clients, noise_seed)
         weighted = [] if factors is None else [ClientWeights(factors, cap=1.0)]
-        return [DropNonFinite(), uniform, *weighted, *mechanism]
+        return [DropNonFinite(), uniform, *weighted, clip, *([*compress, clip] if compress else []), noise]
+
+    def round_cost(self, configs: Mapping[int, ClientConfig], plan: RoundPlan, jobs: Sequence[ClientJob]) -> Cost:
+        """What a round costs (`fedhpo_core.cost`), known before it trains: its participants, their
+        training samples, the model down to each, each upload's payload and statistics up, and its
+        simulated seconds."""
+        size = self.data.spec.size
+        samples = sum(local_samples(self.data.clients[c].num_train, configs[c]) for c in plan.uploading)
+        up = sum(compressor_of(configs[c]).payload_bytes(size) for c in plan.uploading)
+        down = len(configs) * self.download.payload_bytes(size)
+        return Cost(1, len(configs), samples, up + self.statistics_bytes(jobs), down, plan.seconds)
+
+    def reference_cost(self, config: ClientConfig) -> Cost:
+        """A round of `config` on every client at full fidelity, nobody offline: what a study plans
+        a round to cost (a round on fewer clients, compressed, or cut by a deadline costs less)."""
+        count = max(1, round(self.participation * self.num_clients))
+        seconds = self.client_seconds(config.local_epochs)
+        slowest = float(np.sort(seconds)[-count]) if len(seconds) else 0.0
+        if self.device_rules.deadline_s:
+            slowest = min(slowest, self.device_rules.deadline_s)
+        size = self.data.spec.size
+        mean_samples = self.total_train / self.num_clients * config.local_epochs
+        up, down = compressor_of(config).payload_bytes(size), self.download.payload_bytes(size)
+        return Cost(1, count, round(count * mean_samples), count * up, count * down, slowest)
+
+    def received(
+        self, weights: torch.Tensor, state: FederationState, t: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model the round's clients train from, and what the server records they hold. Without
+        download compression, `weights` itself. With it, the server sends the change from what
+        the clients hold, compressed: they hold w~_t = w~_(t-1) + C(x_t - w~_(t-1)) (w~_0 the
+        initial weights, which every client derives from the seed), so what one round's compression
+        loses the next round's change carries (error feedback through the held model)."""
+        if isinstance(self.download, Uncompressed):
+            return weights, None
+        held = state.broadcast if state.broadcast is not None else self.data.spec.initial_weights(self.seed)
+        held = held.to(weights.device)
+        generator = seeding.torch_generator(self.seed, seeding.COMPRESSION, t, self.num_clients)
+        change = (weights - held).unsqueeze(0)
+        if self.download.error_feedback:
+            sent, _ = self.download.with_feedback(change, torch.zeros_like(change))
+        else:
+            sent = self.download.compress(change, [generator])
+        received = held + sent[0]
+        return received, received
 
     def statistics_bytes(self, jobs: Sequence[ClientJob]) -> int:
         """What the jobs' clients upload beside their models: every statistic's floats."""
@@ -365,35 +468,48 @@ class Federation:
         steps: RoundSteps | None = None,
         start: FederationState | None = None,
         observe: RoundObserver | None = None,
+        afford: Callable[[Cost], bool] | None = None,
+        fidelity: Fidelity = FULL,
     ) -> FederationResult:
-        """Run `rounds` rounds from `start` (default: round 0, fresh weights). Sampled clients that
-        are offline sit the round out; those that drop out or miss the deadline are not waited for
-        (`devices`). A round whose weights turn non-finite, or whose every upload is non-finite,
-        ends the run: divergence is a result, not an error."""
+        """Run `rounds` rounds from `start` (default: round 0, fresh weights) at `fidelity`, ending
+        before a round whose cost `afford` refuses. Sampled clients that are offline sit the round
+        out; those that drop out or miss the deadline are not waited for (`devices`). A round whose
+        weights turn non-finite, or whose every upload is non-finite, ends the run: divergence is a
+        result, not an error."""
         steps = steps or RoundSteps()
         state = start or self.initial_state()
         spec = self.data.spec
         splits = {"val": self.data.server_val, "test": self.data.test}
-        model_bytes = spec.size * FLOAT_BYTES
         evaluations: list[Evaluation] = []
         for t in range(state.round + 1, state.round + rounds + 1):
-            clients = list(tuner.select(t, self.device_rules.online(t, self.sample_clients(t))))
+            clients = list(tuner.select(t, self.device_rules.online(t, self.sample_clients(t, fidelity.clients))))
             configs = tuner.configure(t, clients)
+            if fidelity.steps < 1:
+                configs = {c: replace(config, step_fraction=fidelity.steps) for c, config in configs.items()}
             start_weights = tuner.global_weights(configs, state.weights)
-            samples = {c: self.data.clients[c].num_train for c in clients}
-            epochs = {c: configs[c].local_epochs for c in clients}
+            received, broadcast = self.received(start_weights, state, t)
+            samples = {c: local_samples(self.data.clients[c].num_train, configs[c]) for c in clients}
             extra = {c: sum(s.samples(self.data.clients[c]) for s in tuner.statistics) for c in clients}
-            plan = self.device_rules.plan(t, clients, samples, epochs, model_bytes, extra)
+            size = spec.size
+            up = {c: compressor_of(configs[c]).payload_bytes(size) for c in clients}
+            once = dict.fromkeys(clients, 1)  # `samples` counts every pass
+            plan = self.device_rules.plan(t, clients, samples, once, self.download.payload_bytes(size), extra, up)
             jobs = [
                 ClientJob(c, t, configs[c], self.seed, tuner.local_schedule(t, c), state.controls(c), tuner.statistics)
                 for c in plan.uploading
             ]
+            cost = self.round_cost(configs, plan, jobs)
+            if afford is not None and not afford(cost):
+                break
             data = [self.data.clients[c] for c in plan.uploading]
-            updates = steps.train_clients(spec, start_weights, jobs, data) if jobs else []
+            updates = steps.train_clients(spec, received, jobs, data) if jobs else []
+            if received is not start_weights:  # each upload a change from what its client received
+                updates = [replace(u, weights=u.weights + (start_weights - received)) for u in updates]
             server = tuner.server_settings(self.server, start_weights, updates)
             factors = tuner.aggregation_weights(t, [u.client for u in updates])
-            weights, server_state, left_out = steps.aggregate(
-                server, start_weights, updates, state.server_state, self.links(t, factors)
+            links = self.links(t, factors, {u.client: configs[u.client] for u in updates}, state.residuals)
+            weights, server_state, left_out, unsent = steps.aggregate(
+                server, start_weights, updates, state.server_state, links
             )
             metrics = steps.evaluate(spec, weights, splits)
             evaluation = Evaluation.of(metrics)
@@ -408,13 +524,14 @@ class Federation:
                 weights,
                 plan,
                 sim_time_s,
-                (len(configs) + len(updates)) * model_bytes + self.statistics_bytes(jobs),
+                cost,
                 left_out,
                 self.epsilon(t),
             )
             aggregated = report.aggregated
             controls = state.controls_after(aggregated, [self.control_share(u.client) for u in aggregated])
-            state = FederationState(t, weights, server_state, sim_time_s, *controls)
+            residuals = dict(state.residuals) | unsent
+            state = FederationState(t, weights, server_state, sim_time_s, *controls, residuals, broadcast)
             evaluations.append(evaluation)
             tuner.observe(report)
             if observe:

@@ -1,19 +1,23 @@
 """The chain between the clients' uploads and the server optimizer (pfl's postprocessor chain).
 
 Each client's contribution is its update Delta_k = w_k - x_t with a weight; each link may change
-(or drop) one contribution before it is summed (`Link.client`) and change the sum after
-(`Link.server`). The mean update the server optimizer receives is sum / denominator. Without
-links it is FedAvg's sample-weighted mean; DP-FedAvg (McMahan et al. 2018, Algorithm 1) is
-`UniformWeights`, `ClipNorm` and `GaussianNoise` (its fixed-denominator estimator with the
-Gaussian mechanism on the sum); leaving out a client whose update is non-finite is
-`DropNonFinite`; a tuner's factors on the clients' weights are `ClientWeights`. The round loop
-never branches on any of them.
+(or drop) one contribution before it is summed (`Link.client`, or `Link.clients` for all of a
+round's at once) and change the sum after (`Link.server`). The mean update the server optimizer
+receives is sum / denominator. Without links it is FedAvg's sample-weighted mean; DP-FedAvg
+(McMahan et al. 2018, Algorithm 1) is `UniformWeights`, `ClipNorm` and `GaussianNoise` (its
+fixed-denominator estimator with the Gaussian mechanism on the sum); leaving out a client whose update is non-finite is
+`DropNonFinite`; a tuner's factors on the clients' weights are `ClientWeights`; compressed uploads
+are `Compress` (after `ClipNorm` and before the noise under DP: clip, compress, noise). The round
+loop never branches on any of them.
 """
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from fedhpo_core import seeding
+from fedhpo_core.compression import Compressor
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,6 +39,10 @@ class Link:
     def client(self, contribution: Contribution) -> Contribution | None:
         """One client's contribution before it is summed, or None to leave it out."""
         return contribution
+
+    def clients(self, contributions: list[Contribution]) -> list[Contribution]:
+        """The round's contributions before they are summed (by default each through `client`)."""
+        return [c for c in map(self.client, contributions) if c is not None]
 
     def server(self, summed: Sum) -> Sum:
         """The sum of the contributions."""
@@ -105,21 +113,51 @@ class GaussianNoise(Link):
         return Sum(summed.total + noise.to(summed.total.device) * (self.noise * self.bound), self.expected)
 
 
+@dataclass(eq=False)
+class Compress(Link):
+    """Each upload as its client's compressor encodes it and the server decodes it
+    (`fedhpo_core.compression`), the clients of one scheme as one batched computation. Top-k's
+    error feedback adds what a client has not yet sent (`residuals`, kept in the federation's
+    state) before choosing, and what it leaves unsent this round is in `unsent` afterwards.
+    Stochastic schemes draw from the client's own stream for the round."""
+
+    compressors: Mapping[int, Compressor]  # clients without one upload uncompressed
+    residuals: Mapping[int, torch.Tensor]
+    seed: int
+    round: int
+    unsent: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def clients(self, contributions):
+        by_scheme: dict[Compressor, list[int]] = {}
+        for i, c in enumerate(contributions):
+            if c.client in self.compressors:
+                by_scheme.setdefault(self.compressors[c.client], []).append(i)
+        out = list(contributions)
+        for compressor, members in by_scheme.items():
+            x = torch.stack([contributions[i].delta for i in members])
+            clients = [contributions[i].client for i in members]
+            if compressor.error_feedback:
+                zero = torch.zeros_like(x[0])
+                residual = torch.stack([self.residuals.get(c, zero).to(x.device) for c in clients])
+                sent, unsent = compressor.with_feedback(x, residual)
+                self.unsent.update(zip(clients, unsent, strict=True))
+            else:
+                generators = [seeding.torch_generator(self.seed, seeding.COMPRESSION, self.round, c) for c in clients]
+                sent = compressor.compress(x, generators)
+            for i, row in zip(members, sent, strict=True):
+                out[i] = replace(contributions[i], delta=row)
+        return out
+
+
 def apply_chain(
     links: Sequence[Link], x: torch.Tensor, uploads: Sequence[tuple[int, torch.Tensor, int]]
 ) -> tuple[torch.Tensor, list[int]]:
     """The mean update x + sum / denominator of (client, weights, num_samples) uploads through the
     links, and the clients left in it. With nothing left (and no link that adds to an empty sum)
     the weights stay at x."""
-    kept: list[Contribution] = []
-    for client, weights, num_samples in uploads:
-        contribution: Contribution | None = Contribution(client, weights - x, float(num_samples))
-        for link in links:
-            if contribution is None:
-                break
-            contribution = link.client(contribution)
-        if contribution is not None:
-            kept.append(contribution)
+    kept = [Contribution(client, weights - x, float(num_samples)) for client, weights, num_samples in uploads]
+    for link in links:
+        kept = link.clients(kept)
     if kept:
         shares = torch.tensor([c.weight for c in kept], dtype=x.dtype, device=x.device)
         summed = Sum(shares @ torch.stack([c.delta for c in kept]), float(shares.sum()))

@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy import stats
 
+from fedhpo_core.compression import SCHEMES
 from fedhpo_core.federation import Evaluation, RoundReport
 from fedhpo_core.partition import Partition
 from fedhpo_core.personalization import OBJECTIVES, objective_key
@@ -90,7 +91,10 @@ class ConfigTrajectory:
     client in every round is a param; a setting that varies is one long table (round, client, name,
     value), one figure, and per-round metrics `hp/<name>/mean|min|max` across the round's clients.
     Likewise the number of clients per round: a param `clients_per_round`, or where it varies (a
-    tuner selecting clients) the per-round metric `clients_sampled`."""
+    tuner selecting clients) the per-round metric `clients_sampled`. A setting named by a word
+    (`compression`) is kept as its position among its choices (`CODED`)."""
+
+    CODED = {"compression": SCHEMES}
 
     def __init__(self):
         self.rounds: list[int] = []
@@ -102,13 +106,15 @@ class ConfigTrajectory:
         self.clients.append(np.fromiter(report.configs, dtype=np.int64))
         for name in (f.name for f in fields(ClientConfig)):
             values = [getattr(config, name) for config in report.configs.values()]
+            if name in self.CODED:
+                values = [self.CODED[name].index(v) for v in values]
             self.values.setdefault(name, []).append(np.asarray(values, dtype=float))
 
     def constant(self) -> dict[str, object]:
         """Settings with one value throughout, by name, as the clients had them."""
         first = {f.name: f for f in fields(ClientConfig)}
         settings = {
-            name: type(first[name].default)(rounds[0][0])
+            name: self.CODED[name][int(rounds[0][0])] if name in self.CODED else type(first[name].default)(rounds[0][0])
             for name, rounds in self.values.items()
             if rounds and all((values == rounds[0][0]).all() for values in rounds)
         }

@@ -23,6 +23,7 @@ FTS = 16  # FTS: the shared random features, the agents' posterior samples and c
 HPN = 17  # pFedHPO's hypernetwork: its initial weights, anchor rounds and configuration draws
 CLUSTERED = 18  # clustered experts: k-means's start, the experts' draws and the router's probes
 PERSONALIZE = 19  # personalized evaluation: each client's fine-tuning batches
+COMPRESSION = 20  # stochastic quantization of a client's upload (and of the server's download), per round
 
 
 def numpy_rng(seed: int, *keys: int) -> np.random.Generator:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from fedhpo_core.aggregators import AGGREGATORS, DEFAULT_SERVER_LR, ServerSettings
+from fedhpo_core.compression import check_compression
 from fedhpo_core.data import DATASETS, split_sizes
 from fedhpo_core.devices import PRESETS as DEVICE_PRESETS
 from fedhpo_core.errors import SettingsError
@@ -51,6 +52,14 @@ class ClientConfig:
     finetune_steps: int = 0  # k local SGD steps on its own data (0: the global model as it is)
     finetune_lr: float = 0.0  # their learning rate (0: the client's own lr)
     ditto_lambda: float = 0.0  # Ditto's lambda: the fine-tuned model's proximal pull to the global one
+    # How the client's update is compressed for upload (`fedhpo_core.compression`).
+    compression: str = "none"  # none, qsgd, topk or cast
+    compression_bits: int = 8  # qsgd: bits per level index (2^b - 1 levels); cast: 8-bit up to 8, else 16
+    compression_bucket: int = 512  # qsgd and 8-bit cast: values sharing one float32 scale
+    topk_fraction: float = 0.01  # topk: the fraction of coordinates sent (error feedback keeps the rest)
+    # A fidelity, never a hyperparameter: the fraction of its local steps the client takes this
+    # round (successive halving's cap on local steps; 1: all of them).
+    step_fraction: float = 1.0
 
     def __post_init__(self):
         _finite(self)
@@ -63,6 +72,8 @@ class ClientConfig:
         _check(self.finetune_steps >= 0, f"finetune_steps must be >= 0, got {self.finetune_steps}")
         _check(self.finetune_lr >= 0, f"finetune_lr must be >= 0, got {self.finetune_lr}")
         _check(self.ditto_lambda >= 0, f"ditto_lambda must be >= 0, got {self.ditto_lambda}")
+        check_compression(self.compression, self.compression_bits, self.compression_bucket, self.topk_fraction)
+        _check(0 < self.step_fraction <= 1, f"step_fraction must be in (0, 1], got {self.step_fraction}")
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,19 @@ class TrainSettings:
     ditto_lambda: float = setting(
         0.0, "personalized evaluation: Ditto's lambda, the fine-tuned model's proximal pull to the global model"
     )
+    compression: str = setting(
+        "none",
+        "how clients compress their updates: none, qsgd (unbiased stochastic quantization), topk (the largest "
+        "coordinates, the rest kept for later: error feedback) or cast (8- or 16-bit values)",
+    )
+    compression_bits: int = setting(
+        8, "qsgd: bits per value's level (2^b - 1 levels, and a sign bit); cast: 8-bit up to 8, else 16-bit"
+    )
+    compression_bucket: int = setting(512, "qsgd and 8-bit cast: values sharing one float32 norm or scale")
+    topk_fraction: float = setting(0.01, "topk: the fraction of an update's coordinates a client sends")
+    compress_downloads: bool = setting(
+        False, "the server compresses the model it sends as clients compress uploads (the change from what they hold)"
+    )
     algorithm: str = setting(
         "fedavg",
         "fedavg: local SGD; scaffold: local SGD corrected by control variates (Karimireddy et al. 2020), "
@@ -235,6 +259,11 @@ class TrainSettings:
             f"algorithm {self.algorithm} cannot run with dp_clip: its control variates would leave the clients "
             "unprivatized",
         )
+        _check(
+            not (self.dp_clip and self.compression == "topk"),
+            "compression topk cannot run with dp_clip: it picks coordinates from the data, which the noise does "
+            "not privatize (use qsgd or cast)",
+        )
         if self.task_name in DATASETS:
             self.check_size(DATASETS[self.task_name].num_train, DATASETS[self.task_name].num_classes)
         _check(self.server_lr is None or self.server_lr > 0, f"server_lr must be > 0, got {self.server_lr}")
@@ -284,6 +313,10 @@ class TrainSettings:
             finetune_steps=self.finetune_steps,
             finetune_lr=self.finetune_lr,
             ditto_lambda=self.ditto_lambda,
+            compression=self.compression,
+            compression_bits=self.compression_bits,
+            compression_bucket=self.compression_bucket,
+            topk_fraction=self.topk_fraction,
         )
 
     @property

@@ -11,13 +11,16 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from fedhpo_core.cost import Cost
 from fedhpo_core.evaluation import NoisyEvaluation
 from fedhpo_core.federation import (
+    FULL,
     TRAIN_CLIENTS,
     FederatedData,
     Federation,
     FederationResult,
     FederationState,
+    Fidelity,
     RoundReport,
     RoundSteps,
 )
@@ -78,10 +81,13 @@ def train_configuration(
     on_round: Callable[[RoundReport], None] | None = None,
     keep_going: Callable[[int], bool] | None = None,
     round_extras: Callable[[RoundReport], dict[str, float]] | None = None,
+    fidelity: Fidelity = FULL,
+    afford: Callable[[Cost], bool] | None = None,
 ) -> tuple[FederationResult, list[RoundReport], list[dict]]:
-    """`rounds` rounds of the configuration (from `start` if given), or of `tuner`'s choices with
-    the configuration's other settings, ending early after a round where `keep_going(round)` is
-    false; each round's metrics, `round_extras` (say, personalized scores) and tuner state tracked."""
+    """`rounds` rounds of the configuration (from `start` if given) at `fidelity`, or of `tuner`'s
+    choices with the configuration's other settings, ending early after a round where
+    `keep_going(round)` is false or before one whose cost `afford` refuses; each round's metrics,
+    `round_extras` (say, personalized scores) and tuner state tracked."""
     settings = configuration.settings(fixed)
     federation = Federation.of(data, settings)
     tuner = tuner or PerClientConfig(configuration.client_configs(fixed))
@@ -105,13 +111,13 @@ def train_configuration(
             on_round(report)
 
     if keep_going is None:
-        result = federation.run(tuner, rounds, steps, start=start, observe=observe)
+        result = federation.run(tuner, rounds, steps, start, observe, afford, fidelity)
     else:  # a round at a time, asking after each
         result = FederationResult(start or federation.initial_state(), [], None)
         for _ in range(rounds):
-            step = federation.run(tuner, 1, steps, start=result.state, observe=observe)
+            step = federation.run(tuner, 1, steps, result.state, observe, afford, fidelity)
             result = FederationResult(step.state, result.evaluations + step.evaluations, step.diverged_round)
-            if result.diverged or not keep_going(result.state.round):
+            if not step.evaluations or result.diverged or not keep_going(result.state.round):
                 break
     tracker.log_client_configs(configs)
     return result, reports, trajectory
@@ -208,7 +214,9 @@ class TrialTrainer:
         trial.set_user_attr(RUN_ATTR, tracker.run_id)
         return tracker
 
-    def __call__(self, trial, configuration, rounds, start=None, tuner=None, keep_going=None) -> TrialResult:
+    def __call__(
+        self, trial, configuration, rounds, start=None, tuner=None, keep_going=None, fidelity=FULL, afford=None
+    ) -> TrialResult:
         tracker = self.run_of(trial, configuration)
         reporting = len(trial.study.directions) == 1  # Optuna keeps intermediate values for one objective
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
@@ -242,8 +250,13 @@ class TrialTrainer:
                 on_round,
                 keep_going,
                 extras if personal_of_round else None,
+                fidelity,
+                afford,
             )
             state = outcome.state
+            if not reports:  # the budget could not pay for a round: the trial stands where it was
+                before = recorded_result(trial) or TrialResult(self.data.spec.score.worst(), 0, None)
+                return replace(before, rounds=0, state=state, cost=Cost())
             stored = {f.name: getattr(state, f.name) for f in fields(state)}
             result = TrialResult(
                 score=scores[reports[-1].round],
@@ -253,6 +266,7 @@ class TrialTrainer:
                 objectives=system_objectives(reports, self.fixed.target_acc, self.data.spec.score),
                 chosen=tuner.chosen() if tuner else {},
                 checkpoint=tracker.log_state(stored, f"checkpoint/state-round{state.round}.pt"),
+                cost=sum((r.cost for r in reports), Cost()),
             )
             trained = trial.user_attrs.get(TRAINED_ATTR, 0) + len(reports)
             trial.set_user_attr(TRAINED_ATTR, trained)

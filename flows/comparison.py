@@ -132,6 +132,7 @@ def method_comparison(
     methods: list[str] = ["random", "hyperband", "tpe"],  # noqa: B006 - Prefect shows the default
     seeds: list[int] = [0, 1, 2],  # noqa: B006
     budgets: list[int] = [30, 60],  # noqa: B006
+    budget_unit: str = "rounds",
     n_configs: int = 30,
     final_rounds: int = 20,
     scope: str = "global",
@@ -142,6 +143,7 @@ def method_comparison(
     storage: str | None = None,
     workers: int = 1,
     max_epsilon: float = 0.0,
+    max_bytes: float = 0.0,
     register_model: str | None = None,
     train: dict | None = None,
     task_runner: str = "thread",
@@ -158,7 +160,8 @@ def method_comparison(
     Args:
         methods: Search methods to compare.
         seeds: Seeds; one study per method, budget and seed, the same partition for every method.
-        budgets: Search budgets in communication rounds.
+        budgets: Search budgets, in budget_unit.
+        budget_unit: rounds, client-updates, bytes or sim-seconds (`fedhpo tune --help`).
         n_configs: Configurations per study.
         final_rounds: Rounds to retrain each study's best configuration from scratch.
         scope: global or personalized.
@@ -170,6 +173,7 @@ def method_comparison(
         storage: Optuna storage URL; default: optuna.db beside the MLflow store.
         workers: Trials trained at once in each study (random, grid, tpe, gp, multiobjective, asha, async-hyperband).
         max_epsilon: Privacy budget of every study: a trial that spent more epsilon is never the best (0: none).
+        max_bytes: Communication limit of every study: a trial that sent more bytes is never the best (0: none).
         register_model: Register every study's retrained best model as a version of this name in
             MLflow's Model Registry; the winner's (`comparison_winner`) gets the alias `champion`.
         train: Fixed training settings (any parameter of federated-training).
@@ -195,6 +199,8 @@ def method_comparison(
         storage=storage,
         workers=workers,
         max_epsilon=max_epsilon,
+        max_bytes=max_bytes,
+        budget_unit=budget_unit,
         register_model=register_model,
     )
     execution = ExecutionSettings(task_runner, dask_address, dask_workers, engine, device)

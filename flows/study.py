@@ -11,9 +11,9 @@ from prefect.runtime import flow_run
 
 from cli.interrupts import cooperative_interrupts
 from cli.progress import StudyProgress
-from fedhpo_core.federation import FederatedData
+from fedhpo_core.federation import FederatedData, Federation
 from fedhpo_core.reports import importance_figure, importance_table, markdown_table, study_figures, study_table
-from fedhpo_core.search.base import RUN_ATTR, configuration_of
+from fedhpo_core.search.base import RUN_ATTR, configuration_of, rounds_spent
 from fedhpo_core.search.space import Configuration
 from fedhpo_core.search.study import (
     TuneSettings,
@@ -59,7 +59,12 @@ def study_markdown(
     rows = {
         "study": link(summary["study_name"], summary["run_id"]),
         "method": tune.method,
-        "rounds used": f"{summary['rounds_used']} of {tune.budget}",
+        "rounds used": f"{summary['rounds_used']}"
+        + (
+            f" of {tune.budget}"
+            if tune.budget_unit == "rounds"
+            else f" ({summary['budget_spent']:g} of {tune.budget} {tune.budget_unit})"
+        ),
         "trials finished": f"{len(table)} ([compared]({trials}): hyperparameters against score)",
     }
     if summary["best_trial"] is None:
@@ -78,7 +83,7 @@ def study_markdown(
                 rows[f"personalized {metric.name}{worst}, clients' validation"] = f"{summary[key]:.4f}"
     if "model_version" in summary:
         rows["registered model"] = f"`models:/{tune.register_model}/{summary['model_version']}`"
-    lines = [f"### Study: {tune.method}, budget {tune.budget} rounds", "", "| | |", "|---|---|"]
+    lines = [f"### Study: {tune.method}, budget {tune.budget} {tune.budget_unit}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows.items()]
     studies = view_url(base, summary["experiment_id"], STUDIES_VIEW)
     lines += ["", f"[All studies of the experiment]({studies}), grouped by method, the best test score first."]
@@ -134,6 +139,7 @@ def run_study(
     announce_engine(data.spec, execution, logger)
     storage = tune.storage or default_storage(tracking_uri())
     name = tune.name_for(fixed)
+    budget = tune.budget_of(Federation.of(data, fixed), fixed)
     study = open_study(method, storage, name, tune.resume, tune.join, study_definition(tune, fixed))
 
     tags = {ROLE_TAG: "study", STUDY_TAG: name, "prefect.flow_run_id": str(flow_run.id)}
@@ -161,7 +167,7 @@ def run_study(
                 | {"storage": storage, "study_name": name}
                 | {f"execution.{k}": v for k, v in asdict(execution).items()}
             )
-        progress = StudyProgress(study, tune.budget)
+        progress = StudyProgress(study, budget.total)
 
         trainer = TrialTrainer(
             data,
@@ -182,7 +188,7 @@ def run_study(
                 tune.scope,
                 fixed.clients,
                 trainer,
-                tune.budget,
+                budget.limit,
                 tune.n_configs,
                 fixed.seed,
                 fixed,
@@ -190,10 +196,12 @@ def run_study(
                 tune.workers,
                 tune.join,
                 stop,
+                budget.unit,
+                budget.round_cost,
             )
         finally:
             align_trial_runs(tracker, study, name, metric)
-        progress.finish(budget.spent)
+        progress.finish(rounds_spent(study))
 
         table = study_table(study, method.objectives if len(study.directions) > 1 else ())
         tracker.log_table(table, "study/trials.csv")
@@ -241,13 +249,13 @@ def run_study(
             summary |= {f"final_{k}": final.costs[k] for k in SHOWN_COSTS if k in final.costs}
             if final.model_version:
                 summary["model_version"] = final.model_version
-        summary |= {"rounds_used": budget.spent, "trials_finished": len(table)}
+        summary |= {"rounds_used": rounds_spent(study), "budget_spent": budget.spent, "trials_finished": len(table)}
         ran = [t for t in study.trials if t.number in table.index and RUN_ATTR in t.user_attrs]
         summary["trial_run_ids"] = [t.user_attrs[RUN_ATTR] for t in ran]
         summary["wall_time_s"] = time.perf_counter() - started
         # The run's metrics are what the study found (the best first, alphabetically), never the last trial's.
         found = ("best_val_score", f"final_test_{metric.name}", f"final_val_{metric.name}", "rounds_used")
-        found += ("trials_finished", "wall_time_s")
+        found += ("trials_finished", "wall_time_s") + (("budget_spent",) if tune.budget_unit != "rounds" else ())
         others = [
             k for k in summary if k.startswith(("final_val_", "final_test_", "final_personal_")) and k not in found
         ]
@@ -261,12 +269,13 @@ def run_study(
             description=f"Study {name}",
         )
         logger.info(
-            "study %s: best trial %s %s; %d of %d rounds used",
+            "study %s: best trial %s %s; %g of %d %s used",
             name,
             summary["best_trial"],
             best.params if best else {},
             budget.spent,
             tune.budget,
+            tune.budget_unit,
         )
     return summary
 
@@ -284,6 +293,7 @@ def study_run_name() -> str:
 def hpo_study(
     method: str = "tpe",
     budget: int = 30,
+    budget_unit: str = "rounds",
     n_configs: int = 30,
     final_rounds: int = 20,
     scope: str = "global",
@@ -297,6 +307,7 @@ def hpo_study(
     workers: int = 1,
     join: bool = False,
     max_epsilon: float = 0.0,
+    max_bytes: float = 0.0,
     register_model: str | None = None,
     options: dict | None = None,
     train: dict | None = None,
@@ -307,12 +318,14 @@ def hpo_study(
     device: str = "auto",
     parent_run_id: str | None = None,
 ) -> dict:
-    """Search a federated run's hyperparameters under a budget of communication rounds.
+    """Search a federated run's hyperparameters under a budget (communication rounds by default).
 
     Args:
         method: A declared search method (`fedhpo methods`): random, grid, tpe, gp, multiobjective,
             sha, hyperband, bohb, asha, async-hyperband, pbt, fedtune, fedex, stepwise, fedhyper, autofedrl...
-        budget: Communication rounds the search may spend, every round of every trial.
+        budget: What the search may spend, every round of every trial, in budget_unit.
+        budget_unit: rounds, client-updates (sampled clients x rounds), bytes (up and down) or
+            sim-seconds (the devices' simulated time).
         n_configs: Configurations to try (successive halving: its first rung).
         final_rounds: Rounds to retrain the best configuration from scratch and test it.
         scope: global (one configuration for all clients) or personalized (one per client).
@@ -327,6 +340,7 @@ def hpo_study(
         workers: Trials trained at once (random, grid, tpe, gp, multiobjective, asha, async-hyperband).
         join: Share the study with other processes using the same storage (created if missing).
         max_epsilon: Privacy budget: a trial that spent more epsilon is never the best (0: none).
+        max_bytes: Communication limit: a trial that sent more bytes is never the best (0: none).
         register_model: Register the retrained best model as a version of this name in MLflow's
             Model Registry (tagged with the method, study, seed and test accuracy).
         options: The method's options by name, e.g. {"signal": "after"} for fedex or {"schedulers": "global"}

@@ -161,6 +161,11 @@ def federated_training(
     finetune_steps: int = 0,
     finetune_lr: float = 0.0,
     ditto_lambda: float = 0.0,
+    compression: str = "none",
+    compression_bits: int = 8,
+    compression_bucket: int = 512,
+    topk_fraction: float = 0.01,
+    compress_downloads: bool = False,
     algorithm: str = "fedavg",
     aggregator: str = "fedavg",
     server_lr: float | None = None,
@@ -212,6 +217,11 @@ def federated_training(
             model before it is scored on its own validation split (0: the global model as it is).
         finetune_lr: The fine-tuning steps' learning rate (0: the client's lr).
         ditto_lambda: Ditto's lambda: the fine-tuned model's proximal pull to the global model.
+        compression: How clients compress their updates: none, qsgd, topk (with error feedback) or cast.
+        compression_bits: qsgd: bits per value's level; cast: 8-bit up to 8, else 16-bit.
+        compression_bucket: qsgd and 8-bit cast: values sharing one float32 norm or scale.
+        topk_fraction: topk: the fraction of an update's coordinates a client sends.
+        compress_downloads: The server compresses the model it sends as clients compress uploads.
         algorithm: fedavg (local SGD), scaffold (local SGD corrected by control variates, weighted by
             clients' samples) or scaffold-paper (SCAFFOLD as its Algorithm 1, every client weighing the same).
         aggregator: fedavg, fedavgm, fedadagrad, fedadam or fedyogi.

@@ -30,6 +30,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from planted_groups import CLIENTS, CONFIGS, LRS, VALUES, on_group_best, run
 
 from fedhpo_core.client import ClientUpdate
+from fedhpo_core.cost import Cost
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FLOAT_BYTES, FederatedData, Federation, RoundReport, partition_of
 from fedhpo_core.registry import method
@@ -237,11 +238,14 @@ class FederationTrainer:
     def __init__(self, data: FederatedData, fixed: TrainSettings):
         self.data, self.fixed, self.reports = data, fixed, []
 
-    def __call__(self, trial, configuration, rounds, start=None, tuner=None, keep_going=None):
+    def __call__(
+        self, trial, configuration, rounds, start=None, tuner=None, keep_going=None, fidelity=None, afford=None
+    ):
         federation = Federation.of(self.data, configuration.settings(self.fixed))
         result = federation.run(tuner, rounds, start=start, observe=lambda report, _: self.reports.append(report))
         score = result.evaluations[-1].val_score
-        return TrialResult(score, len(result.evaluations), result.state, chosen=tuner.chosen())
+        cost = sum((r.cost for r in self.reports[-len(result.evaluations) :]), Cost())
+        return TrialResult(score, len(result.evaluations), result.state, chosen=tuner.chosen(), cost=cost)
 
 
 def test_fts_runs_a_study_on_digits_and_charges_its_samples():

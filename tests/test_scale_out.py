@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedhpo_core.client import ClientJob, ClientUpdate
+from fedhpo_core.cost import Cost
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, FederationState, RoundSteps, clients_of, partition_of
 from fedhpo_core.registry import method as method_named
@@ -162,7 +163,7 @@ class FakeTraining:
     def load(self, checkpoint):
         raise AssertionError("no method here continues a trial")
 
-    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None):
+    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None, fidelity=None, afford=None):
         trained = 0
         while trained < rounds:
             time.sleep(self.delay)
@@ -172,7 +173,10 @@ class FakeTraining:
                 break
         self.calls.append((trial.number, trained))
         return TrialResult(
-            score=self.score(trial, configuration, trained), rounds=trained, state=FederationState(trained, None)
+            score=self.score(trial, configuration, trained),
+            rounds=trained,
+            state=FederationState(trained, None),
+            cost=Cost(rounds=trained),
         )
 
 

@@ -8,6 +8,7 @@ import optuna
 import pytest
 import torch
 
+from fedhpo_core.cost import Cost
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, FederationState, partition_of
 from fedhpo_core.registry import method as method_named
@@ -42,7 +43,7 @@ class FakeTrainer:
         lr = configuration.values.get("lr", 0.05)  # a round-level method's tuner chooses it
         return 1 - abs(math.log10(lr) - math.log10(0.05)) / 3 + 0.001 * round
 
-    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None):
+    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None, fidelity=None, afford=None):
         if len(self.calls) == self.interrupt_at:
             self.interrupted = trial.number
             raise KeyboardInterrupt  # Ctrl-C in the middle of a trial's training
@@ -61,7 +62,8 @@ class FakeTrainer:
         checkpoint = f"fake/{trial.number}/{state.round}"
         self.store[checkpoint] = state
         score = self.score(configuration, begun + trained)
-        return TrialResult(score, trained, state, objectives=objectives, checkpoint=checkpoint)  # tuner not run
+        cost = Cost(rounds=trained)
+        return TrialResult(score, trained, state, objectives=objectives, checkpoint=checkpoint, cost=cost)
 
     def state(self, trial, round):
         return FederationState(round, torch.zeros(1))
@@ -132,7 +134,7 @@ def test_successive_halving_continues_promoted_configurations_from_their_checkpo
 
 def test_hyperband_brackets_fit_small_budgets():
     brackets = Hyperband().brackets(30, 30)
-    assert brackets and sum(plan_cost(plan_rungs(n, share)) for n, share in brackets) <= 30
+    assert brackets and sum(plan_cost(plan_rungs(n, share, most=most)) for n, share, most in brackets) <= 30
     assert len(Hyperband().brackets(30, 300)) == 4  # s_max = floor(log3 30) = 3 when it fits
 
 
@@ -161,7 +163,7 @@ class PrivateFakeTrainer(FakeTrainer):
     """Also spends privacy: epsilon 0.1 / lr, so the most accurate learning rates (near 0.05) spend
     more than a budget of 1 allows and only lr >= 0.1 stays within it."""
 
-    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None):
+    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None, fidelity=None, afford=None):
         result = super().__call__(trial, configuration, rounds, start, tuner, keep_going)
         epsilon = 0.1 / configuration.values["lr"]
         return replace(result, objectives={**result.objectives, "epsilon": epsilon, "sim_time_s": 1.0})
@@ -193,7 +195,8 @@ def test_a_study_with_no_trial_within_its_limit_has_no_best():
 def test_objectives_and_limits_are_checked_against_the_fixed_settings():
     with pytest.raises(SettingsError, match="unknown objective 'latency'"):
         TuneSettings(method="multiobjective", options={"objectives": "latency"})
-    with pytest.raises(SettingsError, match="--objectives is an option of multiobjective, not of tpe"):
+    declared = "multiobjective, sha, hyperband, bohb"
+    with pytest.raises(SettingsError, match=f"--objectives is an option of {declared}, not of tpe"):
         TuneSettings(method="tpe", options={"objectives": "epsilon"})
     with pytest.raises(SettingsError, match="needs DP-FedAvg"):
         TuneSettings(max_epsilon=8.0).check_with(TrainSettings())
@@ -422,7 +425,7 @@ def test_pbt_explore_perturbs_within_the_space():
 class MarkingTrainer(FakeTrainer):
     """Its checkpoints carry the number of the trial that produced them."""
 
-    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None):
+    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None, fidelity=None, afford=None):
         self.starts = getattr(self, "starts", {})
         self.starts[trial.number] = None if start is None else int(start.weights[0])
         return super().__call__(trial, configuration, rounds, start, tuner, keep_going)

@@ -11,11 +11,19 @@ study. r_0 and R are the rungs successive halving plans for `n_configs` configur
 budget (`halving.plan_rungs`), so `asha` and `sha` compare at equal rungs; configurations are drawn
 until the budget is spent.
 
+With `--fidelity rounds+clients` (or `+steps`), a trial trains each stretch between rungs at the
+rung's fidelity (`halving.Ladder`: from `--min-fidelity` of the clients or local steps up to all at
+R), as a training of its own continued from its checkpoint. A trial over one of the study's limits
+(`--max-bytes`, `--max-epsilon`) at a rung is pruned there: its costs only grow. (Its score still
+counts in the rung's statistics, which Optuna's pruner keeps.)
+
 The budget stays exact across processes by grants: a trial trains a round only once the study
-granted it (`RoundGrants`, under a lock on the storage).
+granted it (`RoundGrants`, under a lock on the storage; a round at a lower fidelity is granted as a
+whole one), and the driver never lets the study's charges pass the budget in its unit.
 """
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +34,7 @@ from fedhpo_core.locking import file_lock
 from fedhpo_core.registry import TRIAL, Method, register
 from fedhpo_core.search.base import GRANTED_ATTR, SURPLUS_ATTR, SearchContext, rounds_used
 from fedhpo_core.search.fixed_budget import RandomSearch
-from fedhpo_core.search.halving import ETA, plan_rungs
+from fedhpo_core.search.halving import ETA, FidelityOptions, plan_rungs
 from fedhpo_core.search.space import Configuration
 from fedhpo_core.search.storage import advisory_lock, innermost
 
@@ -79,6 +87,9 @@ class AsynchronousHalving(RandomSearch):
     """ASHA: random configurations, each trained towards R rounds and pruned at its rungs by
     Optuna's `SuccessiveHalvingPruner`; trials train in parallel and processes may share the study."""
 
+    def __init__(self, options: FidelityOptions | None = None):
+        super().__init__(options or FidelityOptions())
+
     def rungs(self, context: SearchContext) -> tuple[int, int]:
         """(r_0, R): the first and last rung successive halving plans for n_configs configurations."""
         rungs = plan_rungs(context.n_configs, context.budget.total)
@@ -104,17 +115,43 @@ class AsynchronousHalving(RandomSearch):
         return None
 
     def train(self, context, trial, rounds):
-        _, longest = self.rungs(context)
+        """Towards R in one training, or with a fidelity ladder a stretch at a time between rungs
+        r_0 eta^k, each at its rung's fidelity; it ends early where the trial is pruned, diverges,
+        goes over a limit, or is granted no more rounds."""
+        first, longest = self.rungs(context)
+        ladder = self.options.ladder(context.budget.unit)
+        ends = [longest]
+        if ladder.clients or ladder.steps:
+            ends = [first * ETA**k for k in range(int(math.log(longest / first, ETA) + 1e-9) + 1)]
+        stopped = False
 
         def keep_going(round: int) -> bool:
+            nonlocal stopped
             if round >= longest:
-                return False
-            if trial.should_prune():
+                going = False
+            elif trial.should_prune():
                 self.pruned.add(trial.number)
-                return False
-            return self.grants.grant(trial)
+                going = False
+            else:
+                going = self.grants.grant(trial)
+            stopped = not going
+            return going
 
-        return trial, context.train(trial, Configuration(trial.params), longest, keep_going=keep_going)
+        configuration, reached = Configuration(trial.params), 0
+        for end, fidelity in zip(ends, ladder.fidelities(len(ends)), strict=True):
+            start_from = trial if reached else None
+            result = context.train(
+                trial, configuration, end - reached, start_from=start_from, keep_going=keep_going, fidelity=fidelity
+            )
+            reached += result.rounds
+            if not self.feasible(result):
+                self.pruned.add(trial.number)
+            if stopped or reached < end or result.diverged or trial.number in self.pruned:
+                break
+        return trial, result
+
+    def feasible(self, result) -> bool:
+        return all(result.objectives.get(name, 0.0) <= limit for name, limit in self.limits.items())
 
     def end(self, context, trial, result):
         if trial.number in self.pruned:
@@ -139,6 +176,7 @@ register(
         "Li et al., MLSys 2020 (Optuna's SuccessiveHalvingPruner)",
         "asynchronous successive halving: parallel trials pruned at their rungs, no waiting for a rung to fill",
         AsynchronousHalving,
+        FidelityOptions,
         attributes=(GRANTED_ATTR,),
     )
 )
@@ -149,6 +187,7 @@ register(
         "Li et al., MLSys 2020 (Optuna's HyperbandPruner)",
         "asynchronous Hyperband: several ASHA brackets of different first rungs",
         AsynchronousHyperband,
+        FidelityOptions,
         attributes=(GRANTED_ATTR,),
     )
 )

@@ -9,12 +9,13 @@ import signal
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Protocol
 
 import optuna
 
-from fedhpo_core.federation import FederatedData, FederationState
+from fedhpo_core.cost import Cost
+from fedhpo_core.federation import FULL, FederatedData, FederationState, Fidelity
 from fedhpo_core.search.space import Configuration
 from fedhpo_core.settings import SettingsError, TrainSettings
 from fedhpo_core.task import ACCURACY, Metric
@@ -23,6 +24,10 @@ from fedhpo_core.tuners.base import Tuner
 if TYPE_CHECKING:
     import pandas as pd
 
+# System objectives a training adds to those before it (the others, like simulated time or epsilon,
+# are already counted from the run's start): a promoted trial's are the sums over its rungs.
+ADDITIVE_COSTS = ("bytes_sent", "client_compute_samples")
+COST_ATTR = "cost_used"  # in a trial's recorded result: what its trainings cost in all (`cost.Cost`)
 ROUNDS_ATTR = "rounds_used"  # Optuna user attribute: rounds a trial spent, charged to the budget
 TRAINED_ATTR = "rounds_trained"  # Optuna user attribute: rounds a trial's trainings ran, as the trainer counts
 CHOSEN_ATTR = "chosen"  # Optuna user attribute: the client configuration a round-level tuner settled on
@@ -36,20 +41,40 @@ GRANTED_ATTR = "rounds_granted"  # Optuna user attribute: rounds an asynchronous
 LINEAGE = ("member", "generation", "parent_trial")  # Optuna user attributes of a PBT trial
 
 
-class RoundBudget:
-    """Communication rounds a study may spend."""
+class Budget:
+    """What a study may spend: `limit` in its unit (`cost.UNITS`), of which `spent` is charged.
 
-    def __init__(self, total: int, spent: int = 0):
-        self.total, self.spent = total, spent
+    Methods plan in reference rounds (`total`, `remaining`): a round of the study's fixed settings
+    at full fidelity costs `round_cost` in the unit (1 for rounds). The driver reserves each round
+    before it is trained (`reserve`: refused when it would pass the limit) and charges each
+    training's exact cost once when it ends (`settle`), so the sum never passes the limit, whatever
+    a round costs (compressed, on fewer clients, on slower devices)."""
+
+    def __init__(self, limit: float, unit: str = "rounds", round_cost: float = 1.0, spent: float = 0.0):
+        self.limit, self.unit, self.round_cost, self.spent, self.reserved = limit, unit, round_cost, spent, 0.0
+
+    @property
+    def total(self) -> int:
+        return int(self.limit // self.round_cost)
 
     @property
     def remaining(self) -> int:
-        return self.total - self.spent
+        return int(max(0.0, self.limit - self.spent) // self.round_cost)
 
-    def spend(self, rounds: int) -> None:
-        if rounds > self.remaining:
-            raise RuntimeError(f"spending {rounds} rounds would exceed the budget ({self.remaining} left)")
-        self.spent += rounds
+    def reserve(self, cost: Cost) -> bool:
+        """Whether a round of this cost fits beside what is spent and reserved (reserved if so)."""
+        amount = cost.in_unit(self.unit)
+        if self.spent + self.reserved + amount > self.limit:
+            return False
+        self.reserved += amount
+        return True
+
+    def settle(self, reserved: float, cost: Cost) -> None:
+        """A training ended: what it reserved is released and its cost charged."""
+        self.reserved -= reserved
+        self.spent += cost.in_unit(self.unit)
+        if self.spent > self.limit:
+            raise RuntimeError(f"charging {cost} passed the budget ({self.limit:g} {self.unit})")
 
 
 @dataclass(frozen=True)
@@ -64,6 +89,7 @@ class TrialResult:
     objectives: Mapping[str, float] = field(default_factory=dict)  # system metrics (multi-objective)
     chosen: Mapping[str, object] = field(default_factory=dict)  # what a round-level tuner settled on
     checkpoint: str | None = None  # where `state` is stored, for any process of the study to continue from
+    cost: Cost = Cost()  # what this training cost (`fedhpo_core.cost`), charged to the budget
 
 
 class Trainer(Protocol):
@@ -77,12 +103,16 @@ class Trainer(Protocol):
         start: FederationState | None,
         tuner: Tuner | None,
         keep_going: Callable[[int], bool] | None,
+        fidelity: Fidelity = FULL,
+        afford: Callable[[Cost], bool] | None = None,
     ) -> TrialResult:
-        """Train `rounds` rounds from `start` (None: from scratch); with `tuner`, the tuner chooses
-        the client configurations and `configuration` fixes the rest, and the result's `chosen` is
-        `tuner.chosen()`. Report the validation score to the trial every round (step: the round
-        number), stop after a round where `keep_going(round)` is false, store the state reached
-        (the result's `checkpoint`), and raise `Interrupted` at a round's end when asked to stop."""
+        """Train `rounds` rounds from `start` (None: from scratch) at `fidelity`; with `tuner`, the
+        tuner chooses the client configurations and `configuration` fixes the rest, and the
+        result's `chosen` is `tuner.chosen()`. Report the validation score to the trial every round
+        (step: the round number), stop after a round where `keep_going(round)` is false and before
+        one that `afford(its cost)` refuses, store the state reached (the result's `checkpoint`),
+        and raise `Interrupted` at a round's end when asked to stop. The result's `cost` is what
+        the rounds trained cost."""
 
     def load(self, checkpoint: str) -> FederationState:
         """The state a result's `checkpoint` names."""
@@ -107,7 +137,7 @@ class SearchContext:
     method: "SearchMethod"
     parameters: Mapping[str, optuna.distributions.BaseDistribution]
     trainer: Trainer
-    budget: RoundBudget
+    budget: Budget
     n_configs: int
     seed: int
     fixed: TrainSettings | None = None  # round-level methods build their tuners from these two
@@ -125,10 +155,15 @@ class SearchContext:
         tuner: Tuner | None = None,
         start_from: optuna.trial.BaseTrial | None = None,
         keep_going: Callable[[int], bool] | None = None,
+        fidelity: Fidelity = FULL,
+        allowance: float | None = None,
     ) -> TrialResult:
-        """Train the trial for `rounds` rounds (continuing from the state `start_from` reached: the
-        trial itself when promoted, a parent for PBT), charge them and record the result on the
-        trial (`record_result`) before anything else happens to it. Safe in worker threads.
+        """Train the trial for `rounds` rounds at `fidelity` (continuing from the state `start_from`
+        reached: the trial itself when promoted, a parent for PBT), each round only once the budget
+        affords it, charge what the training cost and record the result on the trial
+        (`record_result`) before anything else happens to it. With an `allowance` (in the budget's
+        unit) the training also ends before a round that would take it past the allowance: as many
+        rounds as it buys, at most `rounds`. Safe in worker threads.
 
         Asked to stop (`stop`), the training ends at its round's end and what it reached is
         recorded and charged like any result before the interrupt goes on: the trial is told that
@@ -143,10 +178,24 @@ class SearchContext:
         def going(round: int) -> bool:
             return not self.stop.is_set() and (keep_going is None or keep_going(round))
 
-        result = self.trainer(trial, configuration, rounds, start, tuner, going)
+        reserved: list[float] = []
+
+        def afford(cost: Cost) -> bool:
+            if allowance is not None and sum(reserved) + cost.in_unit(self.budget.unit) > allowance:
+                return False
+            with self.lock:
+                if not self.budget.reserve(cost):
+                    return False
+            reserved.append(cost.in_unit(self.budget.unit))
+            return True
+
+        result = self.trainer(trial, configuration, rounds, start, tuner, going, fidelity=fidelity, afford=afford)
+        if start_from is trial and (before := recorded_result(trial)):  # a promoted trial's costs so far
+            added = {k: before.objectives[k] + v for k, v in result.objectives.items() if k in ADDITIVE_COSTS}
+            result = replace(result, objectives=dict(result.objectives) | added)
         with self.lock:
-            self.budget.spend(result.rounds)
-        record_result(trial, result, rounds_used(trial) + result.rounds)
+            self.budget.settle(sum(reserved), result.cost)
+        record_result(trial, result, rounds_used(trial) + result.rounds, cost_used(trial) + result.cost)
         if self.stop.is_set():
             raise self.interrupt()
         return result
@@ -257,7 +306,8 @@ def recorded_result(trial: optuna.trial.BaseTrial) -> TrialResult | None:
     recorded = trial.user_attrs.get(RESULT_ATTR)
     if not recorded:
         return None
-    return TrialResult(state=None, **{k: v for k, v in recorded.items() if k != ROUNDS_ATTR})
+    values = {k: v for k, v in recorded.items() if k not in (ROUNDS_ATTR, COST_ATTR)}
+    return TrialResult(state=None, **values | {"cost": Cost.of(values.get("cost"))})
 
 
 def rounds_used(trial: optuna.trial.BaseTrial) -> int:
@@ -266,18 +316,35 @@ def rounds_used(trial: optuna.trial.BaseTrial) -> int:
     return int(recorded.get(ROUNDS_ATTR, trial.user_attrs.get(ROUNDS_ATTR, 0)))
 
 
+def cost_used(trial: optuna.trial.BaseTrial) -> Cost:
+    """What a trial's trainings cost in all, as recorded."""
+    return Cost.of((trial.user_attrs.get(RESULT_ATTR) or {}).get(COST_ATTR))
+
+
+def charged(trial: optuna.trial.BaseTrial, unit: str) -> float:
+    """What a trial was charged in a budget unit."""
+    return rounds_used(trial) if unit == "rounds" else cost_used(trial).in_unit(unit)
+
+
 def rounds_spent(study: optuna.Study) -> int:
-    """The study's charge: every recorded round of trials finished, running or paused (a failed
-    trial's training was interrupted before it was recorded, and is not charged)."""
+    """The study's charge in rounds: every recorded round of trials finished, running or paused (a
+    failed trial's training was interrupted before it was recorded, and is not charged)."""
     return sum(rounds_used(t) for t in planned_trials(study))
 
 
-def record_result(trial: optuna.trial.Trial, result: TrialResult, used: int) -> None:
-    """Write the result and the trial's rounds so far (`used`) in one storage write, then as
-    attributes of their own: a trial interrupted after this point (Ctrl-C while its run logs
-    artifacts, SIGKILL before it is told) is told with it, or continued from it, never retrained."""
-    recorded = {f.name: getattr(result, f.name) for f in fields(TrialResult) if f.name != "state"}
+def spent(study: optuna.Study, unit: str) -> float:
+    """The study's charge in a budget unit (`cost.UNITS`), counted as `rounds_spent` counts rounds."""
+    return sum(charged(t, unit) for t in planned_trials(study))
+
+
+def record_result(trial: optuna.trial.Trial, result: TrialResult, used: int, cost: Cost = Cost()) -> None:
+    """Write the result and the trial's rounds and cost so far (`used`, `cost`) in one storage
+    write, then as attributes of their own: a trial interrupted after this point (Ctrl-C while its
+    run logs artifacts, SIGKILL before it is told) is told with it, or continued from it, never
+    retrained."""
+    recorded = {f.name: getattr(result, f.name) for f in fields(TrialResult) if f.name not in ("state", "cost")}
     recorded |= {"objectives": dict(result.objectives), "chosen": dict(result.chosen), ROUNDS_ATTR: used}
+    recorded |= {"cost": result.cost.as_dict(), COST_ATTR: cost.as_dict()}
     trial.set_user_attr(RESULT_ATTR, recorded)
     show_result(trial, result, used)
 

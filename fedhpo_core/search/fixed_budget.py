@@ -1,6 +1,11 @@
 """Methods that give each of n configurations the same share of the budget, B // n rounds: random
 search, grid search and Bayesian optimization (FedTune paper, section 4.1: 30 configurations for
-Random and Bayesian), and the system-aware multi-objective search."""
+Random and Bayesian), and the system-aware multi-objective search.
+
+With a budget in another unit (`--budget-unit bytes`, say) a configuration's share is B / n of it,
+and it trains as many rounds as its share buys (at most `SHARE_ROUNDS_CAP` times a round of the
+fixed settings would): a configuration that compresses its uploads to a quarter trains four times
+the rounds."""
 
 import contextvars
 import time
@@ -17,12 +22,13 @@ from fedhpo_core.search.base import (
     Interrupted,
     SearchContext,
     SearchMethod,
+    charged,
     planned_trials,
-    rounds_used,
 )
 from fedhpo_core.search.space import Configuration, grid_points
 from fedhpo_core.settings import SettingsError
 
+SHARE_ROUNDS_CAP = 64  # a share in another unit than rounds buys at most this many times its reference rounds
 POLL_S = 0.2  # how often the search looks for a stop request while trials train
 ASKING_S = 2.0  # an ask gives its trial its point within this time
 # The system costs a multi-objective study can minimize (`trial.system_objectives`), and its defaults.
@@ -69,7 +75,17 @@ class FixedBudgetSearch(SearchMethod):
                 raise
 
     def train(self, context: SearchContext, trial: optuna.trial.Trial, rounds: int):
-        return trial, context.train(trial, Configuration(trial.params), rounds)
+        configuration = Configuration(trial.params)
+        if context.budget.unit == "rounds":
+            return trial, context.train(trial, configuration, rounds)
+        share = self.share(context)
+        return trial, context.train(trial, configuration, rounds * SHARE_ROUNDS_CAP, allowance=share)
+
+    def share(self, context: SearchContext) -> float:
+        """A configuration's share of the budget, in its unit: B // n rounds, or B / n of another unit."""
+        if context.budget.unit == "rounds":
+            return context.budget.total // context.n_configs
+        return context.budget.limit / context.n_configs
 
     def end(self, context: SearchContext, trial: optuna.trial.Trial, result) -> None:
         """How a trained trial ends, in the search's thread. Default: told its values."""
@@ -90,9 +106,10 @@ class FixedBudgetSearch(SearchMethod):
         return None
 
     def fits(self, context: SearchContext, trials: list[optuna.trial.FrozenTrial], rounds: int) -> bool:
-        """Room for one more trial of `rounds` rounds after `trials` (running ones counted in full)."""
-        planned = sum(rounds_used(t) or rounds for t in trials)
-        return len(trials) < self.trial_limit(context) and planned + rounds <= context.budget.total
+        """Room for one more trial's share after `trials` (running ones counted in full)."""
+        share, unit = self.share(context), context.budget.unit
+        planned = sum(charged(t, unit) or share for t in trials)
+        return len(trials) < self.trial_limit(context) and planned + share <= context.budget.limit * (1 + 1e-9)
 
     def admissible(self, trial: optuna.trial.Trial, earlier: list[optuna.trial.FrozenTrial]) -> bool:
         return True
@@ -207,11 +224,16 @@ class MultiObjectiveOptions(Options):
 
     def __post_init__(self):
         super().__post_init__()
-        costs = self.objectives.split(",")
-        if unknown := [name for name in costs if name not in COSTS]:
-            raise SettingsError(f"unknown objective {unknown[0]!r}; choose from {', '.join(COSTS)}, comma-separated")
-        if len(set(costs)) < len(costs):
-            raise SettingsError(f"objectives repeat a name: {self.objectives}")
+        check_objectives(self.objectives)
+
+
+def check_objectives(objectives: str) -> None:
+    """Comma-separated names of `COSTS`, none twice, else a one-line SettingsError."""
+    costs = objectives.split(",")
+    if unknown := [name for name in costs if name not in COSTS]:
+        raise SettingsError(f"unknown objective {unknown[0]!r}; choose from {', '.join(COSTS)}, comma-separated")
+    if len(set(costs)) < len(costs):
+        raise SettingsError(f"objectives repeat a name: {objectives}")
 
 
 FEDTUNE_BASELINES = "the FedTune paper's baselines (section 4.1)"

@@ -1,11 +1,31 @@
 """Successive halving (Jamieson & Talwalkar 2016), Hyperband (Li et al. 2018) and BOHB (Falkner et
-al. 2018) with communication rounds as the resource.
+al. 2018) with communication rounds as the resource, and optionally the fraction of clients sampled
+and of local steps taken (`Ladder`: a fidelity vector, FedHPO-Bench's client sample rate).
 
 A promoted configuration continues from its checkpoint (the `FederationState` it reached), so a
 rung costs only the rounds it adds: sum_k n_k (r_k - r_{k-1}) for n_k configurations trained to
 r_k = r_0 eta^k rounds. The minimum resource r_0 is the largest that keeps that sum within the
 bracket's budget. Each configuration is one Optuna trial: it reports its score at every rung it
 reaches and ends COMPLETE in the last rung, PRUNED where it was stopped.
+
+With `--fidelity rounds+clients` (or `+steps`), rung k of K also samples a fraction
+f_k = f_0^((K-1-k)/(K-1)) of the clients (or takes that fraction of each client's local steps),
+from `--min-fidelity` f_0 at the first rung to 1 at the top: rounds 3 -> 9 -> 27 with clients
+20% -> 45% -> 100%. A rung's rounds cost what its fidelity costs in the budget's unit (a round on
+20% of the clients is a fifth of one on all of them in client updates and bytes, a whole one in
+rounds), so the same budget buys longer rungs.
+
+After each rung, the bracket measures Kendall's tau between its survivors' scores at the rung
+before and at this one (`RUNG_SCORES_ATTR`, the study's `rank_agreement.csv`): how far the cheaper
+evaluation ranked them as the dearer one did. Below `--min-rank-agreement`, the bracket stops
+promoting (its survivors complete where they stand) and its budget goes to the brackets after it,
+which have fewer rungs (Hyperband's last starts at full fidelity). The top rung holds one
+configuration, so agreement is measured between consecutive rungs rather than against the top one.
+
+Promotion ranks trials within the study's limits (`--max-bytes`, `--max-epsilon`) before those
+over one, so a bracket ends with a feasible best whenever one of its trials was; with system
+objectives (`--objectives`), by non-dominated sorting (multi-objective successive halving,
+Schmucker et al. 2021), the score breaking ties within a front.
 
 Everything a bracket needs is in the study, so any process can continue it: its plan (a study user
 attribute, written when it starts), each trial's bracket, the rounds it trained and its result
@@ -19,49 +39,159 @@ import math
 from dataclasses import dataclass
 
 import optuna
+import pandas as pd
+from scipy.stats import kendalltau
 
-from fedhpo_core.registry import TRIAL, Method, register
+from fedhpo_core.federation import Fidelity
+from fedhpo_core.registry import TRIAL, Method, Options, option, register
 from fedhpo_core.search.base import (
     BRACKET_ATTR,
     SearchContext,
     SearchMethod,
+    TrialResult,
     recorded_result,
     rounds_used,
     score_of,
 )
+from fedhpo_core.search.fixed_budget import check_objectives
 from fedhpo_core.search.space import Configuration
+from fedhpo_core.settings import SettingsError
 
 ETA = 3
+FIDELITIES = ("rounds", "rounds+clients", "rounds+steps", "rounds+clients+steps")
+RUNG_SCORES_ATTR = "rung_scores"  # Optuna user attribute: a halving trial's score at each rung it finished
+AGREEMENT_ATTR = "rank_agreement"  # Optuna study user attribute: Kendall's tau per bracket and rung
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """What rungs grow besides rounds, from `lowest` at the first rung to 1 at the top, and what a
+    round at a rung's fidelity costs in the budget's unit, relative to one at full fidelity."""
+
+    clients: bool = False
+    steps: bool = False
+    lowest: float = 1.0
+    unit: str = "rounds"
+
+    def fidelities(self, count: int) -> list[Fidelity]:
+        """Rung k of `count`: f_k = lowest^((count-1-k)/(count-1)) for what grows, 1 otherwise."""
+        fractions = [self.lowest ** ((count - 1 - k) / (count - 1)) if count > 1 else 1.0 for k in range(count)]
+        return [Fidelity(f if self.clients else 1.0, f if self.steps else 1.0) for f in fractions]
+
+    def round_cost(self, fidelity: Fidelity) -> float:
+        """Fewer clients send fewer updates and bytes; rounds and simulated seconds (the slowest
+        client's) are not counted cheaper."""
+        return fidelity.clients if self.unit in ("client-updates", "bytes") else 1.0
+
+
+ROUNDS_ONLY = Ladder()
 
 
 @dataclass(frozen=True)
 class Rung:
     configs: int  # configurations trained in this rung
     rounds: int  # rounds each has had in all at the end of it
+    clients: float = 1.0  # the fraction of clients sampled in its rounds
+    steps: float = 1.0  # the fraction of local steps its clients take
+
+    @property
+    def fidelity(self) -> Fidelity:
+        return Fidelity(self.clients, self.steps)
 
 
-def plan_rungs(n: int, budget: int, eta: int = ETA) -> list[Rung]:
-    """Rungs n_k = n // eta^k (while >= 1) at r_k = r_0 eta^k, with the largest r_0 whose total
-    cost fits `budget`; fewer rungs when even r_0 = 1 does not fit. Empty if nothing fits."""
+def plan_rungs(
+    n: int, budget: float, eta: int = ETA, ladder: Ladder = ROUNDS_ONLY, most: int | None = None
+) -> list[Rung]:
+    """Rungs n_k = n // eta^k (while >= 1, at most `most` of them) at r_k = r_0 eta^k and the
+    ladder's fidelities, with the largest r_0 whose total cost fits `budget` (in full-fidelity
+    rounds); fewer rungs when even r_0 = 1 does not fit. Empty if nothing fits."""
     counts = []
-    while n // eta ** len(counts) >= 1:
+    while n // eta ** len(counts) >= 1 and (most is None or len(counts) < most):
         counts.append(n // eta ** len(counts))
     while counts:
-        # Cost per unit of r_0: n_0 * 1 + sum_{k>=1} n_k (eta^k - eta^(k-1)).
-        unit = counts[0] + sum(c * (eta**k - eta ** (k - 1)) for k, c in enumerate(counts) if k)
-        r0 = budget // unit
+        fidelities = ladder.fidelities(len(counts))
+        # Cost per unit of r_0: sum_k n_k (eta^k - eta^(k-1)) c_k, eta^(-1) counted as 0.
+        unit = sum(
+            c * (eta**k - (eta ** (k - 1) if k else 0)) * ladder.round_cost(f)
+            for k, (c, f) in enumerate(zip(counts, fidelities, strict=True))
+        )
+        r0 = int(budget / unit + 1e-9)
         if r0 >= 1:
-            return [Rung(c, r0 * eta**k) for k, c in enumerate(counts)]
+            return [
+                Rung(c, r0 * eta**k, f.clients, f.steps)
+                for k, (c, f) in enumerate(zip(counts, fidelities, strict=True))
+            ]
         counts.pop()
     return []
 
 
-def plan_cost(rungs: list[Rung]) -> int:
-    previous, total = 0, 0
+def plan_cost(rungs: list[Rung], ladder: Ladder = ROUNDS_ONLY) -> float:
+    """What the rungs cost in full-fidelity rounds."""
+    previous, total = 0, 0.0
     for rung in rungs:
-        total += rung.configs * (rung.rounds - previous)
+        total += rung.configs * (rung.rounds - previous) * ladder.round_cost(rung.fidelity)
         previous = rung.rounds
     return total
+
+
+def rank_agreement(before: list[float], after: list[float]) -> float:
+    """Kendall's tau between two fidelities' scores of the same configurations (nan for fewer than
+    two, or where either ranks them all equal)."""
+    if len(before) < 2:
+        return math.nan
+    return float(kendalltau(before, after).statistic)
+
+
+def nondominated_fronts(points: dict[int, tuple[float, ...]]) -> dict[int, int]:
+    """Each point's front under minimization of every coordinate (0: the Pareto front; NSGA-II's
+    non-dominated sorting)."""
+    fronts, left, level = {}, dict(points), 0
+    while left:
+        front = [
+            n
+            for n, p in left.items()
+            if not any(all(a <= b for a, b in zip(q, p, strict=True)) and q != p for q in left.values())
+        ]
+        fronts |= dict.fromkeys(front, level)
+        left = {n: p for n, p in left.items() if n not in front}
+        level += 1
+    return fronts
+
+
+@dataclass(frozen=True)
+class FidelityOptions(Options):
+    fidelity: str = option("rounds", "what rungs grow: " + ", ".join(FIDELITIES), FIDELITIES)
+    min_fidelity: float = option(
+        0.2, "the first rung's fraction of clients or local steps (1 at the top rung)", low=0.0
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.min_fidelity <= 1:
+            raise SettingsError(f"option min_fidelity must be in (0, 1], got {self.min_fidelity}")
+
+    def ladder(self, unit: str) -> Ladder:
+        """The rung ladder these options describe, its costs in the budget's `unit`."""
+        grows = self.fidelity.split("+")
+        return Ladder("clients" in grows, "steps" in grows, self.min_fidelity, unit)
+
+
+@dataclass(frozen=True)
+class HalvingOptions(FidelityOptions):
+    min_rank_agreement: float = option(
+        -1.0,
+        "sha, hyperband, bohb: stop promoting in a bracket when Kendall's tau between a rung's and the next "
+        "rung's scores falls below this (-1: never)",
+        low=-1.0,
+    )
+    objectives: str = option(
+        "", "costs to minimize beside the score, comma-separated (sha, hyperband, bohb: none, the default)"
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.objectives:
+            check_objectives(self.objectives)
 
 
 class SuccessiveHalving(SearchMethod):
@@ -69,36 +199,41 @@ class SuccessiveHalving(SearchMethod):
 
     pauses_trials = True
 
+    def __init__(self, options: HalvingOptions | None = None):
+        super().__init__(options or HalvingOptions())
+        self.objectives = tuple(self.options.objectives.split(",")) if self.options.objectives else ()
+        self.ladder = ROUNDS_ONLY
+
     def sampler(self, parameters, seed):
         return optuna.samplers.RandomSampler(seed=seed)
 
-    def brackets(self, n_configs: int, budget: int) -> list[tuple[int, int]]:
-        """(configurations, budget) per bracket."""
-        return [(n_configs, budget)]
+    def brackets(self, n_configs: int, budget: int) -> list[tuple[int, int, int | None]]:
+        """(configurations, budget, most rungs) per bracket."""
+        return [(n_configs, budget, None)]
 
     def search(self, context: SearchContext) -> None:
         """Brackets not yet complete, each with an equal part of what is left (rounds a bracket's
         integer rungs leave unused go to the next), or with its recorded plan if it had begun."""
+        self.ladder = self.options.ladder(context.budget.unit)
         trials = context.study.get_trials(deepcopy=False)
         complete = {t.user_attrs.get(BRACKET_ATTR) for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
         running = {t.user_attrs.get(BRACKET_ATTR) for t in trials if t.state == optuna.trial.TrialState.RUNNING}
         done = complete - running
-        pending = [
-            (i, n) for i, (n, _) in enumerate(self.brackets(context.n_configs, context.budget.total)) if i not in done
-        ]
-        for left, (index, n) in zip(range(len(pending), 0, -1), pending, strict=True):
-            rungs = self.plan(context.study, index, n, context.budget.remaining // left)
+        brackets = self.brackets(context.n_configs, context.budget.total)
+        pending = [(i, n, most) for i, (n, _, most) in enumerate(brackets) if i not in done]
+        for left, (index, n, most) in zip(range(len(pending), 0, -1), pending, strict=True):
+            rungs = self.plan(context.study, index, n, context.budget.remaining // left, most)
             if rungs:
                 self.run_bracket(context, index, rungs)
 
-    def plan(self, study: optuna.Study, index: int, n: int, budget: int) -> list[Rung]:
+    def plan(self, study: optuna.Study, index: int, n: int, budget: int, most: int | None = None) -> list[Rung]:
         """The bracket's rungs: as recorded when it began, else planned now and recorded."""
         key = f"{BRACKET_ATTR}_{index}"
         if key in study.user_attrs:
             return [Rung(*rung) for rung in study.user_attrs[key]]
-        rungs = plan_rungs(n, budget)
+        rungs = plan_rungs(n, budget, ladder=self.ladder, most=most)
         if rungs:
-            study.set_user_attr(key, [[r.configs, r.rounds] for r in rungs])
+            study.set_user_attr(key, [[r.configs, r.rounds, r.clients, r.steps] for r in rungs])
         return rungs
 
     def run_bracket(self, context: SearchContext, index: int, rungs: list[Rung]) -> None:
@@ -120,21 +255,65 @@ class SuccessiveHalving(SearchMethod):
                 reached = rounds_used(trial)
                 if reached < rung.rounds and not (recorded and recorded.diverged):
                     start_from = trial if reached else None
-                    context.train(trial, Configuration(trial.params), rung.rounds - reached, start_from=start_from)
-            sign = self.score.sign()
-            scores = {n: score_of(recorded_result(t), self.score) for n, t in trials.items()}
-            ranked = sorted(trials, key=lambda n: -sign * scores[n])
-            if k + 1 == len(rungs):
+                    configuration = Configuration(trial.params)
+                    context.train(
+                        trial, configuration, rung.rounds - reached, start_from=start_from, fidelity=rung.fidelity
+                    )
+            results = {n: recorded_result(t) for n, t in trials.items()}
+            for number, trial in trials.items():
+                scores = trial.user_attrs.get(RUNG_SCORES_ATTR, {})
+                if str(k) not in scores:  # the rung's score, before a later rung's result replaces it
+                    trial.set_user_attr(RUNG_SCORES_ATTR, scores | {str(k): score_of(results[number], self.score)})
+            ranked = self.ranked(results)
+            refused = k > 0 and self.agreement(study, index, k, trials) < self.options.min_rank_agreement
+            if k + 1 == len(rungs) or refused:
                 for number in ranked:
-                    context.complete(trials[number], recorded_result(trials[number]))
+                    context.complete(trials[number], results[number])
                 return
             for number in ranked[rungs[k + 1].configs :]:
                 context.prune(trials.pop(number))
 
+    def feasible(self, result: TrialResult) -> bool:
+        """Within every limit of the study (a cost never falls as a trial goes on)."""
+        return all(result.objectives.get(name, 0.0) <= limit for name, limit in self.limits.items())
+
+    def ranked(self, results: dict[int, TrialResult]) -> list[int]:
+        """Best first: trials within the study's limits before the others, then by non-dominated
+        front with system objectives (fronts of the feasible and of the others apart, as Deb's
+        constrained domination has it), then by score."""
+        sign = self.score.sign()
+        scores = {n: score_of(r, self.score) for n, r in results.items()}
+        feasible = {n: self.feasible(r) for n, r in results.items()}
+        fronts = dict.fromkeys(results, 0)
+        for group in (True, False):
+            points = {
+                n: (-sign * scores[n], *(r.objectives[o] for o in self.objectives))
+                for n, r in results.items()
+                if feasible[n] == group
+            }
+            fronts |= nondominated_fronts(points) if self.objectives else {}
+        return sorted(results, key=lambda n: (not feasible[n], fronts[n], -sign * scores[n]))
+
+    def agreement(self, study: optuna.Study, index: int, k: int, trials: dict[int, optuna.trial.Trial]) -> float:
+        """Kendall's tau between rung k-1's and rung k's scores of rung k's trials, recorded on the
+        study (`AGREEMENT_ATTR`: bracket, rung, fidelity, configurations, tau)."""
+        scores = [trial.user_attrs[RUNG_SCORES_ATTR] for trial in trials.values()]
+        tau = rank_agreement([s[str(k - 1)] for s in scores], [s[str(k)] for s in scores])
+        rows = [r for r in study.user_attrs.get(AGREEMENT_ATTR, []) if (r["bracket"], r["rung"]) != (index, k - 1)]
+        row = {"bracket": index, "rung": k - 1, "configurations": len(scores), "kendall_tau": tau}
+        study.set_user_attr(AGREEMENT_ATTR, [*rows, row])
+        return tau if math.isfinite(tau) else 1.0
+
+    def reports(self, study, table):
+        """How far each rung's ranking agreed with the next one's (Kendall's tau), if measured."""
+        rows = study.user_attrs.get(AGREEMENT_ATTR, [])
+        return {"rank_agreement.csv": pd.DataFrame(rows)} if rows else {}
+
 
 class Hyperband(SuccessiveHalving):
-    """Brackets s = s_max .. 0 with n_s = ceil((s_max + 1) / (s + 1) * eta^s) configurations, trading
-    many short trials against few long ones; the budget is split equally between brackets.
+    """Brackets s = s_max .. 0 with n_s = ceil((s_max + 1) / (s + 1) * eta^s) configurations and s + 1
+    rungs, trading many short trials against few long ones; the budget is split equally between
+    brackets. The last bracket trains its configurations at full fidelity from the start.
 
     s_max is floor(log_eta n) as in Li et al., lowered until every bracket can give each of its
     configurations at least one round: a small budget gets fewer, smaller brackets."""
@@ -142,8 +321,8 @@ class Hyperband(SuccessiveHalving):
     def brackets(self, n_configs, budget):
         for s_max in range(int(math.log(n_configs, ETA) + 1e-9), -1, -1):
             share = budget // (s_max + 1)
-            plan = [(math.ceil((s_max + 1) / (s + 1) * ETA**s), share) for s in range(s_max, -1, -1)]
-            if all(plan_rungs(n, share) for n, share in plan):
+            plan = [(math.ceil((s_max + 1) / (s + 1) * ETA**s), share, s + 1) for s in range(s_max, -1, -1)]
+            if all(plan_rungs(n, share, ladder=self.ladder, most=most) for n, share, most in plan):
                 return plan
         return []
 
@@ -162,7 +341,9 @@ register(
         "Jamieson & Talwalkar, AISTATS 2016",
         "successive halving: one bracket of n configurations, the best 1/3 continued from their checkpoints",
         SuccessiveHalving,
-        attributes=(BRACKET_ATTR,),
+        HalvingOptions,
+        attributes=(BRACKET_ATTR, RUNG_SCORES_ATTR),
+        reports=("rank_agreement.csv",),
     )
 )
 register(
@@ -172,7 +353,9 @@ register(
         "Li et al., JMLR 2018; the FedTune paper's baselines (section 4.1)",
         "brackets of successive halving trading many short trials against few long ones",
         Hyperband,
-        attributes=(BRACKET_ATTR,),
+        HalvingOptions,
+        attributes=(BRACKET_ATTR, RUNG_SCORES_ATTR),
+        reports=("rank_agreement.csv",),
     )
 )
 register(
@@ -182,6 +365,8 @@ register(
         "Falkner et al., ICML 2018",
         "Hyperband whose configurations come from TPE fitted to the trials so far",
         BOHB,
-        attributes=(BRACKET_ATTR,),
+        HalvingOptions,
+        attributes=(BRACKET_ATTR, RUNG_SCORES_ATTR),
+        reports=("rank_agreement.csv",),
     )
 )

@@ -31,9 +31,14 @@ CLIENT_SETTINGS = (
     "finetune_steps",
     "finetune_lr",
     "ditto_lambda",
+    "compression",
+    "compression_bits",
+    "compression_bucket",
+    "topk_fraction",
 )
-SERVER_SETTINGS = ("server_lr", "beta1", "participation", "dp_clip", "dp_noise", "deadline_s")
+SERVER_SETTINGS = ("server_lr", "beta1", "participation", "dp_clip", "dp_noise", "deadline_s", "compress_downloads")
 SCOPES = ("global", "personalized")
+WORD_SETTINGS = ("compression",)  # tunable settings whose values are words, not numbers
 
 # FedTune paper, section 4.1: 5 learning rates x 6 weight decays.
 FEDTUNE_SPACE = {
@@ -48,8 +53,10 @@ def _distribution(name: str, spec) -> optuna.distributions.BaseDistribution:
     kind = spec["type"]
     try:
         if kind == "categorical":
-            # Every tunable setting is a number; YAML 1.1 reads 1e-3 (no dot) as a string.
-            choices = tuple(c if isinstance(c, int | float) else float(c) for c in spec["choices"])
+            # A tunable setting is a number unless it is named by a word (compression); YAML 1.1
+            # reads 1e-3 (no dot) as a string.
+            words = name in WORD_SETTINGS
+            choices = tuple(c if isinstance(c, int | float) or words else float(c) for c in spec["choices"])
             if not choices:
                 raise SettingsError(f"search space entry {name!r} has no choices")
             return optuna.distributions.CategoricalDistribution(choices)
@@ -104,6 +111,7 @@ class SearchSpace:
         """Every value the space can give is one the setting accepts (a domain's ends and every
         choice, against the same checks as the command line), before any round is spent."""
         kinds = {f.name: f.type for f in fields(ClientConfig) + fields(TrainSettings)}
+        every_setting = {f.name for f in fields(TrainSettings)}
         for name, distribution in self.distributions.items():
             kind = kinds[name]
             if isinstance(distribution, optuna.distributions.CategoricalDistribution):
@@ -116,7 +124,9 @@ class SearchSpace:
                 if kind is int and not float(value).is_integer():
                     raise SettingsError(f"search space entry {name!r}: {name} takes integers, got {value}")
                 try:
-                    if name in CLIENT_SETTINGS:
+                    if name in every_setting:  # with the rest of the settings (topk and DP exclude each other)
+                        replace(fixed, **{name: value})
+                    elif name in CLIENT_SETTINGS:
                         replace(fixed.client_config, **{name: value})
                     else:
                         replace(fixed, **{name: value})

@@ -13,17 +13,21 @@ import optuna
 import sqlalchemy
 
 from fedhpo_core import seeding
+from fedhpo_core.cost import UNITS
 from fedhpo_core.evaluation import NoisyEvaluation
+from fedhpo_core.federation import Federation
 from fedhpo_core.personalization import OBJECTIVES as PERSONAL_OBJECTIVES
 from fedhpo_core.registry import Method, Options, methods
 from fedhpo_core.registry import method as method_named
 from fedhpo_core.search.base import (
-    RoundBudget,
+    Budget,
     SearchContext,
     SearchMethod,
     Trainer,
-    rounds_spent,
     settle_interrupted_trials,
+)
+from fedhpo_core.search.base import (
+    spent as study_spent,
 )
 from fedhpo_core.search.space import SCOPES, SearchSpace
 from fedhpo_core.search.storage import open_storage
@@ -79,6 +83,13 @@ ADDED_TO_DEFINITION = {
     "finetune_steps": 0,
     "finetune_lr": 0.0,
     "ditto_lambda": 0.0,
+    "compression": "none",
+    "compression_bits": 8,
+    "compression_bucket": 512,
+    "topk_fraction": 0.01,
+    "compress_downloads": False,
+    "budget_unit": "rounds",
+    "max_bytes": 0.0,
 }
 SCHEMA_ATTEMPTS = 3  # processes joining a new storage at once race to create its tables
 
@@ -90,7 +101,12 @@ class TuneSettings:
     """How a study searches; every `TrainSettings` field is a fixed setting of it besides."""
 
     method: str = setting("tpe", "search method (`fedhpo methods` describes each)")
-    budget: int = setting(30, "communication rounds the search may spend, every round of every trial")
+    budget: int = setting(30, "what the search may spend, every round of every trial, in --budget-unit")
+    budget_unit: str = setting(
+        "rounds",
+        "the budget's currency: rounds, client-updates (sampled clients x rounds), bytes (up and down) or "
+        "sim-seconds (the devices' simulated time)",
+    )
     n_configs: int = setting(30, "configurations to try (random, grid, tpe, gp, multiobjective); sets (a)sha's rungs")
     final_rounds: int = setting(20, "rounds to retrain the best configuration from scratch (the paper uses 400)")
     scope: str = setting("global", "global: one configuration for all clients; personalized: one per client")
@@ -110,6 +126,7 @@ class TuneSettings:
     workers: int = setting(1, "trials trained at once (random, grid, tpe, gp, multiobjective, asha, async-hyperband)")
     join: bool = setting(False, "share the study with other processes on the same --storage (created if missing)")
     max_epsilon: float = setting(0.0, "privacy budget: a trial that spent more epsilon is never the best (0: none)")
+    max_bytes: float = setting(0.0, "communication limit: a trial that sent more bytes is never the best (0: none)")
     register_model: str | None = setting(
         None, "register the retrained best model as a version of this name in MLflow's Model Registry"
     )
@@ -140,15 +157,35 @@ class TuneSettings:
             raise SettingsError(f"parallel trials (workers > 1, join) need one of {parallel}; not {self.method}")
         if self.join and self.resume:
             raise SettingsError("join and resume exclude each other: resume fails trials that others may be running")
-        if self.max_epsilon < 0 or not math.isfinite(self.max_epsilon):
-            raise SettingsError(f"max_epsilon must be a number >= 0, got {self.max_epsilon}")
+        for name in ("max_epsilon", "max_bytes"):
+            if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
+                raise SettingsError(f"{name} must be a number >= 0, got {getattr(self, name)}")
+        if self.budget_unit not in UNITS:
+            raise SettingsError(f"unknown budget_unit {self.budget_unit!r}; choose from {', '.join(UNITS)}")
         if self.register_model is not None:
             if not self.register_model.strip() or any(c in self.register_model for c in "/:"):
                 # what MLflow's Model Registry refuses, said before any work (not after the study)
                 raise SettingsError(f"register_model: {self.register_model!r} is not a model name (empty, '/' or ':')")
             if not self.final_rounds:
                 raise SettingsError("register_model needs final_rounds >= 1: the retrained best model is registered")
-        self.search_method().check_budget(self.budget, self.n_configs)
+        if self.budget_unit == "rounds":  # in another unit, once a round's cost is known (`budget_of`)
+            self.search_method().check_budget(self.budget, self.n_configs)
+        elif self.budget <= 0:
+            raise SettingsError(f"budget must be > 0, got {self.budget}")
+
+    def budget_of(self, federation: Federation, fixed: TrainSettings) -> Budget:
+        """The study's budget in its unit, with what a round of the fixed settings at full fidelity
+        costs in it (`Federation.reference_cost`): methods plan in such rounds. A budget that cannot
+        fund the method's plan is refused in one line, before any round."""
+        round_cost = federation.reference_cost(fixed.client_config).in_unit(self.budget_unit)
+        budget = Budget(self.budget, self.budget_unit, max(round_cost, 1e-9))
+        if self.budget_unit != "rounds":
+            try:
+                self.search_method().check_budget(budget.total, self.n_configs)
+            except SettingsError as error:
+                bought = f"{budget.total} rounds of {round_cost:g} {self.budget_unit} each"
+                raise SettingsError(f"budget {self.budget} {self.budget_unit} buys {bought}: {error}") from error
+        return budget
 
     def check_with(self, fixed: TrainSettings) -> None:
         """What depends on the fixed settings: the search space, the clients noisy evaluation draws
@@ -167,6 +204,11 @@ class TuneSettings:
             raise SettingsError(
                 "epsilon (an objective or --max-epsilon) needs DP-FedAvg: --dp-clip C and --dp-noise sigma "
                 "(or dp_noise in the search space)"
+            )
+        if fixed.dp_clip and "clients" in getattr(self.method_options, "fidelity", ""):
+            raise SettingsError(
+                "a client-fraction fidelity cannot run with dp_clip: DP-FedAvg's accountant assumes every round "
+                "samples clients at the participation rate"
             )
         if "time_to_target_s" in needed and not fixed.target_acc:
             raise SettingsError("the objective time_to_target_s needs --target-acc")
@@ -197,7 +239,8 @@ class TuneSettings:
     def built(self) -> SearchMethod:
         """The method, with its options and the study's limits: built once per settings."""
         method = self.declared.search(self.method_options)
-        method.limits = {"epsilon": self.max_epsilon} if self.max_epsilon else {}
+        limits = {"epsilon": self.max_epsilon, "bytes_sent": self.max_bytes}
+        method.limits = {name: limit for name, limit in limits.items() if limit}
         return method
 
     def search_method(self) -> SearchMethod:
@@ -210,9 +253,10 @@ class TuneSettings:
         changed = self.changed_options
         method = f"{self.method}[{';'.join(map(str, changed.values()))}]" if changed else self.method
         noisy = "".join(f"-{k.removeprefix('eval_')}{v:g}" for k, v in self.noisy.items())
+        unit = "" if self.budget_unit == "rounds" else self.budget_unit
         return self.study_name or (
-            f"{method}-{self.scope}-{fixed.task_ref.label}-{fixed.partition}-{fixed.clients}c-b{self.budget}-s{fixed.seed}"
-            + noisy
+            f"{method}-{self.scope}-{fixed.task_ref.label}-{fixed.partition}-{fixed.clients}c-b{self.budget}{unit}"
+            f"-s{fixed.seed}" + noisy
         )
 
 
@@ -248,7 +292,8 @@ def study_definition(tune: TuneSettings, fixed: TrainSettings) -> dict:
     A study keeps it (`DEFINITION_ATTR`); `--resume` and `--join` continue it only with the same."""
     space = {name: optuna.distributions.distribution_to_json(d) for name, d in tune.space().distributions.items()}
     fixed_values = {k: v for k, v in asdict(fixed).items() if k not in ("data_root", "rounds")}
-    names = ("method", "objective", "eval_clients", "eval_noise", "scope", "budget", "n_configs")
+    names = ("method", "objective", "eval_clients", "eval_noise", "scope", "budget", "budget_unit", "n_configs")
+    names += ("max_bytes",)
     scalars = {k: getattr(tune, k) for k in names}
     return scalars | tune.changed_options | {"search_space": space} | fixed_values
 
@@ -336,14 +381,17 @@ def run_search(
     workers: int = 1,
     join: bool = False,
     stop: Event | None = None,
-) -> RoundBudget:
+    unit: str = "rounds",
+    round_cost: float = 1.0,
+) -> Budget:
     """Settle the trials an earlier process left RUNNING (unless other processes share the study:
     `join`), charge recorded trials to the budget, then search, the budget owned by the driver
     (`SearchContext`). Interrupted, it settles the trials it started before the interrupt goes on:
     finished training is told (or paused, for a method that pauses trials), the rest FAIL; a trial
     the method left RUNNING is settled the same way. The sampler is seeded from the seed and the
     study's length, so a resumed study draws new points. `stop`, once set, has trials in training
-    end at their round's end. Returns the study's rounds spent, by every process."""
+    end at their round's end. The budget is in `unit`, a round of the fixed settings costing
+    `round_cost` in it (`TuneSettings.budget_of`). Returns what the study spent, by every process."""
     if not join:
         settle_interrupted_trials(study, method)
     parameters = space.parameters(scope, clients)
@@ -351,7 +399,7 @@ def run_search(
     # shared study's order of trials is not reproducible anyway).
     keys = (seeding.SEARCH, len(study.trials), *((secrets.randbits(32),) if join else ()))
     study.sampler = method.sampler(parameters, int(seeding.numpy_rng(seed, *keys).integers(2**31)))
-    spent = RoundBudget(budget, rounds_spent(study))
+    spent = Budget(budget, unit, round_cost, study_spent(study, unit))
     context = SearchContext(
         study, method, parameters, trainer, spent, n_configs, seed, fixed, data, workers, stop or Event()
     )
@@ -360,7 +408,7 @@ def run_search(
         method.search(context)
     finally:
         settle_interrupted_trials(study, method, context.started if join else None)
-    return RoundBudget(budget, rounds_spent(study))
+    return Budget(budget, unit, round_cost, study_spent(study, unit))
 
 
 def limits_text(limits) -> str:
