@@ -124,8 +124,9 @@ class TopK(Compressor):
         """(sent, new residual) for updates x and the residuals (k, P) kept from earlier rounds:
         v = x + residual, sent = topk(v), residual = v - sent (so sent + residual = x + old residual)."""
         v = x + residual
-        sent = self.compress(v, ())
-        return sent, v - sent
+        picked = v.abs().topk(self.count(v.shape[1]), dim=1, sorted=False).indices
+        sent = torch.zeros_like(v).scatter_(1, picked, v.gather(1, picked))
+        return sent, v.scatter_(1, picked, 0.0)  # what was not sent, in place of v
 
 
 @dataclass(frozen=True)

@@ -391,7 +391,9 @@ class Federation:
         the clipping); uploads compressed as their `configs` say (top-k's error feedback from
         `residuals`). Under DP: clip, compress, clip again (a quantized update can be longer than
         its input, and the noise is calibrated to the bound), then noise."""
-        compressors = {c: compressor_of(config) for c, config in (configs or {}).items()}
+        compressors = {
+            c: compressor_of(config) for c, config in (configs or {}).items() if config.compression != "none"
+        }
         compress = [] if not compressors else [Compress(compressors, residuals or {}, self.seed, t)]
         if not self.privacy.enabled:
             chain: list[Link] = [DropNonFinite()]
