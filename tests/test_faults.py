@@ -290,7 +290,7 @@ def test_an_interrupted_study_ends_in_seconds_and_resumes_charging_what_it_train
 
 # (method, budget, n_configs, trainings finished before the kill): mid-bracket for sha (9 trainings
 # in its first rung, 3 in its second) and hyperband, mid-generation for pbt (4 members a generation).
-MID_WAY = {"sha": (60, 9, 10), "hyperband": (60, 9, 10), "pbt": (24, 4, 6)}
+MID_WAY = {"sha": (60, 9, 10), "hyperband": (90, 9, 10), "pbt": (24, 4, 6)}
 
 
 @pytest.mark.parametrize("method", MID_WAY)

@@ -296,8 +296,10 @@ class SuccessiveHalving(SearchMethod):
 
     def agreement(self, study: optuna.Study, index: int, k: int, trials: dict[int, optuna.trial.Trial]) -> float:
         """Kendall's tau between rung k-1's and rung k's scores of rung k's trials, recorded on the
-        study (`AGREEMENT_ATTR`: bracket, rung, fidelity, configurations, tau)."""
+        study where there are two or more (`AGREEMENT_ATTR`: bracket, rung, configurations, tau)."""
         scores = [trial.user_attrs[RUNG_SCORES_ATTR] for trial in trials.values()]
+        if len(scores) < 2:  # one configuration ranks nothing
+            return 1.0
         tau = rank_agreement([s[str(k - 1)] for s in scores], [s[str(k)] for s in scores])
         rows = [r for r in study.user_attrs.get(AGREEMENT_ATTR, []) if (r["bracket"], r["rung"]) != (index, k - 1)]
         row = {"bracket": index, "rung": k - 1, "configurations": len(scores), "kendall_tau": tau}
@@ -316,13 +318,14 @@ class Hyperband(SuccessiveHalving):
     brackets. The last bracket trains its configurations at full fidelity from the start.
 
     s_max is floor(log_eta n) as in Li et al., lowered until every bracket can give each of its
-    configurations at least one round: a small budget gets fewer, smaller brackets."""
+    configurations at least one round in all of its s + 1 rungs: a small budget gets fewer,
+    smaller brackets."""
 
     def brackets(self, n_configs, budget):
         for s_max in range(int(math.log(n_configs, ETA) + 1e-9), -1, -1):
             share = budget // (s_max + 1)
             plan = [(math.ceil((s_max + 1) / (s + 1) * ETA**s), share, s + 1) for s in range(s_max, -1, -1)]
-            if all(plan_rungs(n, share, ladder=self.ladder, most=most) for n, share, most in plan):
+            if all(len(plan_rungs(n, share, ladder=self.ladder, most=most)) == most for n, share, most in plan):
                 return plan
         return []
 
