@@ -489,6 +489,9 @@ def _abandon_deliveries() -> None:
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
+    from cli import prefect_outages
+
+    prefect_outages.silence_abandoned()  # an item in flight as the workers stop fails after the command's last line
     for service in (EventsWorker, APILogWorker):
         for worker in list(service._instances.values()):
             with contextlib.suppress(queue.Empty):

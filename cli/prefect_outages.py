@@ -24,6 +24,11 @@ SERVICES = logging.getLogger("prefect._internal.concurrency")
 EVENTS_WORKER = logging.getLogger("EventsWorker")
 
 
+def failed_event(record: logging.LogRecord) -> bool:
+    """Prefect's events worker's ERROR for an event it could not deliver."""
+    return str(record.msg).startswith("Service %r failed to process item") and record.args[0] == "EventsWorker"
+
+
 class Outage(logging.Filter):
     """The server's outage as the command's deliveries see it. A filter on Prefect's loggers of event
     delivery: their lines per failed event become its first line, the client's (debug) line that it
@@ -59,7 +64,7 @@ class Outage(logging.Filter):
         if str(record.msg).startswith("Unable to connect to"):  # args: the websocket's URL, the reason
             self.begin(record.args[-1])
             return False
-        if str(record.msg).startswith("Service %r failed to process item") and record.args[0] == "EventsWorker":
+        if failed_event(record):
             return False
         if str(record.msg).startswith("Resending %s unconfirmed events") and self.ongoing:
             self.end(record.args[0])
@@ -69,6 +74,20 @@ class Outage(logging.Filter):
 
 
 _outage = Outage("", logging.NOTSET)
+
+
+class Abandoned(logging.Filter):
+    """Drops the ERROR of an event that was in flight when the command gave up on a server that is
+    gone (`cli.main`'s abandoned deliveries): it comes after the command's last line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not failed_event(record)
+
+
+def silence_abandoned() -> None:
+    """From now on, in this process, events that fail to reach the server are not logged."""
+    for source in (SERVICES, EVENTS_WORKER):
+        source.addFilter(Abandoned())
 
 
 def server_away() -> bool:
