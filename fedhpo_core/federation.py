@@ -382,19 +382,17 @@ class Federation:
         self,
         t: int,
         factors: Mapping[int, float] | None = None,
-        configs: Mapping[int, ClientConfig] | None = None,
+        compressors: Mapping[int, Compressor] | None = None,
         residuals: Mapping[int, torch.Tensor] | None = None,
     ) -> list[Link]:
         """Round t's postprocessor chain: non-finite uploads left out, then DP-FedAvg's links if on,
         or every client weighing the same under the paper's SCAFFOLD (Algorithm 1, line 16); a
         tuner's `factors` on the clients' weights once those are set (under DP capped at 1, before
-        the clipping); uploads compressed as their `configs` say (top-k's error feedback from
-        `residuals`). Under DP: clip, compress, clip again (a quantized update can be longer than
-        its input, and the noise is calibrated to the bound), then noise."""
-        compressors = {
-            c: compressor_of(config) for c, config in (configs or {}).items() if config.compression != "none"
-        }
-        compress = [] if not compressors else [Compress(compressors, residuals or {}, self.seed, t)]
+        the clipping); uploads compressed by their clients' `compressors` (top-k's error feedback
+        from `residuals`). Under DP: clip, compress, clip again (a quantized update can be longer
+        than its input, and the noise is calibrated to the bound), then noise."""
+        compressing = {c: k for c, k in (compressors or {}).items() if not isinstance(k, Uncompressed)}
+        compress = [Compress(compressing, residuals or {}, self.seed, t)] if compressing else []
         if not self.privacy.enabled:
             chain: list[Link] = [DropNonFinite()]
             if self.algorithm == "scaffold-paper":
@@ -405,15 +403,16 @@ class Federation:
         weighted = [] if factors is None else [ClientWeights(factors, cap=1.0)]
         return [DropNonFinite(), uniform, *weighted, clip, *([*compress, clip] if compress else []), noise]
 
-    def round_cost(self, configs: Mapping[int, ClientConfig], plan: RoundPlan, jobs: Sequence[ClientJob]) -> Cost:
-        """What a round costs (`fedhpo_core.cost`), known before it trains: its participants, their
-        training samples, the model down to each, each upload's payload and statistics up, and its
-        simulated seconds."""
-        size = self.data.spec.size
-        samples = sum(local_samples(self.data.clients[c].num_train, configs[c]) for c in plan.uploading)
-        up = sum(compressor_of(configs[c]).payload_bytes(size) for c in plan.uploading)
-        down = len(configs) * self.download.payload_bytes(size)
-        return Cost(1, len(configs), samples, up + self.statistics_bytes(jobs), down, plan.seconds)
+    def round_cost(
+        self, plan: RoundPlan, samples: Mapping[int, int], up: Mapping[int, int], jobs: Sequence[ClientJob]
+    ) -> Cost:
+        """What a round costs (`fedhpo_core.cost`), known before it trains: its participants, the
+        training samples of those who upload (`samples`), the model down to each participant, each
+        upload's payload (`up`) and statistics, and its simulated seconds."""
+        uploading = plan.uploading
+        down = len(samples) * self.download.payload_bytes(self.data.spec.size)
+        bytes_up = sum(up[c] for c in uploading) + self.statistics_bytes(jobs)
+        return Cost(1, len(samples), sum(samples[c] for c in uploading), bytes_up, down, plan.seconds)
 
     def reference_cost(self, config: ClientConfig) -> Cost:
         """A round of `config` on every client at full fidelity, nobody offline: what a study plans
@@ -492,15 +491,15 @@ class Federation:
             received, broadcast = self.received(start_weights, state, t)
             samples = {c: local_samples(self.data.clients[c].num_train, configs[c]) for c in clients}
             extra = {c: sum(s.samples(self.data.clients[c]) for s in tuner.statistics) for c in clients}
-            size = spec.size
-            up = {c: compressor_of(configs[c]).payload_bytes(size) for c in clients}
+            compressors = {c: compressor_of(configs[c]) for c in clients}
+            up = {c: compressors[c].payload_bytes(spec.size) for c in clients}
             once = dict.fromkeys(clients, 1)  # `samples` counts every pass
-            plan = self.device_rules.plan(t, clients, samples, once, self.download.payload_bytes(size), extra, up)
+            plan = self.device_rules.plan(t, clients, samples, once, self.download.payload_bytes(spec.size), extra, up)
             jobs = [
                 ClientJob(c, t, configs[c], self.seed, tuner.local_schedule(t, c), state.controls(c), tuner.statistics)
                 for c in plan.uploading
             ]
-            cost = self.round_cost(configs, plan, jobs)
+            cost = self.round_cost(plan, samples, up, jobs)
             if afford is not None and not afford(cost):
                 break
             data = [self.data.clients[c] for c in plan.uploading]
@@ -509,7 +508,7 @@ class Federation:
                 updates = [replace(u, weights=u.weights + (start_weights - received)) for u in updates]
             server = tuner.server_settings(self.server, start_weights, updates)
             factors = tuner.aggregation_weights(t, [u.client for u in updates])
-            links = self.links(t, factors, {u.client: configs[u.client] for u in updates}, state.residuals)
+            links = self.links(t, factors, compressors, state.residuals)
             weights, server_state, left_out, unsent = steps.aggregate(
                 server, start_weights, updates, state.server_state, links
             )

@@ -55,9 +55,7 @@ def system_objectives(
     last = [u.val_score for u in reports[-1].aggregated if math.isfinite(u.val_score)] if reports else []
     costs = {
         "bytes_sent": float(sum(r.bytes_sent for r in reports)),
-        "client_compute_samples": float(
-            sum(u.num_samples * r.configs[u.client].local_epochs for r in reports for u in r.updates)
-        ),
+        "client_compute_samples": float(sum(r.cost.samples for r in reports)),
         "unfairness": float(np.std(last)) if len(last) > 1 else 0.0,
         "sim_time_s": reports[-1].sim_time_s if reports else 0.0,
     }

@@ -87,7 +87,7 @@ def test_the_budget_reserves_rounds_before_they_train_and_charges_what_they_cost
 def test_under_dp_the_chain_clips_then_compresses_then_clips_again_then_adds_noise(data):
     settings = replace(FIXED, dp_clip=1.0, dp_noise=0.5, compression="qsgd", compression_bits=2)
     federation = Federation.of(data, settings)
-    links = federation.links(1, None, {0: settings.client_config, 1: settings.client_config})
+    links = federation.links(1, None, dict.fromkeys((0, 1), compressor_of(settings.client_config)))
     kinds = [type(link) for link in links]
     assert kinds == [DropNonFinite, UniformWeights, ClipNorm, Compress, ClipNorm, GaussianNoise]
     # Every summed update is within the bound, however the quantizer lengthened it.
@@ -121,12 +121,12 @@ def test_error_feedback_lives_in_the_state_so_a_run_continues_exactly(data):
 def test_error_feedback_conserves_what_clients_meant_to_send(data):
     """After each round, what a client sent plus what it keeps equals the sum of its updates."""
     federation = Federation.of(data, replace(FIXED, participation=1.0, compression="topk", topk_fraction=0.02))
-    configs = dict.fromkeys((0, 1), replace(FIXED.client_config, compression="topk", topk_fraction=0.02))
+    compressors = dict.fromkeys((0, 1), TopK(0.02))
     residuals: dict[int, torch.Tensor] = {}
     sent_total, input_total = torch.zeros(2, data.spec.size), torch.zeros(2, data.spec.size)
     for t in range(1, 6):
         deltas = torch.randn(2, data.spec.size, generator=torch.Generator().manual_seed(t))
-        link = federation.links(t, None, configs, residuals)[-1]
+        link = federation.links(t, None, compressors, residuals)[-1]
         out = link.clients([Contribution(c, deltas[c], 1.0) for c in (0, 1)])
         sent_total += torch.stack([c.delta for c in out])
         input_total += deltas

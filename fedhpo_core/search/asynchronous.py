@@ -144,14 +144,11 @@ class AsynchronousHalving(RandomSearch):
                 trial, configuration, end - reached, start_from=start_from, keep_going=keep_going, fidelity=fidelity
             )
             reached += result.rounds
-            if not self.feasible(result):
+            if not self.within_limits(result):
                 self.pruned.add(trial.number)
             if stopped or reached < end or result.diverged or trial.number in self.pruned:
                 break
         return trial, result
-
-    def feasible(self, result) -> bool:
-        return all(result.objectives.get(name, 0.0) <= limit for name, limit in self.limits.items())
 
     def end(self, context, trial, result):
         if trial.number in self.pruned:

@@ -278,6 +278,10 @@ class SearchMethod(ABC):
         table (`reports.study_table`). Default: none."""
         return {}
 
+    def within_limits(self, result: TrialResult) -> bool:
+        """Whether a result is within every limit of the study (its costs never fall as a trial goes on)."""
+        return all(result.objectives.get(name, 0.0) <= limit for name, limit in self.limits.items())
+
     def values(self, result: TrialResult):
         """What the study is told: the score (a diverged trial's is the worst), then any system objectives."""
         score = score_of(result, self.score)

@@ -273,25 +273,21 @@ class SuccessiveHalving(SearchMethod):
             for number in ranked[rungs[k + 1].configs :]:
                 context.prune(trials.pop(number))
 
-    def feasible(self, result: TrialResult) -> bool:
-        """Within every limit of the study (a cost never falls as a trial goes on)."""
-        return all(result.objectives.get(name, 0.0) <= limit for name, limit in self.limits.items())
-
     def ranked(self, results: dict[int, TrialResult]) -> list[int]:
         """Best first: trials within the study's limits before the others, then by non-dominated
         front with system objectives (fronts of the feasible and of the others apart, as Deb's
         constrained domination has it), then by score."""
         sign = self.score.sign()
         scores = {n: score_of(r, self.score) for n, r in results.items()}
-        feasible = {n: self.feasible(r) for n, r in results.items()}
+        feasible = {n: self.within_limits(r) for n, r in results.items()}
         fronts = dict.fromkeys(results, 0)
-        for group in (True, False):
+        for group in (True, False) if self.objectives else ():
             points = {
                 n: (-sign * scores[n], *(r.objectives[o] for o in self.objectives))
                 for n, r in results.items()
                 if feasible[n] == group
             }
-            fronts |= nondominated_fronts(points) if self.objectives else {}
+            fronts |= nondominated_fronts(points)
         return sorted(results, key=lambda n: (not feasible[n], fronts[n], -sign * scores[n]))
 
     def agreement(self, study: optuna.Study, index: int, k: int, trials: dict[int, optuna.trial.Trial]) -> float:
