@@ -259,7 +259,11 @@ def spent_text(summary: dict, tune) -> str:
     return f"{summary['budget_spent']:g} of {tune.budget} {tune.budget_unit} ({summary['rounds_used']} rounds)"
 
 
-COMPARISON_SKIPS = ("method", "budget", "study_name", "resume", "join", "options")
+# A comparison's studies are its own: never joined or resumed, so leases and checkpoints keep their defaults.
+COMPARISON_SKIPS = (
+    *("method", "budget", "study_name", "resume", "join", "options"),
+    *("checkpoint_every", "lease_s", "lease_grace_s"),
+)
 
 
 def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:

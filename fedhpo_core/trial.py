@@ -4,12 +4,14 @@ they write. How a round's steps execute (`RoundSteps`) and what happens after ea
 (`on_round`: progress) are given by the caller."""
 
 import math
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import optuna
 import pandas as pd
+import torch
 
 from fedhpo_core.cost import Cost
 from fedhpo_core.evaluation import NoisyEvaluation
@@ -67,6 +69,48 @@ def system_objectives(
     return costs
 
 
+class RunRecord:
+    """What a training tracks besides the federation's state: its tuner, the tuner's trajectory and
+    the clients' configurations round by round (logged when the training ends), and the rounds the
+    trial's trainings have run. Stored with a round-level run's checkpoints (`saved`) and restored
+    from one, so that a run continued from a checkpoint goes on, and logs its history, exactly as
+    the uninterrupted run."""
+
+    def __init__(self, tuner: Tuner, trained: int = 0, saved: bytes | None = None):
+        self.tuner, self.trained = tuner, trained
+        self.trajectory: list[dict] = []
+        self.configs = ConfigTrajectory()
+        if saved is not None:  # pickled by `saved` into this study's own store
+            kept = pickle.loads(saved)
+            tuner.load_state_dict(kept["tuner"])
+            self.trajectory, self.configs, self.trained = kept["trajectory"], kept["configs"], kept["trained"]
+
+    def saved(self) -> bytes:
+        kept = {"tuner": self.tuner.state_dict(), "trajectory": self.trajectory, "configs": self.configs}
+        return pickle.dumps(kept | {"trained": self.trained})
+
+    def observe(self, report: RoundReport) -> dict[str, float]:
+        """Record a round; the tuner's state as named numbers (logged as metrics every round)."""
+        self.trained += 1
+        self.configs.record(report)
+        state = self.tuner.state()
+        self.trajectory.extend({"round": report.round, "name": k, "value": v} for k, v in state.items())
+        self.trajectory.extend(
+            {"round": report.round, "client": client, "name": k, "value": v}
+            for client, values in self.tuner.client_state().items()
+            for k, v in values.items()
+        )
+        return state
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A stored training: the federation's state, and for a round-level run its `RunRecord.saved`."""
+
+    state: FederationState
+    record: bytes | None = None
+
+
 def train_configuration(
     data: FederatedData,
     fixed: TrainSettings,
@@ -81,44 +125,42 @@ def train_configuration(
     round_extras: Callable[[RoundReport], dict[str, float]] | None = None,
     fidelity: Fidelity = FULL,
     afford: Callable[[Cost], bool] | None = None,
-) -> tuple[FederationResult, list[RoundReport], list[dict]]:
+    record: RunRecord | None = None,
+    after_round: Callable[[FederationState], None] | None = None,
+) -> tuple[FederationResult, list[RoundReport], RunRecord]:
     """`rounds` rounds of the configuration (from `start` if given) at `fidelity`, or of `tuner`'s
-    choices with the configuration's other settings, ending early after a round where
-    `keep_going(round)` is false or before one whose cost `afford` refuses; each round's metrics,
-    `round_extras` (say, personalized scores) and tuner state tracked."""
+    choices with the configuration's other settings (or `record`'s tuner, restored), ending early
+    after a round where `keep_going(round)` is false or before one whose cost `afford` refuses;
+    each round's metrics, `round_extras` (say, personalized scores) and tuner state tracked, and
+    `after_round(state)` called with the state each round reached (say, to checkpoint it)."""
     settings = configuration.settings(fixed)
     federation = Federation.of(data, settings)
-    tuner = tuner or PerClientConfig(configuration.client_configs(fixed))
+    record = record or RunRecord(tuner or PerClientConfig(configuration.client_configs(fixed)))
     reports: list[RoundReport] = []
-    trajectory: list[dict] = []
-    configs = ConfigTrajectory()
 
     def observe(report, evaluation):
         reports.append(report)
-        configs.record(report)
-        state = tuner.state()
-        trajectory.extend({"round": report.round, "name": k, "value": v} for k, v in state.items())
-        trajectory.extend(
-            {"round": report.round, "client": client, "name": k, "value": v}
-            for client, values in tuner.client_state().items()
-            for k, v in values.items()
-        )
+        state = record.observe(report)
         extras = round_extras(report) if round_extras else {}
         tracker.log_metrics(round_metrics(report, evaluation, data.spec.score.name) | state | extras, report.round)
         if on_round:
             on_round(report)
 
-    if keep_going is None:
-        result = federation.run(tuner, rounds, steps, start, observe, afford, fidelity)
+    if keep_going is None and after_round is None:
+        result = federation.run(record.tuner, rounds, steps, start, observe, afford, fidelity)
     else:  # a round at a time, asking after each
         result = FederationResult(start or federation.initial_state(), [], None)
         for _ in range(rounds):
-            step = federation.run(tuner, 1, steps, result.state, observe, afford, fidelity)
+            step = federation.run(record.tuner, 1, steps, result.state, observe, afford, fidelity)
             result = FederationResult(step.state, result.evaluations + step.evaluations, step.diverged_round)
-            if not step.evaluations or result.diverged or not keep_going(result.state.round):
+            if not step.evaluations or result.diverged:
                 break
-    tracker.log_client_configs(configs)
-    return result, reports, trajectory
+            if after_round:
+                after_round(result.state)
+            if keep_going is not None and not keep_going(result.state.round):
+                break
+    tracker.log_client_configs(record.configs)
+    return result, reports, record
 
 
 def personal_metrics(
@@ -152,7 +194,8 @@ class TrialTrainer:
     """Trains configurations for a search method's driver (`search.base.Trainer`): each trial an
     MLflow run nested under the study's (a continued trial reopens its own: `RUN_ATTR` on the
     trial), its validation score reported to the trial every round (what pruners and
-    optuna-dashboard read), the state it reaches stored as an artifact of its run."""
+    optuna-dashboard read), the state it reaches stored as an artifact of its run; a round-level
+    run's state, with its tuner's (`RunRecord`), every `checkpoint_every` rounds besides."""
 
     def __init__(
         self,
@@ -165,6 +208,7 @@ class TrialTrainer:
         on_round: Callable[[], None] | None = None,
         log: Callable[[str], None] | None = None,
         evaluation: NoisyEvaluation = NoisyEvaluation(),
+        checkpoint_every: int = 1,
     ):
         self.data, self.fixed, self.objective, self.study_run, self.study_name = (
             data,
@@ -174,6 +218,7 @@ class TrialTrainer:
             study_name,
         )
         self.steps, self.on_round, self.log, self.evaluation = steps, on_round, log, evaluation
+        self.checkpoint_every = checkpoint_every  # rounds between a round-level run's checkpoints
 
     def round_score(self, report: RoundReport, trial: int, personal: Mapping[str, float]) -> float:
         """What the study is told of a trial's round, every round and as the trial's result: the
@@ -199,8 +244,17 @@ class TrialTrainer:
 
         return scores
 
-    def load(self, checkpoint: str) -> FederationState:
-        return FederationState(**load_state(checkpoint, self.data.device))
+    def load(self, checkpoint: str) -> Checkpoint:
+        stored = load_state(checkpoint, self.data.device)
+        record = stored.pop("record", None)
+        return Checkpoint(FederationState(**stored), None if record is None else record.numpy().tobytes())
+
+    def store(self, tracker: Tracker, state: FederationState, record: RunRecord | None, name: str) -> str:
+        """The state (and a round-level run's record, pickled into a byte tensor) as a run artifact."""
+        stored = {f.name: getattr(state, f.name) for f in fields(state)}
+        if record is not None:
+            stored["record"] = torch.frombuffer(bytearray(record.saved()), dtype=torch.uint8)
+        return tracker.log_state(stored, name)
 
     def run_of(self, trial: optuna.trial.Trial, configuration: Configuration) -> Tracker:
         """The trial's MLflow run: reopened if it has one, else a new one named on the trial."""
@@ -213,65 +267,90 @@ class TrialTrainer:
         return tracker
 
     def __call__(
-        self, trial, configuration, rounds, start=None, tuner=None, keep_going=None, fidelity=FULL, afford=None
+        self,
+        trial,
+        configuration,
+        rounds,
+        start=None,
+        tuner=None,
+        keep_going=None,
+        fidelity=FULL,
+        afford=None,
+        progress=None,
     ) -> TrialResult:
         tracker = self.run_of(trial, configuration)
         reporting = len(trial.study.directions) == 1  # Optuna keeps intermediate values for one objective
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         reported = set(frozen.intermediate_values)  # steps a killed attempt of this training reported
+        used, trained = rounds_used(trial), trial.user_attrs.get(TRAINED_ATTR, 0)  # before this training
+        record = RunRecord(tuner, trained, start.record if start else None) if tuner else None
 
         scores: dict[int, float] = {}  # by round: a noisy score is drawn once
         personal_of_round = self.personal(configuration.client_configs(self.fixed))
         personal: dict[int, dict[str, float]] = {}  # by round, when the objective is personalized
+        reports: list[RoundReport] = []
 
         def extras(report: RoundReport) -> dict[str, float]:
             personal[report.round] = personal_of_round(report)
             return personal[report.round]
 
         def on_round(report: RoundReport) -> None:
+            reports.append(report)
             score = scores[report.round] = self.round_score(report, trial.number, personal.get(report.round, {}))
             if reporting and report.round not in reported:
                 trial.report(score if math.isfinite(score) else self.data.spec.score.worst(), report.round)
             if self.on_round:
                 self.on_round()
 
+        def result_at(state: FederationState, checkpoint: str, diverged: bool = False) -> TrialResult:
+            return TrialResult(
+                score=scores[reports[-1].round],
+                rounds=len(reports),
+                state=state,
+                diverged=diverged,
+                objectives=system_objectives(reports, self.fixed.target_acc, self.data.spec.score),
+                chosen=tuner.chosen() if tuner else {},
+                checkpoint=checkpoint,
+                cost=sum((r.cost for r in reports), Cost()),
+            )
+
+        def checkpointed(state: FederationState) -> None:
+            """A round-level run's progress, every `checkpoint_every` rounds: the state and record
+            stored in two alternating artifacts (a kill while one is written leaves the other whole),
+            then told to the driver, which records it on the trial."""
+            if state.round % self.checkpoint_every == 0:
+                name = f"checkpoint/progress-{state.round // self.checkpoint_every % 2}.pt"
+                progress(result_at(state, self.store(tracker, state, record, name)))
+
         with tracker:
-            outcome, reports, trajectory = train_configuration(
+            outcome, _, record = train_configuration(
                 self.data,
                 self.fixed,
                 configuration,
                 rounds,
                 tracker,
                 self.steps,
-                start,
+                start.state if start else None,
                 tuner,
                 on_round,
                 keep_going,
                 extras if personal_of_round else None,
                 fidelity,
                 afford,
+                record or RunRecord(PerClientConfig(configuration.client_configs(self.fixed)), trained),
+                checkpointed if tuner and progress else None,
             )
             state = outcome.state
             if not reports:  # the budget could not pay for a round: the trial stands where it was
                 before = recorded_result(trial) or TrialResult(self.data.spec.score.worst(), 0, None)
                 return replace(before, rounds=0, state=state, cost=Cost())
-            stored = {f.name: getattr(state, f.name) for f in fields(state)}
-            result = TrialResult(
-                score=scores[reports[-1].round],
-                rounds=len(outcome.evaluations),
-                state=state,
-                diverged=outcome.diverged,
-                objectives=system_objectives(reports, self.fixed.target_acc, self.data.spec.score),
-                chosen=tuner.chosen() if tuner else {},
-                checkpoint=tracker.log_state(stored, f"checkpoint/state-round{state.round}.pt"),
-                cost=sum((r.cost for r in reports), Cost()),
-            )
-            trained = trial.user_attrs.get(TRAINED_ATTR, 0) + len(reports)
-            trial.set_user_attr(TRAINED_ATTR, trained)
-            metrics = trial_metrics(result, rounds_used(trial) + result.rounds, trained, self.data.spec.score)
+            stored = self.store(tracker, state, record if tuner else None, f"checkpoint/state-round{state.round}.pt")
+            result = result_at(state, stored, outcome.diverged)
+            trial.set_user_attr(TRAINED_ATTR, record.trained)
+            metrics = trial_metrics(result, used + result.rounds, record.trained, self.data.spec.score)
             tracker.log_metrics(metrics)
-            if trajectory:
-                table = pd.DataFrame(trajectory)
+            if record.trajectory:
+                table = pd.DataFrame(record.trajectory)
                 tracker.log_table(table, "trajectory/tuner_state.csv")
                 tracker.log_figure(trajectory_figure(table, type(tuner).__name__), "trajectory/tuner_state.png")
         if self.log:

@@ -179,6 +179,7 @@ def run_study(
             on_round=progress.round,  # a stop request ends a trial at its round's end (`SearchContext.train`)
             log=lambda line: logger.info("%s %s", line, progress.trial()),
             evaluation=tune.evaluation(),
+            checkpoint_every=tune.checkpoint_every,
         )
         try:
             budget = run_search(
@@ -198,6 +199,7 @@ def run_study(
                 stop,
                 budget.unit,
                 budget.round_cost,
+                tune.lease,
             )
         finally:
             align_trial_runs(tracker, study, name, metric)
@@ -306,6 +308,9 @@ def hpo_study(
     resume: bool = False,
     workers: int = 1,
     join: bool = False,
+    checkpoint_every: int = 1,
+    lease_s: float = 10.0,
+    lease_grace_s: float = 60.0,
     max_epsilon: float = 0.0,
     max_bytes: float = 0.0,
     register_model: str | None = None,
@@ -339,6 +344,11 @@ def hpo_study(
         resume: Continue the interrupted study of that name.
         workers: Trials trained at once (random, grid, tpe, gp, multiobjective, asha, async-hyperband).
         join: Share the study with other processes using the same storage (created if missing).
+        checkpoint_every: Round-level methods: rounds between checkpoints of a run and its tuner
+            (a kill loses at most these).
+        lease_s: Seconds between renewals of the lease a process holds on each trial it trains.
+        lease_grace_s: With join: a trial whose lease went this many seconds unrenewed (its process
+            killed) is settled by another process as resume would, and its room used.
         max_epsilon: Privacy budget: a trial that spent more epsilon is never the best (0: none).
         max_bytes: Communication limit: a trial that sent more bytes is never the best (0: none).
         register_model: Register the retrained best model as a version of this name in MLflow's

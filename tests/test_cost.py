@@ -240,9 +240,8 @@ def test_a_trials_checkpoint_keeps_what_error_feedback_and_downloads_hold(data):
     trial, configuration = study.ask(), Configuration({"lr": 0.05})
     first = training(trial, configuration, 2, None, None, None)
     start = training.load(first.checkpoint)  # read back from the trial run's artifacts
-    assert start.residuals.keys() == first.state.residuals.keys() and torch.equal(
-        start.broadcast, first.state.broadcast
-    )
+    assert start.state.residuals.keys() == first.state.residuals.keys()
+    assert torch.equal(start.state.broadcast, first.state.broadcast)
     continued = training(trial, configuration, 1, start, None, None)
     straight = training(study.ask(), configuration, 3, None, None, None)
     assert torch.equal(continued.state.weights, straight.state.weights)

@@ -23,7 +23,7 @@ from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, Federation, RoundSteps
 from fedhpo_core.partition import partition_dataset
 from fedhpo_core.registry import method as method_named
-from fedhpo_core.search.base import recorded_result, rounds_used
+from fedhpo_core.search.base import RUN_ATTR, recorded_result, rounds_used
 from fedhpo_core.search.halving import plan_cost, plan_rungs
 from fedhpo_core.search.study import TuneSettings, check_study, open_study, study_definition
 from fedhpo_core.settings import SettingsError, TrainSettings
@@ -231,11 +231,16 @@ def wait_for(condition, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
-def check_stores_agree(study: optuna.Study, client: mlflow.MlflowClient, experiment: str) -> dict:
+def check_stores_agree(
+    study: optuna.Study, client: mlflow.MlflowClient, experiment: str, keeps_asked: bool = False
+) -> dict:
     """Every finished trial has one FINISHED run with the score it was told; every failed one a
-    KILLED run; nothing is RUNNING. Returns {trial number: rounds its run trained}."""
+    KILLED run; nothing is RUNNING (but, where the method keeps the trials it asked for, one an
+    interrupt left asked for and untrained, without a run). Returns {trial number: rounds its run
+    trained}."""
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], "tags.`fedhpo.role`='trial'")
-    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert not [t for t in running if not keeps_asked or recorded_result(t) or RUN_ATTR in t.user_attrs]
     trained = {}
     for run in runs:
         trial = study.trials[int(run.data.tags["fedhpo.trial"])]
@@ -274,7 +279,7 @@ def test_an_interrupted_study_ends_in_seconds_and_resumes_charging_what_it_train
 
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     study = optuna.load_study(study_name="stopped", storage=storage)
-    before = check_stores_agree(study, client, "stopped")
+    before = check_stores_agree(study, client, "stopped", keeps_asked=method_named(method).search.keeps_asked_trials)
     assert len(before) >= 3
     parent = client.search_runs([client.get_experiment_by_name("stopped").experiment_id], "tags.`fedhpo.role`='study'")
     assert [r.info.status for r in parent] == ["KILLED"]

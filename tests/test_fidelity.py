@@ -72,7 +72,18 @@ class PlantedTrainer:
         noise = np.random.default_rng([self.seed, number, t]).standard_normal() * self.sigma / math.sqrt(clients)
         return self.quality(lr, fidelity) + noise + 1e-5 * t
 
-    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None, fidelity=None, afford=None):
+    def __call__(
+        self,
+        trial,
+        configuration,
+        rounds,
+        start,
+        tuner=None,
+        keep_going=None,
+        fidelity=None,
+        afford=None,
+        progress=None,
+    ):
         fidelity = fidelity or FULL
         lr = configuration.values["lr"]
         clients = max(1, round(CLIENTS * fidelity.clients))

@@ -239,7 +239,16 @@ class FederationTrainer:
         self.data, self.fixed, self.reports = data, fixed, []
 
     def __call__(
-        self, trial, configuration, rounds, start=None, tuner=None, keep_going=None, fidelity=None, afford=None
+        self,
+        trial,
+        configuration,
+        rounds,
+        start=None,
+        tuner=None,
+        keep_going=None,
+        fidelity=None,
+        afford=None,
+        progress=None,
     ):
         federation = Federation.of(self.data, configuration.settings(self.fixed))
         result = federation.run(tuner, rounds, start=start, observe=lambda report, _: self.reports.append(report))

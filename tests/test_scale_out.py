@@ -13,10 +13,10 @@ from fedhpo_core.cost import Cost
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, FederationState, RoundSteps, clients_of, partition_of
 from fedhpo_core.registry import method as method_named
-from fedhpo_core.search import fixed_budget
 from fedhpo_core.search.base import ROUNDS_ATTR, TrialResult, planned_trials, rounds_spent
 from fedhpo_core.search.fixed_budget import GridSearch, RandomSearch
 from fedhpo_core.search.halving import plan_rungs
+from fedhpo_core.search.leases import Leases, LeaseTerms
 from fedhpo_core.search.space import SearchSpace
 from fedhpo_core.search.study import open_study, run_search
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
@@ -163,7 +163,18 @@ class FakeTraining:
     def load(self, checkpoint):
         raise AssertionError("no method here continues a trial")
 
-    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None, fidelity=None, afford=None):
+    def __call__(
+        self,
+        trial,
+        configuration,
+        rounds,
+        start,
+        tuner=None,
+        keep_going=None,
+        fidelity=None,
+        afford=None,
+        progress=None,
+    ):
         trained = 0
         while trained < rounds:
             time.sleep(self.delay)
@@ -187,7 +198,8 @@ def fake_training(delay: float, worse_each_trial: bool = False) -> FakeTraining:
 @pytest.mark.parametrize("method", [RandomSearch, GridSearch])
 def test_processes_sharing_a_study_split_it_without_losing_or_repeating_a_trial(method, tmp_path):
     """Three searchers on one storage, as separate processes would be (each its own Study object),
-    two trials at once each: together they run exactly n configurations within the budget."""
+    two trials at once each: together they run exactly n configurations within the budget, and
+    create no trial beyond them. (Forked processes on SQLite and PostgreSQL: `test_admission.py`.)"""
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     space = SearchSpace.load(None)
     open_study(method(), storage, "shared", resume=False, join=True)
@@ -204,48 +216,12 @@ def test_processes_sharing_a_study_split_it_without_losing_or_repeating_a_trial(
 
     study = optuna.load_study(study_name="shared", storage=storage)
     complete = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
-    assert len(complete) == 10 and sum(t.user_attrs[ROUNDS_ATTR] for t in complete) == 20
-    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-    assert all(t.user_attrs.get("surplus") for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
+    assert len(complete) == len(study.trials) == 10 and sum(t.user_attrs[ROUNDS_ATTR] for t in complete) == 20
     points = [tuple(sorted(t.params.items())) for t in complete]
     if method is GridSearch:
         assert len(set(points)) == len(points)
     else:  # all three were given seed 0: joined processes still draw different streams
         assert len(set(points[:3])) > 1
-
-
-def test_a_grid_point_asked_for_twice_at_once_goes_to_the_earlier_trial(tmp_path, monkeypatch):
-    """Planted: two processes' asks interleave; the earlier trial is created first but given its
-    point after the later one was given the same point (the only one free). Once the earlier trial
-    holds it, the later one is not admitted; an earlier trial that never gets a point (its process
-    killed mid-ask) holds none and stops nothing."""
-    monkeypatch.setattr(fixed_budget, "ASKING_S", 1.0)
-    method, parameters = GridSearch(), SearchSpace.load(None).parameters("global", 1)
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'grid.db'}", sampler=method.sampler(parameters, 0))
-
-    def earlier_than(trial):
-        return [t for t in planned_trials(study) if t._trial_id < trial._trial_id]
-
-    earlier = study.ask()  # created, its point not yet given
-    later = study.ask(parameters)  # given the first point of the order: no trial holds one yet
-    assert later.params == method.order[0]
-
-    def give_the_earlier_its_point():
-        for name, value in later.params.items():
-            distribution = parameters[name]
-            study._storage.set_trial_param(earlier._trial_id, name, distribution.to_internal_repr(value), distribution)
-
-    giving = threading.Timer(0.3, give_the_earlier_its_point)
-    giving.start()
-    try:
-        assert not method.admissible(later, earlier_than(later))
-    finally:
-        giving.join()
-
-    study.ask()  # its process killed mid-ask: never given a point
-    study.tell(later, state=optuna.trial.TrialState.FAIL)
-    following = study.ask(parameters)
-    assert following.params == method.order[1] and method.admissible(following, earlier_than(following))
 
 
 @pytest.mark.parametrize("method", ["asha", "async-hyperband"])
@@ -285,13 +261,21 @@ def test_asynchronous_halving_shared_by_processes_stays_within_budget_and_runs_n
 
 
 def test_a_joining_search_leaves_room_for_trials_others_are_running(tmp_path):
+    """Another process's trial, alive (its lease renewed) and told 2 s on: the joining search trains
+    around it, never fails it, and stays until it ends."""
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     study = open_study(RandomSearch(), storage, "shared", resume=False, join=True)
-    other = study.ask()  # another process's trial, still running
-    run_search(RandomSearch(), study, SearchSpace.load(None), "global", 4, fake_training(0), 10, 5, 0, join=True)
-    assert study.trials[other.number].state == optuna.trial.TrialState.RUNNING  # not failed: it is alive
-    assert len(planned_trials(study)) == 5
-    assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 4
+    other = study.ask()
+    terms = LeaseTerms(0.1, 0.5)
+    with Leases(study, RandomSearch(), lambda: {other.number}, terms):
+        telling = threading.Timer(2.0, study.tell, (other, 0.5))
+        telling.start()
+        search = (RandomSearch(), study, SearchSpace.load(None), "global", 4, fake_training(0), 10, 5, 0)
+        run_search(*search, join=True, lease=terms)
+        telling.join()
+    assert study.trials[other.number].value == 0.5  # never failed: it was alive
+    assert len(planned_trials(study)) == len(study.trials) == 5  # none created past the plan
+    assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 5
 
 
 def artifacts_of(flow_run_id) -> dict[str, list[dict]]:

@@ -43,7 +43,18 @@ class FakeTrainer:
         lr = configuration.values.get("lr", 0.05)  # a round-level method's tuner chooses it
         return 1 - abs(math.log10(lr) - math.log10(0.05)) / 3 + 0.001 * round
 
-    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None, fidelity=None, afford=None):
+    def __call__(
+        self,
+        trial,
+        configuration,
+        rounds,
+        start,
+        tuner=None,
+        keep_going=None,
+        fidelity=None,
+        afford=None,
+        progress=None,
+    ):
         if len(self.calls) == self.interrupt_at:
             self.interrupted = trial.number
             raise KeyboardInterrupt  # Ctrl-C in the middle of a trial's training
@@ -165,7 +176,18 @@ class PrivateFakeTrainer(FakeTrainer):
     """Also spends privacy: epsilon 0.1 / lr, so the most accurate learning rates (near 0.05) spend
     more than a budget of 1 allows and only lr >= 0.1 stays within it."""
 
-    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None, fidelity=None, afford=None):
+    def __call__(
+        self,
+        trial,
+        configuration,
+        rounds,
+        start,
+        tuner=None,
+        keep_going=None,
+        fidelity=None,
+        afford=None,
+        progress=None,
+    ):
         result = super().__call__(trial, configuration, rounds, start, tuner, keep_going)
         epsilon = 0.1 / configuration.values["lr"]
         return replace(result, objectives={**result.objectives, "epsilon": epsilon, "sim_time_s": 1.0})
@@ -227,6 +249,8 @@ def test_an_interrupted_study_resumes_without_losing_or_repeating_a_trial(method
     cut = study.trials[interrupted.interrupted]
     if method_named(method).search.pauses_trials:  # paused at its last rung, then continued from its checkpoint
         assert cut.state.is_finished() and min(b for n, _, b in resumed.calls if n == cut.number) > 0
+    elif getattr(method_named(method).search, "keeps_asked_trials", False):  # trained with its configuration
+        assert cut.state == optuna.trial.TrialState.COMPLETE and cut.number in {n for n, _, _ in resumed.calls}
     else:
         assert cut.state == optuna.trial.TrialState.FAIL
     for number, (params, state) in finished_before.items():  # nothing finished was lost or rerun
@@ -427,7 +451,18 @@ def test_pbt_explore_perturbs_within_the_space():
 class MarkingTrainer(FakeTrainer):
     """Its checkpoints carry the number of the trial that produced them."""
 
-    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None, fidelity=None, afford=None):
+    def __call__(
+        self,
+        trial,
+        configuration,
+        rounds,
+        start,
+        tuner=None,
+        keep_going=None,
+        fidelity=None,
+        afford=None,
+        progress=None,
+    ):
         self.starts = getattr(self, "starts", {})
         self.starts[trial.number] = None if start is None else int(start.weights[0])
         return super().__call__(trial, configuration, rounds, start, tuner, keep_going)

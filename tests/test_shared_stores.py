@@ -38,8 +38,7 @@ def test_two_tuner_processes_share_a_postgres_study_and_an_mlflow_server(postgre
         complete = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
         assert len(complete) == CONFIGS and len({t.number for t in complete}) == CONFIGS
         assert sum(t.user_attrs["rounds_used"] for t in complete) == BUDGET
-        others = [t for t in study.trials if t.state != optuna.trial.TrialState.COMPLETE]
-        assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("surplus") for t in others)
+        assert len(study.trials) == CONFIGS  # admitted under the study's lock: none created past the plan
 
         client = MlflowClient(tracking_uri=tracking)
         experiment = client.get_experiment_by_name("shared").experiment_id

@@ -35,9 +35,10 @@ def test_a_trial_continued_from_its_checkpoint_ends_where_training_straight_thro
     trial = study.ask()
     first = trainer(trial, CONFIGURATION, 2, None, None, None)
     start = trainer.load(first.checkpoint)  # read back from the run's artifacts, FedAdam's moments too
-    assert start.round == 2 and torch.equal(start.weights, first.state.weights)
-    assert start.server_state.keys() == first.state.server_state.keys() and start.server_state
-    assert all(torch.equal(start.server_state[k], v) for k, v in first.state.server_state.items())
+    state = start.state
+    assert state.round == 2 and torch.equal(state.weights, first.state.weights) and start.record is None
+    assert state.server_state.keys() == first.state.server_state.keys() and state.server_state
+    assert all(torch.equal(state.server_state[k], v) for k, v in first.state.server_state.items())
     continued = trainer(trial, CONFIGURATION, 3, start, None, None)
 
     straight = trainer(study.ask(), CONFIGURATION, 5, None, None, None)

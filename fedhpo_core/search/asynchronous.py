@@ -22,42 +22,16 @@ granted it (`RoundGrants`, under a lock on the storage; a round at a lower fidel
 whole one), and the driver never lets the study's charges pass the budget in its unit.
 """
 
-import contextlib
 import math
-import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import optuna
 
-from fedhpo_core.locking import file_lock
 from fedhpo_core.registry import TRIAL, Method, register
-from fedhpo_core.search.base import GRANTED_ATTR, SURPLUS_ATTR, SearchContext, rounds_used
+from fedhpo_core.search.base import GRANTED_ATTR, SearchContext, rounds_used
 from fedhpo_core.search.fixed_budget import RandomSearch
 from fedhpo_core.search.halving import ETA, FidelityOptions, plan_rungs
 from fedhpo_core.search.space import Configuration
-from fedhpo_core.search.storage import advisory_lock, innermost
-
-_local_lock = threading.Lock()  # for storages that live in this process (tests' in-memory ones)
-
-
-@contextlib.contextmanager
-def study_lock(study: optuna.Study) -> Iterator[None]:
-    """Exclusive, for every thread and process of the study: a lock file beside an SQLite storage,
-    an advisory lock in PostgreSQL; a lock of this process for a storage in memory."""
-    backend = innermost(study._storage)
-    url = getattr(backend, "url", None)
-    if url is None:
-        with _local_lock:
-            yield
-    elif url.startswith("sqlite:///"):
-        with file_lock(Path(f"{url.removeprefix('sqlite:///')}.study-{study._study_id}.lock")):
-            yield
-    elif url.startswith("postgresql"):
-        with advisory_lock(study._storage, study._study_id):
-            yield
-    else:
-        raise NotImplementedError(f"asynchronous methods need an SQLite or PostgreSQL storage, not {url}")
+from fedhpo_core.search.storage import study_lock
 
 
 class RoundGrants:
@@ -104,15 +78,14 @@ class AsynchronousHalving(RandomSearch):
         super().search(context)
 
     def admit(self, context, rounds):
-        """A new trial once a first round is granted to it; None when the budget is spent."""
-        if self.grants.committed() >= context.budget.total:
-            return None
-        trial = self.ask(context)
-        if self.grants.grant(trial):
+        """A new trial granted its first round; None when the budget is spent. Asked and granted in
+        one critical section of the study (`study_lock`), so no trial exists without its grant."""
+        with study_lock(context.study):
+            if self.grants.committed() >= context.budget.total:
+                return None
+            trial = self.ask(context)
+            trial.set_user_attr(GRANTED_ATTR, 1)
             return trial
-        trial.set_user_attr(SURPLUS_ATTR, True)
-        context.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return None
 
     def train(self, context, trial, rounds):
         """Towards R in one training, or with a fidelity ladder a stretch at a time between rungs

@@ -35,7 +35,6 @@ RESULT_ATTR = "result"  # Optuna user attribute: a trial's result, written the m
 CHECKPOINT_ATTR = "checkpoint"  # Optuna user attribute: where the state a trial reached is stored
 RUN_ATTR = "mlflow_run_id"  # Optuna user attribute: the trial's (and the study's) MLflow run
 DIVERGED_ATTR = "diverged"  # Optuna user attribute: whether a trial's training diverged
-SURPLUS_ATTR = "surplus"  # Optuna user attribute: a trial failed unstarted, beyond the study's plan
 BRACKET_ATTR = "bracket"  # Optuna user attribute: a successive-halving trial's bracket
 GRANTED_ATTR = "rounds_granted"  # Optuna user attribute: rounds an asynchronous trial may train
 LINEAGE = ("member", "generation", "parent_trial")  # Optuna user attributes of a PBT trial
@@ -105,17 +104,21 @@ class Trainer(Protocol):
         keep_going: Callable[[int], bool] | None,
         fidelity: Fidelity = FULL,
         afford: Callable[[Cost], bool] | None = None,
+        progress: Callable[[TrialResult], None] | None = None,
     ) -> TrialResult:
-        """Train `rounds` rounds from `start` (None: from scratch) at `fidelity`; with `tuner`, the
-        tuner chooses the client configurations and `configuration` fixes the rest, and the
-        result's `chosen` is `tuner.chosen()`. Report the validation score to the trial every round
-        (step: the round number), stop after a round where `keep_going(round)` is false and before
-        one that `afford(its cost)` refuses, store the state reached (the result's `checkpoint`),
-        and raise `Interrupted` at a round's end when asked to stop. The result's `cost` is what
-        the rounds trained cost."""
+        """Train `rounds` rounds from `start` (what `load` returned; None: from scratch) at
+        `fidelity`; with `tuner`, the tuner chooses the client configurations and `configuration`
+        fixes the rest, and the result's `chosen` is `tuner.chosen()`; a start stored by such a run
+        restores the tuner's state (`Tuner.load_state_dict`). Report the validation score to the
+        trial every round (step: the round number), stop after a round where `keep_going(round)`
+        is false and before one that `afford(its cost)` refuses, store the state reached (the
+        result's `checkpoint`), and raise `Interrupted` at a round's end when asked to stop. The
+        result's `cost` is what the rounds trained cost. A run with a tuner is also stored between
+        rounds, each time told to `progress` as the result so far, so that a killed run continues
+        from there."""
 
-    def load(self, checkpoint: str) -> FederationState:
-        """The state a result's `checkpoint` names."""
+    def load(self, checkpoint: str):
+        """The start a result's `checkpoint` names (the federation's state, and a tuner's if stored)."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -189,13 +192,25 @@ class SearchContext:
             reserved.append(cost.in_unit(self.budget.unit))
             return True
 
-        result = self.trainer(trial, configuration, rounds, start, tuner, going, fidelity=fidelity, afford=afford)
-        if start_from is trial and (before := recorded_result(trial)):  # a promoted trial's costs so far
-            added = {k: before.objectives[k] + v for k, v in result.objectives.items() if k in ADDITIVE_COSTS}
-            result = replace(result, objectives=dict(result.objectives) | added)
+        before = recorded_result(trial) if start_from is trial else None  # a continued trial's so far
+        used, cost = rounds_used(trial), cost_used(trial)
+
+        def record(result: TrialResult, shown: bool = True) -> TrialResult:
+            if before is not None:
+                added = {k: before.objectives[k] + v for k, v in result.objectives.items() if k in ADDITIVE_COSTS}
+                result = replace(result, objectives=dict(result.objectives) | added)
+            record_result(trial, result, used + result.rounds, cost + result.cost, shown)
+            return result
+
+        def progress(result: TrialResult) -> None:  # one storage write a checkpoint
+            record(result, shown=False)
+
+        result = self.trainer(
+            trial, configuration, rounds, start, tuner, going, fidelity=fidelity, afford=afford, progress=progress
+        )
         with self.lock:
             self.budget.settle(sum(reserved), result.cost)
-        record_result(trial, result, rounds_used(trial) + result.rounds, cost_used(trial) + result.cost)
+        result = record(result)
         if self.stop.is_set():
             raise self.interrupt()
         return result
@@ -238,6 +253,10 @@ class SearchMethod(ABC):
     # Whether a trial spans several trainings (successive halving's rungs): one left RUNNING with a
     # recorded result is paused, and the method continues it; otherwise it is told that result.
     pauses_trials = False
+    # Whether a trial asked for and not yet trained when its process stopped (no recorded result,
+    # its whole configuration set) is the method's to train on resume (a bracket's or a
+    # generation's draws), rather than FAIL and asked again.
+    keeps_asked_trials = False
     # Upper limits on system objectives (`TrialResult.objectives`), e.g. {"epsilon": 8.0}: a trial
     # over one is infeasible (Optuna's constraints), never the study's best.
     limits: Mapping[str, float] = {}
@@ -341,16 +360,19 @@ def spent(study: optuna.Study, unit: str) -> float:
     return sum(charged(t, unit) for t in planned_trials(study))
 
 
-def record_result(trial: optuna.trial.Trial, result: TrialResult, used: int, cost: Cost = Cost()) -> None:
+def record_result(
+    trial: optuna.trial.Trial, result: TrialResult, used: int, cost: Cost = Cost(), shown: bool = True
+) -> None:
     """Write the result and the trial's rounds and cost so far (`used`, `cost`) in one storage
-    write, then as attributes of their own: a trial interrupted after this point (Ctrl-C while its
-    run logs artifacts, SIGKILL before it is told) is told with it, or continued from it, never
-    retrained."""
+    write, then (if `shown`) as attributes of their own: a trial interrupted after this point
+    (Ctrl-C while its run logs artifacts, SIGKILL before it is told) is told with it, or continued
+    from it, never retrained."""
     recorded = {f.name: getattr(result, f.name) for f in fields(TrialResult) if f.name not in ("state", "cost")}
     recorded |= {"objectives": dict(result.objectives), "chosen": dict(result.chosen), ROUNDS_ATTR: used}
     recorded |= {"cost": result.cost.as_dict(), COST_ATTR: cost.as_dict()}
     trial.set_user_attr(RESULT_ATTR, recorded)
-    show_result(trial, result, used)
+    if shown:
+        show_result(trial, result, used)
 
 
 def show_result(trial: optuna.trial.Trial, result: TrialResult, used: int) -> None:
@@ -384,13 +406,16 @@ def finish_trial(study: optuna.Study, trial: optuna.trial.Trial, result: TrialRe
 def settle_interrupted_trials(study: optuna.Study, method: SearchMethod, numbers: set[int] | None = None) -> None:
     """Trials left RUNNING by an interrupted or killed process (only `numbers`, if given): those
     with a recorded result are told it (or, for a method that pauses trials, left to it to
-    continue), the others marked FAIL (asked again, not charged)."""
+    continue), the others marked FAIL (asked again, not charged), unless the method keeps the
+    trials it asked for (`keeps_asked_trials`): it trains them with the configurations they hold."""
+    keeps_asked = method.keeps_asked_trials
     for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if numbers is not None and frozen.number not in numbers:
             continue
         result = recorded_result(frozen)
         if result is None:
-            study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
+            if not keeps_asked:
+                study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
         elif not method.pauses_trials:
             trial = optuna.trial.Trial(study, frozen._trial_id)
             show_result(trial, result, rounds_used(frozen))  # a kill may have come before them

@@ -8,7 +8,6 @@ fixed settings would): a configuration that compresses its uploads to a quarter 
 the rounds."""
 
 import contextvars
-import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -18,7 +17,6 @@ import optuna
 from fedhpo_core.registry import TRIAL, Method, Options, option, register
 from fedhpo_core.reports import pareto_figure
 from fedhpo_core.search.base import (
-    SURPLUS_ATTR,
     Interrupted,
     SearchContext,
     SearchMethod,
@@ -26,11 +24,11 @@ from fedhpo_core.search.base import (
     planned_trials,
 )
 from fedhpo_core.search.space import Configuration, grid_points
+from fedhpo_core.search.storage import study_lock
 from fedhpo_core.settings import SettingsError
 
 SHARE_ROUNDS_CAP = 64  # a share in another unit than rounds buys at most this many times its reference rounds
 POLL_S = 0.2  # how often the search looks for a stop request while trials train
-ASKING_S = 2.0  # an ask gives its trial its point within this time
 # The system costs a multi-objective study can minimize (`trial.system_objectives`), and its defaults.
 COSTS = ("bytes_sent", "client_compute_samples", "unfairness", "sim_time_s", "time_to_target_s", "epsilon")
 DEFAULT_COSTS = ("bytes_sent", "client_compute_samples", "unfairness")
@@ -41,10 +39,10 @@ class FixedBudgetSearch(SearchMethod):
 
     Trials are asked and told in this thread and trained in worker threads (each with the caller's
     context, so their Prefect task runs belong to the flow run). Processes may share the study
-    (`join`): before training, a trial is admitted only if it fits, together with every trial
-    created before it (failed ones aside), into the budget and the configuration count; the order
-    comes from the storage, so every process draws the same line and none overspends.
-    A trial that does not fit is failed unstarted with the user attribute `surplus`.
+    (`join`): a trial is created only once it fits, with every trial running or finished (failed
+    ones aside), into the budget and the configuration count, the check and the creation one
+    critical section of the study (`admit`), so no process overspends and none creates a trial
+    it cannot run.
     Asked to stop (`context.stop`), it starts no trial more; those in training end at their
     round's end (`Interrupted`). An interrupt raised in this thread stops them the same way.
     """
@@ -92,27 +90,25 @@ class FixedBudgetSearch(SearchMethod):
         context.complete(trial, result)
 
     def admit(self, context: SearchContext, rounds: int) -> optuna.trial.Trial | None:
-        """The next trial if it fits the study's plan, else None (the search is done here)."""
-        if not self.fits(context, planned_trials(context.study), rounds):
-            return None
-        trial = self.ask(context)
-        # Ordered by the storage's trial id: an autoincrement key, where two processes' concurrent
-        # asks could still be given the same trial number.
-        earlier = [t for t in planned_trials(context.study) if t._trial_id < trial._trial_id]
-        if self.fits(context, earlier, rounds) and self.admissible(trial, earlier):
-            return trial
-        trial.set_user_attr(SURPLUS_ATTR, True)
-        context.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return None
+        """The next trial if it fits the study's plan, else None (the search is done here).
+
+        The check and the trial's creation with its parameters are one critical section of the
+        study (`study_lock`): a process admits only once every admission before it has committed
+        its trial and point, whatever order the storage's ids come in (PostgreSQL's sequence hands
+        them out before their transactions commit). Admissions committed in id order also keep
+        Optuna's cache whole: it reads only trials past the last finished id it has seen. Sampling
+        runs inside it: processes wait for each other's asks (a GP fit: a fraction of a second),
+        never for a training."""
+        with study_lock(context.study):
+            if not self.fits(context, planned_trials(context.study), rounds):
+                return None
+            return self.ask(context)
 
     def fits(self, context: SearchContext, trials: list[optuna.trial.FrozenTrial], rounds: int) -> bool:
         """Room for one more trial's share after `trials` (running ones counted in full)."""
         share, unit = self.share(context), context.budget.unit
         planned = sum(charged(t, unit) or share for t in trials)
         return len(trials) < self.trial_limit(context) and planned + share <= context.budget.limit * (1 + 1e-9)
-
-    def admissible(self, trial: optuna.trial.Trial, earlier: list[optuna.trial.FrozenTrial]) -> bool:
-        return True
 
     def ask(self, context: SearchContext) -> optuna.trial.Trial:
         return context.study.ask(dict(context.parameters))
@@ -127,10 +123,11 @@ class RandomSearch(FixedBudgetSearch):
 
 
 class GridPointSampler(optuna.samplers.BaseSampler):
-    """Gives each new trial the first point of `order` that no finished or running trial holds.
-    (Optuna's GridSampler stops the study from inside `tell` once the grid is exhausted, which only
-    works inside `study.optimize`; enqueued trials, popped by several processes from SQLite, which
-    cannot lock rows, could go to two of them.)"""
+    """Gives each new trial the first point of `order` that no finished or running trial holds;
+    asked under the study's lock (`FixedBudgetSearch.admit`), so no other trial is being given a
+    point meanwhile. (Optuna's GridSampler stops the study from inside `tell` once the grid is
+    exhausted, which only works inside `study.optimize`; enqueued trials, popped by several
+    processes from SQLite, which cannot lock rows, could go to two of them.)"""
 
     def __init__(self, order: list[dict]):
         self.order, self.points = order, {}
@@ -153,24 +150,13 @@ class GridPointSampler(optuna.samplers.BaseSampler):
 
 
 class GridSearch(FixedBudgetSearch):
-    """The grid of categorical settings in a seeded order, at most n points; a point another
-    process took first makes the trial surplus."""
+    """The grid of categorical settings in a seeded order, at most n points, each given to one
+    trial of the study whatever the processes sharing it."""
 
     def sampler(self, parameters, seed):
         points = grid_points(parameters)
         self.order = [points[i] for i in np.random.default_rng(seed).permutation(len(points))]
         return GridPointSampler(self.order)
-
-    def admissible(self, trial, earlier):
-        """Its point held by no earlier trial. Two asks at once (two processes) choose the same
-        point, and the later trial can be admitted before the earlier one is given its point: an
-        earlier trial still without it is waited for, up to ASKING_S (an ask that never ends, its
-        process killed, holds no point)."""
-        deadline = time.monotonic() + ASKING_S
-        while any(t.params.keys() != trial.params.keys() for t in earlier) and time.monotonic() < deadline:
-            time.sleep(POLL_S / 4)
-            earlier = [t for t in planned_trials(trial.study) if t._trial_id < trial._trial_id]
-        return trial.params not in [t.params for t in earlier]
 
     def trial_limit(self, context):
         return min(context.n_configs, len(self.order))

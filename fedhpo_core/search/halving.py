@@ -32,16 +32,20 @@ attribute, written when it starts), each trial's bracket, the rounds it trained 
 (recorded by the driver), and the state it reached (a checkpoint in the store). Between rungs a
 trial stays RUNNING, paused; an interrupted or killed bracket resumes where it stood: finished
 rungs are not trained again, the surviving configurations continue from their checkpoints, and a
-trial cut off in its first rung is replaced by a fresh configuration.
+trial asked for but not yet trained (or cut off in its first rung) is trained with the
+configuration it was given (`members`, `ask_member`): a bracket ends with as many configurations
+as it planned, none drawn twice (`DistinctDraws`), wherever the kill came.
 """
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import optuna
 import pandas as pd
 from scipy.stats import kendalltau
 
+from fedhpo_core import seeding
 from fedhpo_core.federation import Fidelity
 from fedhpo_core.registry import TRIAL, Method, Options, option, register
 from fedhpo_core.search.base import (
@@ -142,6 +146,94 @@ def rank_agreement(before: list[float], after: list[float]) -> float:
     return float(kendalltau(before, after).statistic)
 
 
+def size_of(parameters: Mapping[str, optuna.distributions.BaseDistribution]) -> float:
+    """How many configurations the distributions hold (inf with a continuous one)."""
+    size = 1.0
+    for distribution in parameters.values():
+        if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+            size *= len(distribution.choices)
+        elif distribution.step is None:
+            return math.inf
+        else:  # an integer or a stepped float
+            size *= round((distribution.high - distribution.low) / distribution.step) + 1
+    return size
+
+
+class DistinctDraws(optuna.samplers.BaseSampler):
+    """Draws a trial's whole configuration with `base`, and where a member of its group holds that
+    one already (a trial whose user attribute `key` is the trial's: its bracket, its generation),
+    draws uniformly at random until none does, unless the space has no other. So no configuration
+    is drawn twice in a group, and none is refused once a trial holds it."""
+
+    def __init__(self, base: optuna.samplers.BaseSampler, parameters: Mapping, key: str, seed: int):
+        self.base, self.parameters, self.key = base, dict(parameters), key
+        # A stream of its own, derived from the sampler's seed.
+        self.uniform = optuna.samplers.RandomSampler(seed=int(seeding.numpy_rng(seed, seeding.SEARCH).integers(2**31)))
+
+    def infer_relative_search_space(self, study, trial):
+        return self.parameters
+
+    def sample_relative(self, study, trial, search_space):
+        live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+        group = trial.user_attrs.get(self.key)
+        others = [t for t in study.get_trials(deepcopy=False, states=live) if t.number != trial.number]
+        held = {frozenset(t.params.items()) for t in others if t.user_attrs.get(self.key) == group}
+        values = self.draw(self.base, study, trial)
+        while frozenset(values.items()) in held and len(held) < size_of(self.parameters):
+            values = self.draw(self.uniform, study, trial)
+        return values
+
+    def draw(self, sampler: optuna.samplers.BaseSampler, study, trial) -> dict:
+        """A whole configuration from `sampler`, as `study.ask` would have it draw one."""
+        relative = sampler.sample_relative(study, trial, sampler.infer_relative_search_space(study, trial))
+        return {
+            name: relative[name] if name in relative else sampler.sample_independent(study, trial, name, distribution)
+            for name, distribution in self.parameters.items()
+        }
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self):
+        self.base.reseed_rng()
+        self.uniform.reseed_rng()
+
+
+def members(study: optuna.Study, parameters: Mapping, group: Mapping) -> list[optuna.trial.FrozenTrial]:
+    """The trials of a group (a bracket, a generation: those whose user attributes include `group`)
+    that hold a configuration, in the order they were asked: told, paused, or asked for and not
+    yet trained. One that an interrupted or killed process left RUNNING with only some of
+    `parameters` (killed inside `study.ask`) is marked FAIL: it never held a configuration."""
+    kept = []
+    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    for trial in study.get_trials(deepcopy=False, states=live):
+        if any(trial.user_attrs.get(key) != value for key, value in group.items()):
+            continue
+        if trial.state == optuna.trial.TrialState.RUNNING and trial.params.keys() != parameters.keys():
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        else:
+            kept.append(trial)
+    return kept
+
+
+def ask_member(
+    study: optuna.Study, parameters: Mapping, attributes: Mapping, values: Mapping | None = None
+) -> optuna.trial.Trial:
+    """A new trial with the user `attributes` and the configuration `values` (else the sampler's),
+    enqueued with them so that it is created with them: a kill cannot leave a trial outside its
+    group. One that a killed process enqueued and never asked is asked instead."""
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    if not any(t.user_attrs == dict(attributes) for t in waiting):
+        study.enqueue_trial(dict(values or {}), user_attrs=dict(attributes))
+    return study.ask(dict(parameters))
+
+
 def nondominated_fronts(points: dict[int, tuple[float, ...]]) -> dict[int, int]:
     """Each point's front under minimization of every coordinate (0: the Pareto front; NSGA-II's
     non-dominated sorting)."""
@@ -198,6 +290,7 @@ class SuccessiveHalving(SearchMethod):
     """One bracket: n configurations, the best 1/eta promoted at every rung."""
 
     pauses_trials = True
+    keeps_asked_trials = True  # a bracket's configurations are its own: one asked for is trained on resume
 
     def __init__(self, options: HalvingOptions | None = None):
         super().__init__(options or HalvingOptions())
@@ -205,7 +298,7 @@ class SuccessiveHalving(SearchMethod):
         self.ladder = ROUNDS_ONLY
 
     def sampler(self, parameters, seed):
-        return optuna.samplers.RandomSampler(seed=seed)
+        return DistinctDraws(optuna.samplers.RandomSampler(seed=seed), parameters, BRACKET_ATTR, seed)
 
     def brackets(self, n_configs: int, budget: int) -> list[tuple[int, int, int | None]]:
         """(configurations, budget, most rungs) per bracket."""
@@ -239,15 +332,16 @@ class SuccessiveHalving(SearchMethod):
     def run_bracket(self, context: SearchContext, index: int, rungs: list[Rung]) -> None:
         """Every rung in turn: its members not yet trained to it are (from their checkpoints), then
         the best `configs` of the next rung go on and the others are pruned. Members already past a
-        rung (a resumed bracket) are exactly its survivors, so nothing is decided twice."""
-        study = context.study
-        members = {t.number: t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BRACKET_ATTR) == index}
-        alive = [t for t in members.values() if t.state == optuna.trial.TrialState.RUNNING]
-        if not any(t.state == optuna.trial.TrialState.PRUNED for t in members.values()):
-            for _ in range(rungs[0].configs - len(alive)):
-                trial = study.ask(dict(context.parameters))
-                trial.set_user_attr(BRACKET_ATTR, index)
-                alive.append(trial)
+        rung (a resumed bracket) are exactly its survivors, so nothing is decided twice; before the
+        first rung ends, the bracket's configurations are those it was given, then new ones
+        (`members`, `ask_member`), `configs` of them, none twice."""
+        study, group = context.study, {BRACKET_ATTR: index}
+        given = members(study, context.parameters, group)
+        if not any(t.state == optuna.trial.TrialState.PRUNED for t in given):
+            for _ in range(rungs[0].configs - len(given)):
+                ask_member(study, context.parameters, group)
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        alive = [t for t in running if t.user_attrs.get(BRACKET_ATTR) == index]
         trials = {t.number: optuna.trial.Trial(study, t._trial_id) for t in alive}
         for k, rung in enumerate(rungs):
             for trial in trials.values():
@@ -330,7 +424,8 @@ class BOHB(Hyperband):
     """Hyperband whose configurations come from TPE fitted to the trials so far (Falkner et al.)."""
 
     def sampler(self, parameters, seed):
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=False)
+        tpe = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=False)
+        return DistinctDraws(tpe, parameters, BRACKET_ATTR, seed)
 
 
 register(

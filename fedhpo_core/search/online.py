@@ -10,7 +10,7 @@ import optuna
 
 from fedhpo_core.federation import Federation
 from fedhpo_core.registry import ROUND, Method, Options, option, register
-from fedhpo_core.search.base import SearchContext, SearchMethod, finished_trials
+from fedhpo_core.search.base import SearchContext, SearchMethod, finished_trials, recorded_result, rounds_used
 from fedhpo_core.search.space import CLIENT_SETTINGS, Configuration, grid_points, setting_of
 from fedhpo_core.settings import ClientConfig, SettingsError
 from fedhpo_core.tuners.base import Tuner
@@ -53,9 +53,14 @@ class OnlineSearch(SearchMethod):
     settings, or n draws from it). Without server settings in the space, the whole budget is one
     run; a method that allows them (FedEx) is wrapped in a random search over them: `OUTER_CONFIGS`
     draws, the budget split evenly, one run each. What a tuner settles on is stored with its trial
-    (`CHOSEN_ATTR`) and retrained together with the trial's server settings."""
+    (`CHOSEN_ATTR`) and retrained together with the trial's server settings.
+
+    A run is checkpointed with its tuner's state as it goes (`Trainer`): one interrupted or killed
+    is left paused at its last checkpoint, and `--resume` continues it there, its tuner rebuilt
+    and restored, so that it ends as the uninterrupted run would."""
 
     allows_server_settings = False
+    pauses_trials = True
 
     def sampler(self, parameters, seed):
         server = [n for n in parameters if setting_of(n) not in CLIENT_SETTINGS]
@@ -79,12 +84,23 @@ class OnlineSearch(SearchMethod):
         return self.tuner(context, configs, values)
 
     def search(self, context: SearchContext) -> None:
+        """The runs paused by an interrupt or a kill first, each continued from its checkpoint for
+        the rest of its rounds; then new runs while the budget funds one."""
         server = {n: d for n, d in context.parameters.items() if setting_of(n) not in CLIENT_SETTINGS}
         runs = OUTER_CONFIGS if server else 1
         rounds = context.budget.total // runs
+        for paused in context.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            trial = optuna.trial.Trial(context.study, paused._trial_id)
+            self.run(context, trial, rounds - rounds_used(paused), start_from=trial)
         while len(finished_trials(context.study)) < runs and context.budget.remaining >= rounds:
-            trial = context.study.ask(server)
-            context.complete(trial, context.train(trial, Configuration(trial.params), rounds, self.tuner_for(context)))
+            self.run(context, context.study.ask(server), rounds)
+
+    def run(self, context: SearchContext, trial: optuna.trial.Trial, rounds: int, start_from=None) -> None:
+        result = recorded_result(trial) if rounds <= 0 else None  # killed once its last round was recorded
+        if result is None:
+            tuner = self.tuner_for(context)
+            result = context.train(trial, Configuration(trial.params), rounds, tuner, start_from=start_from)
+        context.complete(trial, result)
 
 
 @dataclass(frozen=True)

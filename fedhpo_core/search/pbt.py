@@ -10,8 +10,9 @@ Each member's generation is one Optuna trial (told with its score), with user at
 member, generation and parent trial: the lineage. Everything else is in the study too: each
 trial's state is a checkpoint in the store, and a generation's configurations and parents follow
 from the one before and the seed. So an interrupted population resumes mid-generation: members
-told are kept, the others train from their parents' checkpoints; only a member cut off in the
-first generation starts from a fresh configuration.
+told are kept, the others train from their parents' checkpoints, and a member asked for but not
+yet trained (or cut off in its training) trains with the configuration it was given. The first
+generation's configurations are drawn once each and differ from one another (`DistinctDraws`).
 """
 
 import math
@@ -23,6 +24,7 @@ from fedhpo_core import seeding
 from fedhpo_core.registry import TRIAL, Method, register
 from fedhpo_core.reports import lineage_figure
 from fedhpo_core.search.base import LINEAGE, ROUNDS_ATTR, SearchContext, SearchMethod
+from fedhpo_core.search.halving import DistinctDraws, ask_member, members
 from fedhpo_core.search.space import Configuration
 
 POPULATION = 4
@@ -55,8 +57,10 @@ def explore(values: dict, parameters: dict, rng: np.random.Generator) -> dict:
 
 
 class PopulationBasedTraining(SearchMethod):
+    keeps_asked_trials = True  # a member's trial, once asked for, is trained on resume
+
     def sampler(self, parameters, seed):
-        return optuna.samplers.RandomSampler(seed=seed)
+        return DistinctDraws(optuna.samplers.RandomSampler(seed=seed), parameters, GENERATION, seed)
 
     def check_budget(self, budget, n_configs):
         super().check_budget(budget, POPULATION)
@@ -78,9 +82,14 @@ class PopulationBasedTraining(SearchMethod):
             missing = [m for m in range(POPULATION) if m not in done]
             if missing and context.budget.remaining < len(missing) * max(rounds, 1):
                 return
+            given = members(study, parameters, {GENERATION: generation})
+            asked = {t.user_attrs[MEMBER]: t for t in given if t.state == optuna.trial.TrialState.RUNNING}
             for member in missing:
                 values, parent = plan.get(member, (None, None))
-                trial = self.ask(study, parameters, values, member, generation, parent)
+                if member in asked:  # asked for by a process that stopped before training it
+                    trial = optuna.trial.Trial(study, asked[member]._trial_id)
+                else:
+                    trial = self.ask(study, parameters, values, member, generation, parent)
                 result = context.train(trial, Configuration(trial.params), rounds, start_from=parent)
                 context.complete(trial, result)
                 done[member] = trial
@@ -101,16 +110,10 @@ class PopulationBasedTraining(SearchMethod):
         return plan
 
     def ask(self, study, parameters, values, member: int, generation: int, parent) -> optuna.trial.Trial:
-        """The member's trial of this generation: with `values` (enqueued, unless a process killed
-        between enqueueing and asking left it waiting), else drawn by the sampler."""
+        """The member's trial of this generation, created with its lineage (`ask_member`): with
+        `values`, else drawn by the sampler, a configuration no other member of the generation holds."""
         lineage = {MEMBER: member, GENERATION: generation} | ({PARENT: parent.number} if parent is not None else {})
-        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-        if values is not None and not any(t.user_attrs == lineage for t in waiting):
-            study.enqueue_trial(values, user_attrs=lineage)
-        trial = study.ask(parameters)
-        for key, value in lineage.items():
-            trial.set_user_attr(key, value)
-        return trial
+        return ask_member(study, parameters, lineage, values)
 
 
 register(

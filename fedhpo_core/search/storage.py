@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import optuna
 import sqlalchemy
@@ -21,6 +22,7 @@ from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 
+from fedhpo_core.locking import file_lock
 from fedhpo_core.stores import one_line, while_waiting
 
 RECONNECT_WINDOW_S = 300  # how long storage calls are tried again while the database is unreachable
@@ -29,6 +31,7 @@ FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.5, 2.0  # at most 2 s between the database's 
 REQUEST_ATTR = "fedhpo:request"  # Optuna system attribute: the create_new_trial call that made the trial
 
 logger = logging.getLogger("fedhpo.study_database")
+_local_lock = threading.Lock()  # `study_lock` for storages that live in this process (tests' in-memory ones)
 
 
 def open_storage(url: str | BaseStorage) -> BaseStorage:
@@ -201,7 +204,7 @@ def advisory_lock(storage: BaseStorage, key: int) -> Iterator[None]:
     Taking it is tried again while the database is unreachable, like the storage's calls. A lock
     whose connection is lost went with it (the server ends a session's locks), so releasing it then
     is done. Left open: a restart inside the locked section (a few storage calls) lets another
-    process in before it ends; for the round grants of the asynchronous methods, one round over."""
+    process in before it ends: one trial or one round over the study's plan."""
     engine = innermost(storage).engine
     retried = storage._retry if isinstance(storage, ReconnectingStorage) else (lambda call: call())
 
@@ -225,3 +228,26 @@ def advisory_lock(storage: BaseStorage, key: int) -> Iterator[None]:
                 raise
         finally:
             connection.close()
+
+
+@contextlib.contextmanager
+def study_lock(study: optuna.Study) -> Iterator[None]:
+    """Exclusive, for every thread and process of the study: a lock file beside an SQLite storage
+    (`flock`: threads holding their own descriptors exclude each other too), a session advisory
+    lock in PostgreSQL (`advisory_lock`); a lock of this process for a storage in memory. Nothing
+    to clean up after a process killed while holding it: the kernel closes its file, the server
+    ends its session, and either lock goes with it. Not reentrant: nothing inside takes it again."""
+    backend = innermost(study._storage)
+    url = getattr(backend, "url", None)
+    if url is None:
+        with _local_lock:
+            yield
+    elif url.startswith("sqlite:///"):
+        with file_lock(Path(f"{url.removeprefix('sqlite:///')}.study-{study._study_id}.lock")):
+            yield
+    elif url.startswith("postgresql"):
+        with advisory_lock(study._storage, study._study_id):
+            yield
+    else:
+        scheme = url.split(":", 1)[0]
+        raise NotImplementedError(f"admitting trials takes a lock on an SQLite or PostgreSQL storage, not {scheme}")

@@ -29,6 +29,7 @@ from fedhpo_core.search.base import (
 from fedhpo_core.search.base import (
     spent as study_spent,
 )
+from fedhpo_core.search.leases import LEASE_GRACE_S, LEASE_S, Leases, LeaseTerms
 from fedhpo_core.search.space import SCOPES, SearchSpace
 from fedhpo_core.search.storage import open_storage
 from fedhpo_core.settings import SettingsError, TrainSettings, setting
@@ -125,6 +126,17 @@ class TuneSettings:
     resume: bool = setting(False, "continue the interrupted study of that name")
     workers: int = setting(1, "trials trained at once (random, grid, tpe, gp, multiobjective, asha, async-hyperband)")
     join: bool = setting(False, "share the study with other processes on the same --storage (created if missing)")
+    checkpoint_every: int = setting(
+        1, "round-level methods: rounds between checkpoints of a run and its tuner (a kill loses at most these)"
+    )
+    lease_s: float = setting(
+        LEASE_S, "seconds between renewals of the lease a process holds on each trial it trains (see --lease-grace-s)"
+    )
+    lease_grace_s: float = setting(
+        LEASE_GRACE_S,
+        "with --join: a trial whose lease went this many seconds unrenewed (its process killed) is settled by "
+        "another process as --resume would, and its room used",
+    )
     max_epsilon: float = setting(0.0, "privacy budget: a trial that spent more epsilon is never the best (0: none)")
     max_bytes: float = setting(0.0, "communication limit: a trial that sent more bytes is never the best (0: none)")
     register_model: str | None = setting(
@@ -157,6 +169,9 @@ class TuneSettings:
             raise SettingsError(f"parallel trials (workers > 1, join) need one of {parallel}; not {self.method}")
         if self.join and self.resume:
             raise SettingsError("join and resume exclude each other: resume fails trials that others may be running")
+        if self.checkpoint_every < 1:
+            raise SettingsError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _ = self.lease  # refuses a period or grace that is not a number > 0, or a grace under two periods
         for name in ("max_epsilon", "max_bytes"):
             if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
                 raise SettingsError(f"{name} must be a number >= 0, got {getattr(self, name)}")
@@ -229,6 +244,10 @@ class TuneSettings:
 
     def evaluation(self) -> NoisyEvaluation:
         return NoisyEvaluation(self.eval_clients, self.eval_noise)
+
+    @property
+    def lease(self) -> LeaseTerms:
+        return LeaseTerms(self.lease_s, self.lease_grace_s)
 
     @property
     def noisy(self) -> dict:
@@ -383,15 +402,23 @@ def run_search(
     stop: Event | None = None,
     unit: str = "rounds",
     round_cost: float = 1.0,
+    lease: LeaseTerms = LeaseTerms(),
 ) -> Budget:
     """Settle the trials an earlier process left RUNNING (unless other processes share the study:
     `join`), charge recorded trials to the budget, then search, the budget owned by the driver
     (`SearchContext`). Interrupted, it settles the trials it started before the interrupt goes on:
-    finished training is told (or paused, for a method that pauses trials), the rest FAIL; a trial
-    the method left RUNNING is settled the same way. The sampler is seeded from the seed and the
+    finished training is told (or paused, for a method that pauses trials), the rest FAIL (or kept
+    for a method that keeps the trials it asked for); a trial the method left RUNNING is settled
+    the same way (`settle_interrupted_trials`). The sampler is seeded from the seed and the
     study's length, so a resumed study draws new points. `stop`, once set, has trials in training
     end at their round's end. The budget is in `unit`, a round of the fixed settings costing
-    `round_cost` in it (`TuneSettings.budget_of`). Returns what the study spent, by every process."""
+    `round_cost` in it (`TuneSettings.budget_of`). Returns what the study spent, by every process.
+
+    Throughout, the trials this process trains are held by leases renewed every `lease.period_s`
+    (`leases.Leases`). With `join`, a trial of another process whose lease went `lease.grace_s`
+    unrenewed is settled here as `--resume` would, and once its search is done this process stays
+    while other processes' trials run, searching again each time one ends (a failed one's room is
+    asked again): the last process of the study ends with it, nothing left RUNNING."""
     if not join:
         settle_interrupted_trials(study, method)
     parameters = space.parameters(scope, clients)
@@ -404,10 +431,22 @@ def run_search(
         study, method, parameters, trainer, spent, n_configs, seed, fixed, data, workers, stop or Event()
     )
     study.pruner = method.pruner(context)
-    try:
-        method.search(context)
-    finally:
-        settle_interrupted_trials(study, method, context.started if join else None)
+
+    def held() -> set[int]:
+        with context.lock:
+            return set(context.started)
+
+    def stopping() -> None:
+        if context.stop.is_set():
+            raise context.interrupt()
+
+    with Leases(study, method, held, lease, watch=join) as leases:
+        try:
+            method.search(context)
+            if join:
+                leases.outlast(lambda: method.search(context), stopping)
+        finally:
+            settle_interrupted_trials(study, method, context.started if join else None)
     return Budget(budget, unit, round_cost, study_spent(study, unit))
 
 

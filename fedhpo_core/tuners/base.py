@@ -44,9 +44,16 @@ class Tuner(ABC):
     method's distribution): the first as a few named numbers, logged as metrics every round; the
     second per client, kept in the trajectory table only (a metric series per client does not scale).
     Only ``configure`` is abstract; the other hooks have defaults, so a fixed schedule stays simple.
+
+    A run is checkpointed between rounds: ``state_dict()`` is stored with the federation's state,
+    and a run continued from that checkpoint rebuilds the tuner as the method built it and calls
+    ``load_state_dict`` before its next round, so it goes on exactly as the uninterrupted run.
     """
 
     statistics: tuple[Statistic, ...] = ()  # asked of every participating client every round
+    # Attributes `state_dict` leaves out: construction inputs the method gives again when it rebuilds
+    # the tuner (data, a task's spec), large or not worth storing every round.
+    given: tuple[str, ...] = ()
 
     @abstractmethod
     def configure(self, round: int, clients: Sequence[int]) -> Mapping[int, ClientConfig]:
@@ -89,6 +96,17 @@ class Tuner(ABC):
     def chosen(self) -> dict[str, object]:
         """The configuration the method settles on, as search-space parameter values. Default: none."""
         return {}
+
+    def state_dict(self) -> dict[str, object]:
+        """What the tuner has learned, to continue its run from a checkpoint: by default every
+        attribute but those `given` (distributions, baselines, networks with their optimizers, random
+        generators), pickled with the checkpoint. Streams drawn from the seed and the round number
+        (`fedhpo_core.seeding`) need nothing stored."""
+        return {name: value for name, value in vars(self).items() if name not in self.given}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Continue from `state_dict()` of a tuner built the same way."""
+        vars(self).update(state)
 
 
 class FixedConfig(Tuner):

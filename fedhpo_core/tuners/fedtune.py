@@ -107,6 +107,7 @@ def update_credits(
 class FedTune(Tuner):
     PAPER = {"credit": "mixture", "advantage": "credit", "shared": False, "factorized": False, "eta": 1.0}
     statistics = (VAL_LOSS_BEFORE, VAL_LOSS_AFTER)
+    given = ("spec", "server_val")
 
     def __init__(
         self,
