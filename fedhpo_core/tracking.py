@@ -96,6 +96,7 @@ log = logging.getLogger("fedhpo.tracking")
 ROLE_TAG = "fedhpo.role"  # what a run is: train, study, trial, final, comparison
 STUDY_TAG = "fedhpo.study"  # the study a study or trial run belongs to
 TRIAL_TAG = "fedhpo.trial"  # a trial run's Optuna trial number
+TRIAL_START_TAG = "fedhpo.trial_start"  # when its Optuna trial was created: with the two above, which trial
 PROCESS_TAG = "fedhpo.process"  # host:pid:start time of the process that writes a run
 ORPHANED_TAG = "fedhpo.orphaned"  # set on a run closed because its process was gone
 

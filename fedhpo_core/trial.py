@@ -41,7 +41,7 @@ from fedhpo_core.search.base import (
 from fedhpo_core.search.space import Configuration
 from fedhpo_core.settings import ClientConfig, TrainSettings
 from fedhpo_core.task import ACCURACY, Metric
-from fedhpo_core.tracking import ROLE_TAG, STUDY_TAG, TRIAL_TAG, Tracker, load_state
+from fedhpo_core.tracking import ROLE_TAG, STUDY_TAG, TRIAL_START_TAG, TRIAL_TAG, Tracker, load_state
 from fedhpo_core.tuners import PerClientConfig, Tuner
 
 
@@ -257,10 +257,18 @@ class TrialTrainer:
         return tracker.log_state(stored, name)
 
     def run_of(self, trial: optuna.trial.Trial, configuration: Configuration) -> Tracker:
-        """The trial's MLflow run: reopened if it has one, else a new one named on the trial."""
+        """The trial's MLflow run: reopened if it has one, else a new one named on the trial. A
+        trial kept for its configuration after a kill (`SearchMethod.keeps_asked_trials`) may have
+        a run its killed attempt made before naming it on the trial: that one is reopened."""
         if run_id := trial.user_attrs.get(RUN_ATTR):
             return Tracker(self.fixed.experiment, run_id=run_id)
         tags = {ROLE_TAG: "trial", TRIAL_TAG: str(trial.number), STUDY_TAG: self.study_name}
+        tags[TRIAL_START_TAG] = trial.datetime_start.isoformat()
+        if earlier := self.study_run.search_runs(" and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())):
+            tracker = Tracker(self.fixed.experiment, run_id=earlier[0].info.run_id)
+            tracker.log_params(configuration.values)  # the attempt may have been killed before it did
+            trial.set_user_attr(RUN_ATTR, tracker.run_id)
+            return tracker
         tracker = Tracker(self.fixed.experiment, f"trial-{trial.number}", tags, parent=self.study_run)
         tracker.log_params(configuration.values)  # only what differs between trials: the compare view plots them
         trial.set_user_attr(RUN_ATTR, tracker.run_id)

@@ -52,6 +52,22 @@ def test_a_trial_continued_from_its_checkpoint_ends_where_training_straight_thro
     assert mlflow_client.get_run(run_id).data.tags["fedhpo.trial"] == "0"
 
 
+def test_a_trial_reopens_the_run_its_killed_attempt_made_before_naming_it(data, mlflow_client):
+    """A kept trial (`keeps_asked_trials`) whose attempt was killed between creating its MLflow run
+    and naming it on the trial trains in that run; another study's trial of the same name and number
+    (an Optuna store deleted and made again) gets its own."""
+    trainer, study = trainer_for(data), optuna.create_study(direction="maximize")
+    trial = study.ask()
+    attempt = trainer.run_of(trial, CONFIGURATION).run_id
+    trial.set_user_attr(RUN_ATTR, None)  # as if killed before the write
+    trainer(trial, CONFIGURATION, 1, None, None, None)
+    assert study.trials[0].user_attrs[RUN_ATTR] == attempt
+    again = optuna.create_study(direction="maximize").ask()
+    trainer(again, CONFIGURATION, 1, None, None, None)
+    assert again.user_attrs[RUN_ATTR] != attempt
+    assert mlflow_client.get_run(attempt).data.metrics["rounds_trained"] == 1
+
+
 def test_scores_follow_the_objective_and_keep_going_stops_after_a_round(data):
     study = optuna.create_study(direction="maximize")
     lines: list[str] = []
