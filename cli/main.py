@@ -2,6 +2,7 @@
 
 import argparse
 import contextlib
+import importlib.metadata
 import logging
 import os
 import queue
@@ -269,6 +270,7 @@ COMPARISON_SKIPS = (
 def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
     """The command line; `preset` (a `COMPARISON_PRESETS` entry) sets defaults of `compare`."""
     parser = argparse.ArgumentParser(prog="fedhpo", description="Federated hyperparameter optimization.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('fedhpo')}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train",
@@ -321,12 +323,17 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
 
     server = commands.add_parser(
         "server",
-        help="the local Prefect server fedhpo commands share (started by the first that needs it)",
-        description="fedhpo commands without PREFECT_API_URL share one Prefect server on 127.0.0.1, started in "
-        "the background by the first of them and kept for the next ones (its state, database and log in "
-        "PREFECT_HOME). start: start it now; status: its address; stop: stop it.",
+        help="the background processes fedhpo commands share: local Prefect servers and warm runners",
+        description="fedhpo commands without PREFECT_API_URL share one Prefect server on 127.0.0.1 per "
+        "PREFECT_HOME, started in the background by the first of them and kept for the next ones (its "
+        "database and log in PREFECT_HOME) until FEDHPO_SERVER_IDLE_S idle; the `fedhpo` command hands "
+        "commands to a warm runner, one per environment and checkout, until FEDHPO_RUNNER_IDLE_S idle. "
+        "start: start this PREFECT_HOME's server now; status: its address, and every server and runner of "
+        "yours with its pid, memory, age and idle time; stop: stop this PREFECT_HOME's server and this "
+        "checkout's runner (after the commands it runs), --all: every one.",
     )
     server.add_argument("action", choices=["start", "status", "stop"])
+    server.add_argument("--all", action="store_true", help="with stop: every server and runner of yours")
     server.set_defaults(handler=server_command)
 
     listing = commands.add_parser(
@@ -528,19 +535,15 @@ def _console_without_tracebacks() -> None:
 
 
 def server_command(args: argparse.Namespace) -> int:
-    from cli import local_server, warm
+    """What the `fedhpo` client answers itself for status and stop (`cli.warm`), run here too."""
+    from cli import background, local_server
 
-    if args.action == "stop":
-        url = local_server.stop()
-        print(f"Stopped the local Prefect server at {url}." if url else "No local Prefect server is running.")
-        if warm.stop():
-            print("Stopped the warm runner (after the commands it runs).")
-    elif args.action == "start":
-        url = local_server.api_url().removesuffix("/api")
-        print(f"Local Prefect server at {url} (UI and API); `fedhpo server stop` stops it.")
-    else:
-        url = local_server.status()
-        print(f"Local Prefect server at {url}." if url else "No local Prefect server is running.")
+    if args.action != "start":
+        return background.command(args.action, every=args.all)
+    url = local_server.api_url().removesuffix("/api")
+    idle = local_server.idle_exit_s()
+    after = f", or {idle:g} s without a command or an active flow run" if idle > 0 else ""
+    print(f"Local Prefect server at {url} (UI and API); `fedhpo server stop` stops it{after}.")
     return 0
 
 

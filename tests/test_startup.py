@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import servers
 
-from cli import warm
+from cli import background, local_server, warm
 
 FEDHPO = str(Path(sys.executable).with_name("fedhpo"))
 SMALL = ["--clients", "3", "--experiment", "startup"]
@@ -63,13 +63,12 @@ def test_two_commands_started_together_on_a_fresh_machine_both_run(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("startup").experiment_id])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
 
-    state = tmp_path / "prefect-home" / "fedhpo-server.json"
-    url = json.loads(state.read_text())["url"]  # the server's UI talks to the server's own API
+    url = local_server.read_state(tmp_path / "prefect-home")["url"]  # its UI talks to its own API
     with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"{url}/ui-settings", timeout=10) as answer:
         assert json.load(answer)["api_url"] == f"{url}/api"
     stopped = subprocess.run([FEDHPO, "server", "stop"], env=env, capture_output=True, text=True, timeout=60)
     assert stopped.returncode == 0 and "Stopped the local Prefect server" in stopped.stdout, stopped.stdout
-    assert "Stopped the warm runner" in stopped.stdout and not state.exists()
+    assert "Stopped the warm runner" in stopped.stdout and local_server.read_state(tmp_path / "prefect-home") is None
     status = subprocess.run(
         [FEDHPO, "server", "status"], env=env | {"FEDHPO_WARM": "0"}, capture_output=True, text=True
     )
@@ -81,10 +80,11 @@ def test_the_runner_passes_on_exit_status_and_signals_and_stops_a_command_whose_
     output = bad.communicate(timeout=300)[0]
     assert bad.returncode == 2 and output == "fedhpo train: error: seed must be >= 0, got -1\n", output
 
-    runner_pid = int(json.loads(warm.address().with_suffix(".json").read_text())["pid"])
     for how in (signal.SIGINT, signal.SIGKILL):
         process = fedhpo("train", "--rounds", "100000", *SMALL, cwd=tmp_path)
         wait_for_line(process, "round 2/")
+        [runner] = background.runners(warm.address())
+        runner_pid = runner["pid"]
         [command] = children_of(runner_pid)
         if how == signal.SIGINT:  # Ctrl-C: the command is interrupted and its client reports it
             process.send_signal(signal.SIGINT)

@@ -1,0 +1,50 @@
+"""What fedhpo's background processes (warm runners, local Prefect servers) record so that any
+command of the same user finds, lists and stops them: a private folder per user under the temp
+dir, and what /proc says of a recorded process (standard library only: `fedhpo server status`
+answers without importing torch or Prefect)."""
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def user_folder() -> Path:
+    """The user's folder of sockets, state and logs, readable by the user alone."""
+    folder = Path(tempfile.gettempdir()) / f"fedhpo-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_uid != os.getuid():
+        raise PermissionError(f"{folder} belongs to another user")
+    return folder
+
+
+def started_at(pid: int) -> float | None:
+    """When the process started (seconds since the epoch), None if there is none or it is a
+    zombie: with the pid, what tells a recorded process from a later one given its pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    if fields[0] == "Z":
+        return None
+    return round(time.time() - uptime + int(fields[19]) / TICKS, 1)
+
+
+def is_running(pid: int, started: float | None) -> bool:
+    """Whether the recorded process (pid and start time) still runs: not a later one with its pid."""
+    now = started_at(pid)
+    return now is not None and (started is None or abs(now - started) < 2.0)
+
+
+def memory_bytes(pid: int) -> int | None:
+    """The process's resident memory."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
