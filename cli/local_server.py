@@ -45,7 +45,7 @@ import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cli.user_state import is_running, memory_bytes, started_at, user_folder
+from cli.user_state import is_running, memory_bytes, seconds_setting, started_at, user_folder
 from fedhpo_core.locking import file_lock
 
 # Half an hour: long enough that the commands of a working session, minutes apart, find the server
@@ -106,12 +106,7 @@ def _home_may_be_set_in_files() -> bool:
 def idle_exit_s() -> float:
     """How long a server this command starts waits unused before it stops: FEDHPO_SERVER_IDLE_S,
     else `IDLE_EXIT_S`."""
-    value = os.environ.get(IDLE_VARIABLE, "").strip()
-    try:
-        return float(value) if value else IDLE_EXIT_S
-    except ValueError:
-        print(f"fedhpo: {IDLE_VARIABLE}={value!r} is not a number of seconds; using {IDLE_EXIT_S}", file=sys.stderr)
-        return IDLE_EXIT_S
+    return seconds_setting(IDLE_VARIABLE, IDLE_EXIT_S)
 
 
 def registry() -> Path:
@@ -312,17 +307,24 @@ def _alive(record: dict) -> bool:
     return is_running(record["watchdog_pid"], record["watchdog_started"]) or bool(_group(record))
 
 
+def _signal(records: list[dict], number: int, watchdog_first: bool) -> None:
+    """Signal each recorded watchdog that is still the recorded process, and the server's group:
+    with `watchdog_first`, only where the watchdog is gone (a live one stops its server itself)."""
+    for record in records:
+        with contextlib.suppress(ProcessLookupError):
+            watched = is_running(record["watchdog_pid"], record["watchdog_started"])
+            if watched:
+                os.kill(record["watchdog_pid"], number)
+            if not (watched and watchdog_first) and _group(record):
+                os.killpg(record["pid"], number)
+
+
 def _terminate(records: list[dict]) -> None:
     """Stop the recorded servers: SIGTERM to each watchdog (which stops its server, SIGTERM then
     SIGKILL), or to the server's group where its watchdog is gone; SIGKILL to what is left after
     the watchdog's own bound; return once all their processes are gone. Only processes whose pid
     and start time match a record are signalled. The records are removed."""
-    for record in records:
-        with contextlib.suppress(ProcessLookupError):
-            if is_running(record["watchdog_pid"], record["watchdog_started"]):
-                os.kill(record["watchdog_pid"], signal.SIGTERM)
-            elif _group(record):
-                os.killpg(record["pid"], signal.SIGTERM)
+    _signal(records, signal.SIGTERM, watchdog_first=True)
     for bound_s, last in ((STOP_TIMEOUT_S + 5, False), (STOP_TIMEOUT_S, True)):
         deadline = time.monotonic() + bound_s
         while (left := [record for record in records if _alive(record)]) and time.monotonic() < deadline:
@@ -331,12 +333,7 @@ def _terminate(records: list[dict]) -> None:
             break
         if last:
             raise RuntimeError(f"the local Prefect server (pid {left[0]['pid']}) did not stop")
-        for record in left:
-            with contextlib.suppress(ProcessLookupError):
-                if is_running(record["watchdog_pid"], record["watchdog_started"]):
-                    os.kill(record["watchdog_pid"], signal.SIGKILL)
-                if _group(record):
-                    os.killpg(record["pid"], signal.SIGKILL)
+        _signal(left, signal.SIGKILL, watchdog_first=False)
     for record in records:
         _remove(registry_path(Path(record["home"]), ".json"))
 

@@ -4,6 +4,7 @@ dir, and what /proc says of a recorded process (standard library only: `fedhpo s
 answers without importing torch or Prefect)."""
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,3 +49,14 @@ def memory_bytes(pid: int) -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def seconds_setting(variable: str, default: float) -> float:
+    """A number of seconds from the environment variable, else `default` (with a line on stderr
+    where it is not a number: a background process's setting, never worth refusing a command for)."""
+    value = os.environ.get(variable, "").strip()
+    try:
+        return float(value) if value else default
+    except ValueError:
+        print(f"fedhpo: {variable}={value!r} is not a number of seconds; using {default}", file=sys.stderr)
+        return default

@@ -42,7 +42,7 @@ import time
 import traceback
 from pathlib import Path
 
-from cli.user_state import memory_bytes, started_at, user_folder
+from cli.user_state import memory_bytes, seconds_setting, started_at, user_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fedhpo_core", "flows", "tasks", "cli")
@@ -83,12 +83,7 @@ def address() -> Path:
 
 def idle_exit_s() -> float:
     """How long a runner waits for a command before it exits: FEDHPO_RUNNER_IDLE_S, else `IDLE_EXIT_S`."""
-    value = os.environ.get(IDLE_VARIABLE, "").strip()
-    try:
-        return float(value) if value else IDLE_EXIT_S
-    except ValueError:
-        print(f"fedhpo: {IDLE_VARIABLE}={value!r} is not a number of seconds; using {IDLE_EXIT_S}", file=sys.stderr)
-        return IDLE_EXIT_S
+    return seconds_setting(IDLE_VARIABLE, IDLE_EXIT_S)
 
 
 def record_path(path: Path, pid: int) -> Path:

@@ -238,18 +238,7 @@ class FederationTrainer:
     def __init__(self, data: FederatedData, fixed: TrainSettings):
         self.data, self.fixed, self.reports = data, fixed, []
 
-    def __call__(
-        self,
-        trial,
-        configuration,
-        rounds,
-        start=None,
-        tuner=None,
-        keep_going=None,
-        fidelity=None,
-        afford=None,
-        progress=None,
-    ):
+    def __call__(self, trial, configuration, rounds, start=None, tuner=None, keep_going=None, **_):  # the rest unused
         federation = Federation.of(self.data, configuration.settings(self.fixed))
         result = federation.run(tuner, rounds, start=start, observe=lambda report, _: self.reports.append(report))
         score = result.evaluations[-1].val_score

@@ -163,18 +163,7 @@ class FakeTraining:
     def load(self, checkpoint):
         raise AssertionError("no method here continues a trial")
 
-    def __call__(
-        self,
-        trial,
-        configuration,
-        rounds,
-        start,
-        tuner=None,
-        keep_going=None,
-        fidelity=None,
-        afford=None,
-        progress=None,
-    ):
+    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None, **_):  # the rest unused
         trained = 0
         while trained < rounds:
             time.sleep(self.delay)

@@ -43,18 +43,7 @@ class FakeTrainer:
         lr = configuration.values.get("lr", 0.05)  # a round-level method's tuner chooses it
         return 1 - abs(math.log10(lr) - math.log10(0.05)) / 3 + 0.001 * round
 
-    def __call__(
-        self,
-        trial,
-        configuration,
-        rounds,
-        start,
-        tuner=None,
-        keep_going=None,
-        fidelity=None,
-        afford=None,
-        progress=None,
-    ):
+    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None, **_):  # the rest unused
         if len(self.calls) == self.interrupt_at:
             self.interrupted = trial.number
             raise KeyboardInterrupt  # Ctrl-C in the middle of a trial's training
@@ -176,18 +165,7 @@ class PrivateFakeTrainer(FakeTrainer):
     """Also spends privacy: epsilon 0.1 / lr, so the most accurate learning rates (near 0.05) spend
     more than a budget of 1 allows and only lr >= 0.1 stays within it."""
 
-    def __call__(
-        self,
-        trial,
-        configuration,
-        rounds,
-        start,
-        tuner=None,
-        keep_going=None,
-        fidelity=None,
-        afford=None,
-        progress=None,
-    ):
+    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None, **_):  # the rest unused
         result = super().__call__(trial, configuration, rounds, start, tuner, keep_going)
         epsilon = 0.1 / configuration.values["lr"]
         return replace(result, objectives={**result.objectives, "epsilon": epsilon, "sim_time_s": 1.0})
@@ -451,18 +429,7 @@ def test_pbt_explore_perturbs_within_the_space():
 class MarkingTrainer(FakeTrainer):
     """Its checkpoints carry the number of the trial that produced them."""
 
-    def __call__(
-        self,
-        trial,
-        configuration,
-        rounds,
-        start,
-        tuner=None,
-        keep_going=None,
-        fidelity=None,
-        afford=None,
-        progress=None,
-    ):
+    def __call__(self, trial, configuration, rounds, start, tuner=None, keep_going=None, **_):  # the rest unused
         self.starts = getattr(self, "starts", {})
         self.starts[trial.number] = None if start is None else int(start.weights[0])
         return super().__call__(trial, configuration, rounds, start, tuner, keep_going)
