@@ -45,7 +45,7 @@ import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cli.user_state import is_running, memory_bytes, seconds_setting, started_at, user_folder
+from cli.user_state import is_running, memory_bytes, seconds_setting, started_at, stat_fields, user_folder
 from fedhpo_core.locking import file_lock
 
 # Half an hour: long enough that the commands of a working session, minutes apart, find the server
@@ -280,14 +280,6 @@ def _remove_stale(path: Path, record: dict | None) -> None:
             _remove(path)
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat after the command name: state, ppid, process group, ..."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
 def _group(record: dict) -> list[int]:
     """The live processes of the server's process group (it leads a session of its own); none if
     its pid is another process's now: the group it led is then empty, or the pid could not have
@@ -297,7 +289,7 @@ def _group(record: dict) -> list[int]:
         return []
     members = []
     for entry in Path("/proc").iterdir():
-        fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        fields = stat_fields(int(entry.name)) if entry.name.isdigit() else None
         if fields and fields[0] != "Z" and int(fields[2]) == pid:
             members.append(int(entry.name))
     return members

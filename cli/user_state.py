@@ -21,15 +21,23 @@ def user_folder() -> Path:
     return folder
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name: state, ppid, process group, ...; None if no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def started_at(pid: int) -> float | None:
     """When the process started (seconds since the epoch), None if there is none or it is a
     zombie: with the pid, what tells a recorded process from a later one given its pid."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, IndexError, ValueError):
+    fields = stat_fields(pid)
+    if fields is None or fields[0] == "Z":
         return None
-    if fields[0] == "Z":
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError):
         return None
     return round(time.time() - uptime + int(fields[19]) / TICKS, 1)
 

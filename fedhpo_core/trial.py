@@ -291,7 +291,8 @@ class TrialTrainer:
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         reported = set(frozen.intermediate_values)  # steps a killed attempt of this training reported
         used, trained = rounds_used(trial), trial.user_attrs.get(TRAINED_ATTR, 0)  # before this training
-        record = RunRecord(tuner, trained, start.record if start else None) if tuner else None
+        followed = tuner or PerClientConfig(configuration.client_configs(self.fixed))
+        record = RunRecord(followed, trained, start.record if start else None)  # a tuner's, if it stored one
 
         scores: dict[int, float] = {}  # by round: a noisy score is drawn once
         personal_of_round = self.personal(configuration.client_configs(self.fixed))
@@ -331,7 +332,7 @@ class TrialTrainer:
                 progress(result_at(state, self.store(tracker, state, record, name)))
 
         with tracker:
-            outcome, _, record = train_configuration(
+            outcome, _, _ = train_configuration(
                 self.data,
                 self.fixed,
                 configuration,
@@ -345,7 +346,7 @@ class TrialTrainer:
                 extras if personal_of_round else None,
                 fidelity,
                 afford,
-                record or RunRecord(PerClientConfig(configuration.client_configs(self.fixed)), trained),
+                record,
                 checkpointed if tuner and progress else None,
             )
             state = outcome.state
