@@ -267,11 +267,21 @@ COMPARISON_SKIPS = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's refusals in one line, as every other refusal (`_fail`): the usage is `--help`'s."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("fedhpo").strip()
+        hint = f"fedhpo {command} --help".replace("  ", " ")
+        print(f"{self.prog}: error: {' '.join(message.split())} (see {hint})", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
     """The command line; `preset` (a `COMPARISON_PRESETS` entry) sets defaults of `compare`."""
-    parser = argparse.ArgumentParser(prog="fedhpo", description="Federated hyperparameter optimization.")
+    parser = OneLineParser(prog="fedhpo", description="Federated hyperparameter optimization.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('fedhpo')}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     train = commands.add_parser(
         "train",
         help="run one federated training (Prefect flow federated-training)",
@@ -578,6 +588,12 @@ def main(argv: list[str] | None = None) -> int:
         number = getattr(interrupt, "number", signal.SIGINT)
         print(f"fedhpo {args.command}: interrupted; {INTERRUPTED.get(args.command, 'stopped')}", file=sys.stderr)
         return 128 + number
+    except BrokenPipeError:  # `fedhpo methods | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more at exit either
+        return 128 + signal.SIGPIPE
+    except SettingsError as error:  # a refusal found after the checks up front: the same one line
+        print(f"fedhpo {args.command}: error: {error}", file=sys.stderr)
+        return 2
     except Exception as error:
         if os.environ.get("FEDHPO_DEBUG"):
             raise
