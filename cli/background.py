@@ -34,7 +34,7 @@ def runners(address: Path | None = None) -> list[dict]:
             record = json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):  # removed as we read it
             continue
-        if not is_running(record["pid"], record["started"]):
+        if not is_running(record["pid"], record["started"], record.get("command")):
             path.unlink(missing_ok=True)
         elif address is None or record["socket"] == str(address):
             found.append(record)
@@ -46,7 +46,7 @@ def ask_to_stop(records: Iterable[dict]) -> list[dict]:
     once the commands it runs end. Those asked."""
     asked = []
     for record in records:
-        if is_running(record["pid"], record["started"]):
+        if is_running(record["pid"], record["started"], record.get("command")):
             try:
                 os.kill(record["pid"], signal.SIGTERM)
             except ProcessLookupError:
@@ -64,14 +64,14 @@ def wait_for(asked: list[dict]) -> list[str]:
         for pid, record in list(pending.items()):
             name = f"the warm runner (pid {pid}, {record['checkout']})"
             now = current(record)
-            if not is_running(pid, record["started"]):
+            if not is_running(pid, record["started"], record.get("command")):
                 lines[pid] = f"Stopped {name}."
             elif now and now["state"] == "finishing" and now["commands"]:
                 count = now["commands"]
                 lines[pid] = f"{name[0].upper()}{name[1:]} finishes {count} command{'s' * (count > 1)}, then exits."
             elif time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
-                while is_running(pid, record["started"]):
+                while is_running(pid, record["started"], record.get("command")):
                     time.sleep(POLL_S)
                 lines[pid] = f"Killed {name}: it had not exited {STOP_WAIT_S} s after it was asked to."
             else:

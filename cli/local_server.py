@@ -45,7 +45,7 @@ import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cli.user_state import is_running, memory_bytes, seconds_setting, started_at, stat_fields, user_folder
+from cli.user_state import command_line, is_running, memory_bytes, seconds_setting, started_at, stat_fields, user_folder
 from fedhpo_core.locking import file_lock
 
 # Half an hour: long enough that the commands of a working session, minutes apart, find the server
@@ -138,7 +138,7 @@ def load(path: Path) -> dict | None:
 def read_state(home: Path) -> dict | None:
     """The recorded server of `home`, if its process still runs."""
     record = load(registry_path(normalized(home), ".json"))
-    return record if record and is_running(record["pid"], record["started"]) else None
+    return record if record and is_running(record["pid"], record["started"], record.get("command")) else None
 
 
 def free_port() -> int:
@@ -229,7 +229,7 @@ def servers() -> list[dict]:
             used = path.with_suffix(".used").stat().st_mtime
         except FileNotFoundError:
             used = record["started"]
-        watchdog = [record["watchdog_pid"]] if is_running(record["watchdog_pid"], record["watchdog_started"]) else []
+        watchdog = [record["watchdog_pid"]] if _watchdog_runs(record) else []
         pids = _group(record) + watchdog
         found.append(
             {
@@ -285,7 +285,7 @@ def _group(record: dict) -> list[int]:
     its pid is another process's now: the group it led is then empty, or the pid could not have
     been given again."""
     pid = record["pid"]
-    if started_at(pid) is not None and not is_running(pid, record["started"]):
+    if started_at(pid) is not None and not is_running(pid, record["started"], record.get("command")):
         return []
     members = []
     for entry in Path("/proc").iterdir():
@@ -295,8 +295,12 @@ def _group(record: dict) -> list[int]:
     return members
 
 
+def _watchdog_runs(record: dict) -> bool:
+    return is_running(record["watchdog_pid"], record["watchdog_started"], record.get("watchdog_command"))
+
+
 def _alive(record: dict) -> bool:
-    return is_running(record["watchdog_pid"], record["watchdog_started"]) or bool(_group(record))
+    return _watchdog_runs(record) or bool(_group(record))
 
 
 def _signal(records: list[dict], number: int, watchdog_first: bool) -> None:
@@ -304,7 +308,7 @@ def _signal(records: list[dict], number: int, watchdog_first: bool) -> None:
     with `watchdog_first`, only where the watchdog is gone (a live one stops its server itself)."""
     for record in records:
         with contextlib.suppress(ProcessLookupError):
-            watched = is_running(record["watchdog_pid"], record["watchdog_started"])
+            watched = _watchdog_runs(record)
             if watched:
                 os.kill(record["watchdog_pid"], number)
             if not (watched and watchdog_first) and _group(record):
@@ -412,7 +416,9 @@ def watch(record: Path, home: Path, url: str, idle_s: float) -> None:
             preexec_fn=_die_with_parent,
         )
         me = {"watchdog_pid": os.getpid(), "watchdog_started": started_at(os.getpid())}
-        state = {"pid": server.pid, "started": started_at(server.pid), "url": url, "home": str(home), "idle_s": idle_s}
+        me["watchdog_command"] = command_line(os.getpid())
+        state = {"pid": server.pid, "started": started_at(server.pid), "command": command_line(server.pid)}
+        state |= {"url": url, "home": str(home), "idle_s": idle_s}
         record.with_suffix(".json.new").write_text(json.dumps(state | me))
         record.with_suffix(".json.new").replace(record)
         _say(f"started the server (pid {server.pid}) at {url}; it stops after {idle_s:g} s idle")

@@ -42,10 +42,22 @@ def started_at(pid: int) -> float | None:
     return round(time.time() - uptime + int(fields[19]) / TICKS, 1)
 
 
-def is_running(pid: int, started: float | None) -> bool:
-    """Whether the recorded process (pid and start time) still runs: not a later one with its pid."""
+def command_line(pid: int) -> str | None:
+    """The process's command line, its arguments joined by spaces; None if there is none."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+
+
+def is_running(pid: int, started: float | None, command: str | None) -> bool:
+    """Whether the recorded process still runs, proven by its start time and command line both: not
+    a later process given its pid, nor another program a stale or planted record names. A record
+    without either proves nothing."""
     now = started_at(pid)
-    return now is not None and (started is None or abs(now - started) < 2.0)
+    if now is None or started is None or abs(now - started) >= 2.0:
+        return False
+    return command is not None and command_line(pid) == command
 
 
 def memory_bytes(pid: int) -> int | None:

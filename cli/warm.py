@@ -42,7 +42,7 @@ import time
 import traceback
 from pathlib import Path
 
-from cli.user_state import memory_bytes, seconds_setting, started_at, user_folder
+from cli.user_state import command_line, memory_bytes, seconds_setting, started_at, user_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fedhpo_core", "flows", "tasks", "cli")
@@ -483,6 +483,7 @@ def serve(path: Path, idle_s: float) -> None:
     record = {
         "pid": pid,
         "started": started_at(pid),
+        "command": command_line(pid),
         "fingerprint": fingerprint(),  # before importing: the code that is imported
         "checkout": str(ROOT),
         "environment": str(environment()),

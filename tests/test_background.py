@@ -123,9 +123,9 @@ def test_an_idle_runner_exits_on_its_own_and_the_next_command_starts_another(use
     [first] = background.runners()
     assert first["idle_exit_s"] == 2
     deadline = time.monotonic() + 30
-    while is_running(first["pid"], first["started"]) and time.monotonic() < deadline:
+    while is_running(first["pid"], first["started"], first["command"]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not is_running(first["pid"], first["started"]) and user.records() == []
+    assert not is_running(first["pid"], first["started"], first["command"]) and user.records() == []
     assert user.run("methods", **idle).returncode == 0
     [second] = background.runners()
     assert second["pid"] != first["pid"]
@@ -147,12 +147,12 @@ def test_server_stop_all_returns_once_every_listed_process_exited(user, tmp_path
     assert all(re.fullmatch(r"\d+ MB", f"{row[2]} {row[3]}") for row in rows.values()), status
 
     servers = [record for record in user.records() if "watchdog_pid" in record]
-    listed = [(r["pid"], r["started"]) for r in background.runners()]
-    listed += [(s["pid"], s["started"]) for s in servers]
-    listed += [(s["watchdog_pid"], s["watchdog_started"]) for s in servers]
-    assert len(listed) == 5 and {pid for pid, _ in listed} <= set(user.processes())
+    listed = [(r["pid"], r["started"], r["command"]) for r in background.runners()]
+    listed += [(s["pid"], s["started"], s["command"]) for s in servers]
+    listed += [(s["watchdog_pid"], s["watchdog_started"], s["watchdog_command"]) for s in servers]
+    assert len(listed) == 5 and {pid for pid, *_ in listed} <= set(user.processes())
     stopped = user.run("server", "stop", "--all")
-    assert [not is_running(pid, started) for pid, started in listed] == [True] * len(listed)
+    assert [not is_running(*identity) for identity in listed] == [True] * len(listed)
     assert user.processes() == [] and user.records() == []
     lines = stopped.stdout.splitlines()
     assert len(lines) == 3 and sum(line.startswith("Stopped the local Prefect server") for line in lines) == 2
@@ -166,9 +166,10 @@ BUSY_RUNNER = textwrap.dedent(
     import json, os, signal, sys, time
     from pathlib import Path
     from cli import warm
-    from cli.user_state import started_at
+    from cli.user_state import command_line, started_at
 
-    record = {"pid": os.getpid(), "started": started_at(os.getpid()), "checkout": "/busy", "socket": sys.argv[1],
+    record = {"pid": os.getpid(), "started": started_at(os.getpid()), "command": command_line(os.getpid()),
+              "checkout": "/busy", "socket": sys.argv[1],
               "state": "listening", "commands": 1, "last_used": time.time()}
     signal.signal(signal.SIGTERM, lambda *_: warm.write_record(record | {"state": "finishing"}))
     warm.write_record(record)
@@ -201,6 +202,31 @@ def test_stop_says_what_a_runner_still_finishes_and_never_signals_a_process_of_a
         busy.wait()
         bystander.wait()
     assert background.runners() == [] and background.stop_runners([record]) == []
+
+
+def test_server_stop_leaves_alone_a_foreign_process_that_records_name_with_its_own_start_time(user):
+    """Records planted in the user folder that name another program by its true pid and start time
+    (a stale record whose pid was given again within the same second would look so): its command
+    line is not the recorded one, so `server stop --all` neither signals nor lists it."""
+    foreign = subprocess.Popen(["sleep", "120"], start_new_session=True)  # leads a group, as a server does
+    try:
+        pid, started = foreign.pid, started_at(foreign.pid)
+        user.folder.mkdir(mode=0o700, exist_ok=True)
+        (user.folder / "servers").mkdir(mode=0o700, exist_ok=True)
+        runner = {"pid": pid, "started": started, "command": f"{sys.executable} -m cli.warm /x.sock 600"}
+        runner |= {"socket": str(user.folder / "runner-x.sock"), "checkout": "/x", "state": "listening"}
+        server = {"pid": pid, "started": started, "command": f"{sys.executable} -P -m prefect server start"}
+        server |= {"watchdog_pid": pid, "watchdog_started": started, "watchdog_command": "python -m cli.local_server"}
+        server |= {"url": "http://127.0.0.1:9/api", "home": "/x", "idle_s": 0}
+        (user.folder / f"runner-{pid}.json").write_text(json.dumps(runner))
+        (user.folder / "servers" / "planted.json").write_text(json.dumps(server))
+        stopped = user.run("server", "stop", "--all")
+        assert stopped.returncode == 0 and foreign.poll() is None, stopped.stdout + stopped.stderr
+        assert stopped.stdout.splitlines() == ["No local Prefect server is running.", "No warm runner is running."]
+        assert user.records() == []  # the planted records, which prove nothing, are dropped
+    finally:
+        foreign.kill()
+        foreign.wait()
 
 
 def test_the_idle_time_is_read_from_the_environment(monkeypatch, capsys):

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from cli import local_server
-from cli.user_state import is_running, started_at
+from cli.user_state import started_at
 
 _direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 IMPORT_CHECK = (
@@ -49,7 +49,9 @@ def processes(server: dict) -> list[tuple[int, float]]:
 
 
 def gone(server: dict) -> bool:
-    return not any(is_running(pid, started) for pid, started in processes(server))
+    """Neither process runs: no process has the pid, or one started at another time."""
+    now = [(started_at(pid), started) for pid, started in processes(server)]
+    return all(then is None or abs(then - started) >= 2 for then, started in now)
 
 
 def wait_until(condition, timeout: float) -> float:
