@@ -6,6 +6,7 @@ import importlib.metadata
 import logging
 import os
 import queue
+import re
 import signal
 import sys
 import types
@@ -50,10 +51,20 @@ def _add_method_options(parser) -> None:
             f"--{flag(name)}",
             dest=OPTION_DEST + name,
             metavar=name.upper(),
-            type=lambda text, kind=kind: parse_value(kind, text),
+            type=_parser_of(kind, parse_value),
             default=argparse.SUPPRESS,
             help=f"{'; '.join(helps)} (default: {defaults})",
         )
+
+
+def _parser_of(kind: type, parse_value):
+    """A method option's argparse type, named after its kind: argparse's refusal says "invalid float value"."""
+
+    def parse(text: str):
+        return parse_value(kind, text)
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def shown(value) -> str:
@@ -91,15 +102,16 @@ def _prepared(command: str, settings: TrainSettings) -> TrainSettings:
         _fail(command, str(error))
 
 
-def _check_stores(command: str, storage: str | None = None) -> None:
-    """MLflow's tracking store, and the Optuna storage if given, can be used (checked in seconds)."""
+def _check_stores(command: str, experiment: str, storage: str | None = None) -> None:
+    """MLflow's tracking store (and that it takes the experiment's name), and the Optuna storage if
+    given, can be used, each a store of its kind (checked in seconds, before anything is created)."""
     from fedhpo_core.stores import check_database
     from fedhpo_core.tracking import check_tracking_store
 
     try:
-        check_tracking_store()
+        check_tracking_store(experiment)
         if storage:
-            check_database(storage, "Optuna storage")
+            check_database(storage, "Optuna storage", "Optuna")
     except SettingsError as error:
         _fail(command, str(error))
 
@@ -108,8 +120,9 @@ def train_command(args: argparse.Namespace) -> int:
     settings = _settings("train", TrainSettings, args)
     execution = _settings("train", ExecutionSettings, args)
     settings = _prepared("train", settings)
-    _check_stores("train")
+    _check_stores("train", settings.experiment)
     from cli.progress import live_bar
+    from fedhpo_core.stores import masked
     from fedhpo_core.tracking import browse_lines, tracking_uri
     from flows.training import federated_training
 
@@ -119,6 +132,12 @@ def train_command(args: argparse.Namespace) -> int:
     if summary["diverged_round"] is not None:
         print(f"Diverged at round {summary['diverged_round']}: the loss turned non-finite (try a smaller --lr).")
         print("Recorded in MLflow as tag fedhpo.diverged=true and metric diverged=1.")
+    elif summary["frozen"]:
+        print(
+            f"Frozen: none of {summary['rounds_completed']} rounds changed the global model, its update underflows "
+            "(try a larger --lr or --server-lr, or a smaller --tau)."
+        )
+        print("Recorded in MLflow as tag fedhpo.frozen=true and metric frozen=1; no model logged.")
     else:
         print(
             f"Trained {summary['rounds_completed']} rounds in {summary['wall_time_s']:.1f} s: "
@@ -129,13 +148,20 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"Validation {score} reached {settings.target_acc} after {summary['time_to_target_s']:.1f} simulated s")
     elif settings.target_acc:
         print(f"Validation {score} did not reach {settings.target_acc}")
-    print(f"MLflow run {summary['run_id']} (experiment {settings.experiment!r}) in {tracking_uri()}")
+    print(f"MLflow run {summary['run_id']} (experiment {settings.experiment!r}) in {masked(tracking_uri())}")
     print(*browse_lines(summary["experiment_id"], summary["run_id"]), sep="\n")
     return 0
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    from fedhpo_core.search.study import check_study, default_storage, limits_text, study_definition
+    from fedhpo_core.search.study import (
+        StudyFinished,
+        check_study,
+        default_storage,
+        limits_text,
+        study_definition,
+    )
+    from fedhpo_core.stores import masked, without_password
     from fedhpo_core.tracking import browse_lines, tracking_uri
 
     fixed = _settings("tune", TrainSettings, args)
@@ -153,16 +179,20 @@ def tune_command(args: argparse.Namespace) -> int:
     except SettingsError as error:
         _fail("tune", str(error))
     storage = tune.storage or default_storage(tracking_uri())
-    _check_stores("tune", storage)
+    _check_stores("tune", fixed.experiment, storage)
     try:
         check_study(storage, tune.name_for(fixed), method, study_definition(tune, fixed), tune.resume, tune.join)
+    except StudyFinished as finished:  # nothing to do is not an error
+        print(finished)
+        return 0
     except SettingsError as error:
         _fail("tune", str(error))
     from cli.progress import live_bar
     from flows.study import hpo_study
 
+    hidden = {"storage": without_password(tune.storage)}  # the password stays out of Prefect's parameters
     with local_prefect(), live_bar():
-        summary = hpo_study(**asdict(tune), **asdict(execution), train=asdict(fixed))
+        summary = hpo_study(**asdict(tune) | hidden, **asdict(execution), train=asdict(fixed))
     if summary["best_trial"] is None:
         limits = limits_text(method.limits)
         print(f"Study {summary['study_name']}: no trial within {limits}; {spent_text(summary, tune)} used")
@@ -178,12 +208,21 @@ def tune_command(args: argparse.Namespace) -> int:
         personal = f"final_personal_{summary['score']}"
         mean, worst = summary.get(personal), summary.get(f"{personal}_worst10")
         clients = f"; personalized {summary['score']} {mean:.4f}, worst tenth {worst:.4f}" if mean is not None else ""
-        print(f"Best configuration retrained for {tune.final_rounds} rounds: {test[6:]} {summary[test]:.4f}{clients}")
+        if summary.get("final_frozen"):
+            print(
+                f"Best configuration retrained for {tune.final_rounds} rounds froze: no round changed the global "
+                "model (tag fedhpo.frozen=true on its final run; no model logged)"
+            )
+        else:
+            print(
+                f"Best configuration retrained for {tune.final_rounds} rounds: {test[6:]} {summary[test]:.4f}{clients}"
+            )
     if "model_version" in summary:
         print(f"Its model registered as models:/{tune.register_model}/{summary['model_version']}")
-    print(f"Optuna study in {summary['storage']}; MLflow run {summary['run_id']} in {tracking_uri()}")
+    storage, tracking = masked(summary["storage"]), masked(tracking_uri())
+    print(f"Optuna study in {storage}; MLflow run {summary['run_id']} in {tracking}")
     print(*browse_lines(summary["experiment_id"], summary["run_id"]), sep="\n")
-    print(f"  and its trials, round by round: optuna-dashboard {summary['storage']} --host 127.0.0.1")
+    print(f"  and its trials, round by round: optuna-dashboard {storage} --host 127.0.0.1")
     return 0
 
 
@@ -192,7 +231,7 @@ def _csv(kind):
         try:
             return [kind(item) for item in text.split(",") if item.strip()]
         except ValueError as error:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s: {error}") from error
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from error
 
     return parse
 
@@ -212,12 +251,14 @@ def compare_command(args: argparse.Namespace) -> int:
     from fedhpo_core.search.study import default_storage
     from fedhpo_core.tracking import tracking_uri
 
-    _check_stores("compare", tune.storage or default_storage(tracking_uri()))
+    _check_stores("compare", fixed.experiment, tune.storage or default_storage(tracking_uri()))
     from cli.progress import live_bar
+    from fedhpo_core.stores import masked, without_password
     from fedhpo_core.tracking import browse_lines, tracking_uri
     from flows.comparison import method_comparison
 
     tune_values = {k: v for k, v in asdict(tune).items() if k not in COMPARISON_SKIPS}
+    tune_values["storage"] = without_password(tune.storage)  # the password stays out of Prefect's parameters
     with local_prefect(), live_bar():
         summary = method_comparison(
             methods=args.methods,
@@ -242,7 +283,7 @@ def compare_command(args: argparse.Namespace) -> int:
         print(f"Winner: {summary['champion']}")
     if "champion_version" in summary:
         print(f"Its model: models:/{tune.register_model}@champion (version {summary['champion_version']})")
-    print(f"MLflow run {summary['run_id']} in {tracking_uri()}")
+    print(f"MLflow run {summary['run_id']} in {masked(tracking_uri())}")
     print(*browse_lines(summary["experiment_id"], summary["run_id"]), sep="\n")
     return 0
 
@@ -268,7 +309,13 @@ COMPARISON_SKIPS = (
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse's refusals in one line, as every other refusal (`_fail`): the usage is `--help`'s."""
+    """argparse's refusals in one line, as every other refusal (`_fail`): the usage is `--help`'s.
+    A flag is spelled in full. A negative number in scientific notation (`--weight-decay -1e-4`) is
+    a value, as `-0.0001` is, for the settings' checks to refuse, not a flag argparse does not know."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, allow_abbrev=False)  # `--round 5` is a typo, not --rounds
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str):
         command = self.prog.removeprefix("fedhpo").strip()
@@ -282,6 +329,7 @@ def build_parser(preset: dict | None = None) -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fedhpo", description="Federated hyperparameter optimization.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('fedhpo')}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    parser.set_defaults(commands=commands.choices)
     train = commands.add_parser(
         "train",
         help="run one federated training (Prefect flow federated-training)",
@@ -431,19 +479,23 @@ def tasks_command(args: argparse.Namespace) -> int:
 
 
 def sync_command(args: argparse.Namespace) -> int:
-    from fedhpo_core.outbox import spools
+    """A line per spool sent, set aside (on stderr) or left to its running process; exit status 1
+    when any spool was set aside, else 0."""
+    from fedhpo_core.outbox import shown, spools
     from fedhpo_core.tracking import spool_root, sync
 
-    left = [spool.folder for spool in spools(spool_root())]
+    left = {str(spool.folder) for spool in spools(spool_root())}
     if not left:
         print(f"Nothing to send: no spool in {spool_root()}.")
         return 0
-    sent = sync()
-    for folder, count in sent.items():
-        print(f"Sent {count} MLflow writes from {folder}.")
-    for folder in set(map(str, left)) - set(sent):
-        print(f"Left {folder}: the process that writes it is still running.")
-    return 0
+    replay = sync()
+    for folder, count in replay.sent.items():
+        print(f"Sent {count} MLflow writes from {shown(folder)}.")
+    for refused in replay.set_aside:
+        print(f"fedhpo sync: {refused.line()}", file=sys.stderr)
+    for folder in sorted(left - set(replay.sent) - {str(refused.folder) for refused in replay.set_aside}):
+        print(f"Left {shown(folder)}: the process that writes it is still running (or ran on another machine).")
+    return 1 if replay.set_aside else 0
 
 
 @contextmanager
@@ -566,27 +618,28 @@ def _interrupt(number: int, _frame) -> None:
     raise Interrupted(number)
 
 
-# What an interrupted command leaves, for its one line.
-INTERRUPTED = {
-    "train": "its MLflow run is marked KILLED",
-    "tune": "what was trained is recorded in the study (a training cut short as far as it went, charged once); "
-    "the same command with --resume continues the study where it stood",
-    "compare": "finished studies are recorded; the study in progress is marked as `fedhpo tune` marks one",
-}
+def parsed(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; one a command does not know is refused by that command (`fedhpo train: error: ...`)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; an interrupt (Ctrl-C, SIGTERM, SIGHUP) or a failure mid-run ends it with one line
     (the traceback with FEDHPO_DEBUG=1) and exit status 128 + the signal's number, or 1."""
-    args = build_parser().parse_args(argv)
+    args = parsed(build_parser(), argv)
     if getattr(args, "preset", None):
-        args = build_parser(COMPARISON_PRESETS[args.preset]).parse_args(argv)
+        args = parsed(build_parser(COMPARISON_PRESETS[args.preset]), argv)
     previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return args.handler(args)
     except KeyboardInterrupt as interrupt:
+        from cli.interrupts import left_behind
+
         number = getattr(interrupt, "number", signal.SIGINT)
-        print(f"fedhpo {args.command}: interrupted; {INTERRUPTED.get(args.command, 'stopped')}", file=sys.stderr)
+        print(f"fedhpo {args.command}: interrupted; {left_behind(args)}", file=sys.stderr)
         return 128 + number
     except BrokenPipeError:  # `fedhpo methods | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more at exit either

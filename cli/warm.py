@@ -164,9 +164,12 @@ def main() -> None:
         from cli import background
 
         background.stop_runners(r for r in background.runners(address()) if r["pid"] == started)
-    if code < 0:  # the command died of a signal: so does this process, for the shell to see
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
+    if code == -signal.SIGINT:  # died of Ctrl-C: so does this process, for the shell to see
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    if code < 0:  # killed (SIGKILL, the kernel out of memory): one line, and 128 + the signal as a shell says
+        print(f"fedhpo {argv[0]}: killed by {signal.Signals(-code).name}", file=sys.stderr)
+        code = 128 - code
     sys.exit(code)
 
 
@@ -189,8 +192,17 @@ def run_there(sock: socket.socket, argv: list[str]) -> int:
         sys.exit(1)
     for sig in FORWARDED:
         signal.signal(sig, lambda number, _: forward(started["pid"], number))
-    status = read_message(replies)
-    return status["exit"] if status else 1
+    try:
+        status = read_message(replies)
+    except (OSError, ValueError):  # the runner itself died mid-message
+        status = None
+    if status is None:
+        print(
+            f"fedhpo {argv[0]}: its warm runner ended before the command did (log {address().with_suffix('.log')})",
+            file=sys.stderr,
+        )
+        return 1
+    return status["exit"]
 
 
 def forward(pid: int, number: int) -> None:

@@ -16,6 +16,27 @@ from fedhpo_core.statistics import VAL_LOSS_AFTER, VAL_LOSS_BEFORE, Statistic, d
 from fedhpo_core.task import ACCURACY, default_loss
 
 EVAL_BATCH = 4096
+# Local steps between two looks at `between_steps` (a list test and a call: nothing next to a step).
+STEPS_BETWEEN_CHECKS = 8
+_step_checks: list[Callable[[], None]] = []  # innermost last (`steps_interrupted_by`)
+
+
+def between_steps() -> None:
+    """Called every `STEPS_BETWEEN_CHECKS` local steps, in whatever thread trains: the innermost
+    check given to `steps_interrupted_by` may abandon the round by raising. A round can be long
+    (many local epochs), and a stop asked for at its end would wait for all of it."""
+    if _step_checks:
+        _step_checks[-1]()
+
+
+@contextmanager
+def steps_interrupted_by(check: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, local training calls `check` (a stop request) between steps, which may raise."""
+    _step_checks.append(check)
+    try:
+        yield
+    finally:
+        _step_checks.remove(check)
 
 
 @dataclass(frozen=True, eq=False)
@@ -253,6 +274,8 @@ def train_locally(
                     group["lr"] = rate
             loss_sum += loss.detach()
             steps += 1
+            if steps % STEPS_BETWEEN_CHECKS == 0:
+                between_steps()
         if steps == total or not torch.isfinite(loss_sum):
             break
     return float(loss_sum) / steps, lr_sum

@@ -50,10 +50,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedhpo_core.client import (
+    STEPS_BETWEEN_CHECKS,
     ClientData,
     ClientJob,
     ClientUpdate,
     RunningSchedules,
+    between_steps,
     local_steps,
     reported,
     train_sequentially,
@@ -426,7 +428,9 @@ def batches(data: ClientData, job: ClientJob) -> tuple[torch.Tensor, torch.Tenso
     epochs = -(-total // per_epoch)  # local_epochs without a cap
     generator = job.generator
     orders = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if epoch % STEPS_BETWEEN_CHECKS == 0:
+            between_steps()
         order = torch.randperm(n, generator=generator)
         orders.append(torch.cat([order, order[:1].expand(pad)]) if pad else order)
     counts = torch.full((per_epoch, 1), float(size))
@@ -523,6 +527,8 @@ class Cohort:
             lr_sum[:k] += rates.rates[:k]
             rates.after_step(step, k, sgd.changes)
             loss_sum[:k] += loss
+            if step % STEPS_BETWEEN_CHECKS == 0:
+                between_steps()
         flat = torch.cat([p.reshape(k_all, -1) for p in params], dim=1)
         train_loss = (loss_sum / self.steps.to(loss_sum.device)).tolist()
         lr_sums = lr_sum.tolist()

@@ -292,6 +292,9 @@ class FederationResult:
     state: FederationState
     evaluations: list[Evaluation]
     diverged_round: int | None
+    # Every round trained left the global weights as they were, bit for bit: an update that
+    # underflows (a huge FedOpt tau, a tiny learning rate) or no upload at all. The run learned nothing.
+    frozen: bool = False
 
     @property
     def diverged(self) -> bool:
@@ -476,9 +479,10 @@ class Federation:
         before a round whose cost `afford` refuses. Sampled clients that are offline sit the round
         out; those that drop out or miss the deadline are not waited for (`devices`). A round whose
         weights turn non-finite, or whose every upload is non-finite, ends the run: divergence is a
-        result, not an error."""
+        result, not an error; a run whose rounds never changed the global weights is `frozen`."""
         steps = steps or RoundSteps()
         state = start or self.initial_state()
+        started_from = state.weights
         spec = self.data.spec
         splits = {"val": self.data.server_val, "test": self.data.test}
         evaluations: list[Evaluation] = []
@@ -539,4 +543,5 @@ class Federation:
                 observe(report, evaluation)
             if report.diverged:
                 return FederationResult(state, evaluations, t)
-        return FederationResult(state, evaluations, None)
+        frozen = bool(evaluations) and torch.equal(started_from, state.weights)
+        return FederationResult(state, evaluations, None, frozen)

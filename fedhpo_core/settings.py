@@ -5,6 +5,7 @@ command line and the flow are generated from, or checked against, this one decla
 """
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -18,6 +19,21 @@ from fedhpo_core.models import MODELS
 from fedhpo_core.partition import NATURAL, PARTITIONERS
 from fedhpo_core.privacy import Privacy
 from fedhpo_core.task import TASK_TYPES, TaskRef, fingerprint
+
+# Bounds on what multiplies a round's work or memory, or the processes a run starts, far beyond
+# any published setting (docs/getting-started.md, "Bounds"): past them a run exhausts the machine.
+MAX_LOCAL_EPOCHS = 100  # a client's local steps (and their shuffles) are local_epochs passes over its data
+MAX_FINETUNE_STEPS = 1000  # personalized evaluation lays out finetune_steps batches per client
+MAX_COMPRESSION_BUCKET = 2**20  # an update is padded to a multiple of the bucket (larger: one scale for all anyway)
+# FedOpt's adaptivity floor: the update is server_lr * m / (sqrt(v) + tau), so a tau far above 1
+# shrinks it below float32's resolution of the weights (past 3.4e38, to exactly 0): the model freezes.
+MAX_TAU = 1.0
+PROCESSES_PER_CPU = 2  # worker processes or trial threads a run starts, per CPU of this machine
+
+
+def max_processes() -> int:
+    """The most worker processes (or trials at once) a run starts here: PROCESSES_PER_CPU per CPU."""
+    return PROCESSES_PER_CPU * (os.cpu_count() or 1)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -67,12 +83,22 @@ class ClientConfig:
         _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _check(self.local_epochs >= 1, f"local_epochs must be >= 1, got {self.local_epochs}")
+        _check(
+            1 <= self.local_epochs <= MAX_LOCAL_EPOCHS,
+            f"local_epochs must be in [1, {MAX_LOCAL_EPOCHS}], got {self.local_epochs}",
+        )
         _check(self.mu >= 0, f"mu must be >= 0, got {self.mu}")
-        _check(self.finetune_steps >= 0, f"finetune_steps must be >= 0, got {self.finetune_steps}")
+        _check(
+            0 <= self.finetune_steps <= MAX_FINETUNE_STEPS,
+            f"finetune_steps must be in [0, {MAX_FINETUNE_STEPS}], got {self.finetune_steps}",
+        )
         _check(self.finetune_lr >= 0, f"finetune_lr must be >= 0, got {self.finetune_lr}")
         _check(self.ditto_lambda >= 0, f"ditto_lambda must be >= 0, got {self.ditto_lambda}")
         check_compression(self.compression, self.compression_bits, self.compression_bucket, self.topk_fraction)
+        _check(
+            self.compression_bucket <= MAX_COMPRESSION_BUCKET,
+            f"compression_bucket must be <= {MAX_COMPRESSION_BUCKET}, got {self.compression_bucket}",
+        )
         _check(0 < self.step_fraction <= 1, f"step_fraction must be in (0, 1], got {self.step_fraction}")
 
 
@@ -127,6 +153,11 @@ class ExecutionSettings:
         _one_of("engine", self.engine, ENGINES)
         _one_of("device", self.device, DEVICES)
         _check(self.dask_workers >= 1, f"dask_workers must be >= 1, got {self.dask_workers}")
+        _check(
+            self.dask_workers <= max_processes(),
+            f"dask_workers must be <= {max_processes()} ({PROCESSES_PER_CPU} per CPU of this machine), "
+            f"got {self.dask_workers}",
+        )
         _check(
             self.dask_address is None or self.task_runner == "dask",
             "dask_address needs task_runner dask",
@@ -268,7 +299,10 @@ class TrainSettings:
             self.check_size(DATASETS[self.task_name].num_train, DATASETS[self.task_name].num_classes)
         _check(self.server_lr is None or self.server_lr > 0, f"server_lr must be > 0, got {self.server_lr}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
-        _check(self.tau > 0, f"tau must be > 0, got {self.tau}")
+        _check(
+            0 < self.tau <= MAX_TAU,
+            f"tau must be in (0, {MAX_TAU:g}], got {self.tau} (a larger floor shrinks FedOpt's update to nothing)",
+        )
         _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _check(bool(self.experiment.strip()), "experiment must be a non-empty name")
         _ = self.client_config  # ClientConfig checks lr, momentum, weight decay, batch size, epochs, mu

@@ -586,8 +586,8 @@ def check_clients(data: Dataset, settings) -> None:
 def prepared(settings):
     """`settings` (a TrainSettings) with its task imported, its data loaded and checked, before any
     work: the partition "auto" resolved (natural for data with its own clients, else iid) and,
-    under the natural partition, `clients` set to the data's number of clients. Raises TaskError
-    (one line) for a task that cannot be used."""
+    under the natural partition, `clients` set to the data's number of clients, and the batch size
+    checked against the clients' data. Raises TaskError (one line) for a task that cannot be used."""
     from fedhpo_core.settings import TrainSettings
 
     ref = settings.task_ref
@@ -605,15 +605,46 @@ def prepared(settings):
     if partition != NATURAL:
         settings = replace(settings, partition=partition)
         settings.check_size(len(data.y_train), data.num_classes)
-        return settings
-    if data.groups is None:
+    elif data.groups is None:
         raise TaskError(f"partition natural needs data with its own clients; {ref.label} has none (try iid)")
-    clients = int(data.groups.max()) + 1
-    if settings.clients not in (clients, TrainSettings.clients):
-        raise TaskError(f"--clients {settings.clients}: {ref.label} holds {clients} clients of its own")
-    settings = replace(settings, partition=partition, clients=clients)
-    check_clients(data, settings)
+    else:
+        clients = int(data.groups.max()) + 1
+        if settings.clients not in (clients, TrainSettings.clients):
+            raise TaskError(f"--clients {settings.clients}: {ref.label} holds {clients} clients of its own")
+        settings = replace(settings, partition=partition, clients=clients)
+        check_clients(data, settings)
+    check_batch_size(settings.batch_size, settings)
     return settings
+
+
+@functools.lru_cache(maxsize=16)
+def largest_client(data_settings) -> int:
+    """The most training samples any client holds under these `DataSettings` (their partition
+    made once per process)."""
+    task = resolve(data_settings.task)
+    try:
+        split = task.partition(load_task_data(data_settings.task, data_settings.data_root), data_settings)
+    except SettingsError:
+        raise
+    except Exception as error:  # whatever the task's own partition raises
+        raise TaskError(
+            f"task {data_settings.task.label} does not partition: {type(error).__name__}: {one_line(error)}"
+        ) from error
+    return max((len(rows) for rows in split.client_train), default=0)
+
+
+def check_batch_size(batch_size: int, settings) -> None:
+    """A mini-batch larger than the default is at most the largest client's training data: a
+    larger one only pads every step of every client with samples that weigh nothing (memory and
+    time for no learning)."""
+    from fedhpo_core.settings import TrainSettings
+
+    most = largest_client(settings.data)
+    if batch_size > max(most, TrainSettings.batch_size):
+        raise TaskError(
+            f"batch_size {batch_size} exceeds the largest client's {most} training samples "
+            f"({settings.task_ref.label}, {settings.clients} clients): a batch is at most a client's data"
+        )
 
 
 def scoring_metric(settings) -> Metric:

@@ -13,12 +13,14 @@ seconds (`MLFLOW_RETRIES`; the user's settings win): the outbox rides out longer
 """
 
 import functools
+import http.client
 import json
 import logging
 import os
 import socket
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
@@ -29,14 +31,16 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException, RestException
+from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import HTTPError, RetryError, Timeout
 
 from fedhpo_core.locking import file_lock
-from fedhpo_core.outbox import Outbox, replay_spools
+from fedhpo_core.outbox import Outbox, Replay, replay_spools
 from fedhpo_core.settings import SettingsError
-from fedhpo_core.stores import CONNECT_TIMEOUT_S, check_database, check_folder, one_line
+from fedhpo_core.stores import CONNECT_TIMEOUT_S, check_database, check_folder, is_database_url, masked, one_line
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 # MLflow 3's UI opens an experiment on its GenAI overview unless the URL asks for the model-training
@@ -56,29 +60,46 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+def health_url(uri: str) -> str:
+    """A tracking server's health check, without the credentials its URI may carry (urllib reads them as the host)."""
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
 
 
-def check_tracking_store() -> None:
-    """MLflow's tracking store can be used (`fedhpo_core.stores`): a local folder we can write, a
-    database we can open, or a tracking server that answers its health check."""
+def check_tracking_store(experiment: str | None = None) -> None:
+    """MLflow's tracking store can be used (`fedhpo_core.stores`): a local folder we can write (if
+    MLflow allows one), a database of its own we can open, or a tracking server that answers its
+    health check; and `experiment` is a name it takes."""
     uri = tracking_uri()
-    what = f"MLflow tracking store {uri}"
-    scheme = urllib.parse.urlparse(uri).scheme
-    if scheme in ("", "file"):
-        path = Path(urllib.parse.urlparse(uri).path if scheme else uri).expanduser().absolute()
+    what = f"MLflow tracking store {masked(uri)}"
+    if experiment is not None and len(experiment) > MAX_EXPERIMENT_NAME_LENGTH:
+        raise SettingsError(
+            f"--experiment: a name of {len(experiment)} characters; MLflow takes at most {MAX_EXPERIMENT_NAME_LENGTH}"
+        )
+    parts = urllib.parse.urlparse(uri)
+    if parts.scheme in ("", "file"):
+        if parts.netloc not in ("", "localhost"):
+            raise SettingsError(f"{what}: a folder store is on this machine (file:///path), not on {parts.netloc!r}")
+        path = Path(parts.path if parts.scheme else uri).expanduser().absolute()
         if path.exists() and not path.is_dir():
             raise SettingsError(f"{what}: {path} is a file; a file store is a folder (for SQLite: sqlite:///{path})")
+        if not MLFLOW_ALLOW_FILE_STORE.get():
+            raise SettingsError(
+                f"{what}: MLflow refuses a folder store unless MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///path/mlflow.db"
+            )
         check_folder(path, what)
-    elif scheme in ("http", "https"):
+    elif parts.scheme in ("http", "https"):
         try:  # through the proxies the environment names, as MLflow's own client goes
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S).close()
-        except OSError as error:
+            urllib.request.urlopen(health_url(uri), timeout=CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError, http.client.HTTPException) as error:
             raise SettingsError(f"{what}: the tracking server does not answer ({one_line(error)})") from error
-    elif scheme.split("+")[0] in DATABASE_SCHEMES:
-        check_database(uri, what)
+    elif is_database_url(uri):
+        check_database(uri, "MLflow tracking store", "MLflow")
     else:
-        raise SettingsError(f"{what}: unknown scheme {scheme!r}; use a folder, sqlite:///, postgresql://, http(s)://")
+        raise SettingsError(
+            f"{what}: unknown scheme {parts.scheme!r}; use sqlite:///, postgresql://, http(s)://, or a folder"
+        )
 
 
 _prepared: set[str] = set()
@@ -90,6 +111,7 @@ MLFLOW_RETRIES = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
 HEALTH_TIMEOUT_S = 2.0
+API_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"  # a request of the API any server answers
 SPOOL_ROOT = "fedhpo-spool"  # in the working directory, beside the default stores; FEDHPO_SPOOL overrides
 log = logging.getLogger("fedhpo.tracking")
 # fedhpo's MLflow run tags, all of them here.
@@ -118,15 +140,38 @@ def is_server(uri: str) -> bool:
 def server_answers(uri: str) -> bool:
     """Whether the tracking server at `uri` answers its health check (through the environment's proxies, as MLflow)."""
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S).close()
+        urllib.request.urlopen(health_url(uri), timeout=HEALTH_TIMEOUT_S).close()
         return True
-    except OSError:
+    except (OSError, ValueError, http.client.HTTPException):
         return False
+
+
+def api_failure(uri: str) -> str | None:
+    """What the tracking server at `uri` does instead of answering a request to its API ('HTTP 503',
+    'TimeoutError'); None when it answers (any status but a server error: a refusal is an answer).
+    Its health check alone does not tell: a server may answer it and fail every request."""
+    probe = health_url(uri).removesuffix("/health") + API_PROBE
+    try:
+        urllib.request.urlopen(probe, timeout=HEALTH_TIMEOUT_S).close()
+        return None
+    except urllib.error.HTTPError as error:
+        return None if error.code < 500 else f"HTTP {error.code}"
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        reason = getattr(error, "reason", error)
+        return reason if isinstance(reason, str) else type(reason).__name__
+
+
+def absence(uri: str, error: BaseException) -> str:
+    """How the tracking server at `uri` is away, said once when it goes: unreachable, or answering
+    its health check but not its API (and what the API does instead)."""
+    if not server_answers(uri):
+        return f"unreachable ({type(error).__name__})"
+    return f"answers its health check but not its API ({api_failure(uri) or type(error).__name__})"
 
 
 def server_away(uri: str, error: BaseException) -> bool:
     """Whether `error` says the tracking server at `uri` is away (not reached, or answering only
-    errors while its health check fails too), rather than refusing a request it understood."""
+    errors while its API fails other requests too), rather than refusing a request it understood."""
     if not is_server(uri):
         return False
     seen: BaseException | None = error
@@ -136,7 +181,7 @@ def server_away(uri: str, error: BaseException) -> bool:
         if isinstance(seen, (RequestsConnectionError, Timeout, ConnectionError, TimeoutError)):
             return True
         if isinstance(seen, (RetryError, HTTPError)):
-            return not server_answers(uri)
+            return api_failure(uri) is not None
         seen = seen.__cause__ or seen.__context__
     return False
 
@@ -168,6 +213,34 @@ def send_to(uri: str):
     return send
 
 
+# The writes `send_to` makes: each kind's fields and their types (`check_write`).
+WRITE_FIELDS = {
+    "log_batch": {"run_id": str},
+    "set_status": {"run_id": str, "status": str},
+    "set_terminated": {"run_id": str, "status": str, "end_time": int},
+    "log_artifact": {"run_id": str, "artifact_path": str, "file": str},
+    "set_experiment_tag": {"experiment_id": str, "key": str, "value": str},
+}
+BATCH_ITEMS = {"metrics": (str, int | float, int, int), "params": (str, str), "tags": (str, str)}
+
+
+def check_write(record: dict) -> None:
+    """A write `send_to` can make, whole; else ValueError saying what is wrong (a spool read back
+    may be damaged or planted)."""
+    kind = record.get("op")
+    if kind not in WRITE_FIELDS:
+        raise ValueError(f"unknown kind of write {str(kind)[:50]!r}")
+    for name, kind_of in WRITE_FIELDS[kind].items():
+        if not isinstance(record.get(name), kind_of):
+            raise ValueError(f"a {kind} write without {name} ({kind_of.__name__})")
+    for name, types in BATCH_ITEMS.items() if kind == "log_batch" else ():
+        items = record.get(name, [])
+        if not isinstance(items, list) or not all(
+            isinstance(item, list) and len(item) == len(types) and all(map(isinstance, item, types)) for item in items
+        ):
+            raise ValueError(f"a log_batch write whose {name} are not lists of {len(types)} values of their types")
+
+
 def spool_root() -> Path:
     return Path(os.environ.get("FEDHPO_SPOOL", SPOOL_ROOT)).absolute()
 
@@ -182,23 +255,34 @@ def outbox() -> Outbox:
             spool_root() / identity,
             send_to(uri),
             is_outage=lambda error: server_away(uri, error),
-            reachable=lambda: server_answers(uri),
+            reachable=lambda: api_failure(uri) is None,
+            absence=lambda error: absence(uri, error),
             say=log.warning,
         )
     return _outboxes[uri]
 
 
 def process_gone(folder_name: str) -> bool:
-    """Whether the process a spool folder is named for (host:pid:start) no longer runs here."""
-    host, pid, _ = folder_name.split(":")
-    return host == socket.gethostname() and process_identity(int(pid)) != folder_name
+    """Whether the process a spool folder is named for (host:pid:start) no longer runs here; a folder
+    of this host named otherwise is no running process's."""
+    host, _, rest = folder_name.partition(":")
+    pid = rest.partition(":")[0]
+    return host == socket.gethostname() and not (pid.isdigit() and process_identity(int(pid)) == folder_name)
 
 
-def sync(uri: str | None = None) -> dict[str, int]:
+def sync(uri: str | None = None) -> Replay:
     """Send the spools left by processes that ended with writes unsent (those for `uri` only, if
-    given); {spool folder: writes sent}. Raises what the server's absence raises."""
+    given); a spool that cannot be sent as it is, is set aside (`outbox.replay_spools`). Raises what
+    the server's absence raises."""
     shorten_retries()
-    return replay_spools(spool_root(), uri, send_to, alive=lambda name: not process_gone(name))
+    return replay_spools(
+        spool_root(),
+        uri,
+        send_to,
+        alive=lambda name: not process_gone(name),
+        is_outage=server_away,
+        check_write=check_write,
+    )
 
 
 def shorten_retries() -> None:
@@ -245,8 +329,11 @@ def prepare_store() -> None:
         with file_lock(Path(uri.removeprefix("sqlite:///") + ".lock")):
             MlflowClient().search_experiments(max_results=1)
     if is_server(uri):
-        for folder, sent in outbox().call(sync, uri).items():
+        replay = outbox().call(sync, uri)
+        for folder, sent in replay.sent.items():
             log.warning("sent %d MLflow writes a stopped process left in %s", sent, folder)
+        for refused in replay.set_aside:
+            log.warning("%s", refused.line())
     outbox().call(close_orphaned_runs, MlflowClient())
     _prepared.add(uri)
 
@@ -436,9 +523,9 @@ LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by 
 
 def ui_base() -> str:
     """Where the MLflow UI of the tracking store is: the tracking server itself, else `mlflow ui`
-    started on the store (`browse_lines`)."""
+    started on the store (`browse_lines`); a password in its URI shown as ***, since links are printed and kept."""
     uri = tracking_uri()
-    return uri.rstrip("/") if urllib.parse.urlparse(uri).scheme in ("http", "https") else LOCAL_UI
+    return masked(uri).rstrip("/") if urllib.parse.urlparse(uri).scheme in ("http", "https") else LOCAL_UI
 
 
 def run_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
@@ -465,7 +552,7 @@ def browse_lines(experiment_id: str, run_id: str) -> list[str]:
     url = run_url(ui_base(), experiment_id, run_id)
     if ui_base() != LOCAL_UI:
         return [f"Browse it: {url}"]
-    return [f"Browse it: mlflow ui --backend-store-uri {tracking_uri()}", f"  then open {url}"]
+    return [f"Browse it: mlflow ui --backend-store-uri {masked(tracking_uri())}", f"  then open {url}"]
 
 
 def load_state(uri: str, device: torch.device | str = "cpu") -> dict:

@@ -44,6 +44,8 @@ from fedhpo_core.task import ACCURACY, Metric
 from fedhpo_core.tracking import ROLE_TAG, STUDY_TAG, TRIAL_START_TAG, TRIAL_TAG, Tracker, load_state
 from fedhpo_core.tuners import PerClientConfig, Tuner
 
+FROZEN_TAG = "fedhpo.frozen"  # on a training or final run: true when no round changed its global model
+
 
 def system_objectives(
     reports: list[RoundReport], target_acc: float = 0.0, metric: Metric = ACCURACY
@@ -152,7 +154,8 @@ def train_configuration(
         result = FederationResult(start or federation.initial_state(), [], None)
         for _ in range(rounds):
             step = federation.run(record.tuner, 1, steps, result.state, observe, afford, fidelity)
-            result = FederationResult(step.state, result.evaluations + step.evaluations, step.diverged_round)
+            frozen = (step.frozen and (result.frozen or not result.evaluations)) if step.evaluations else result.frozen
+            result = FederationResult(step.state, result.evaluations + step.evaluations, step.diverged_round, frozen)
             if not step.evaluations or result.diverged:
                 break
             if after_round:
@@ -394,7 +397,7 @@ def align_trial_runs(tracker: Tracker, study: optuna.Study, name: str, metric: M
 @dataclass(frozen=True)
 class FinalRun:
     """The best configuration retrained: its result, what it cost the system (`system_objectives`),
-    its MLflow run, and its model (None when it diverged) with the registered version, if any."""
+    its MLflow run, and its model (None when it diverged or froze) with the registered version, if any."""
 
     result: FederationResult
     costs: dict[str, float]
@@ -414,6 +417,8 @@ def final_markdown(
     }
     if final.result.diverged:
         rows["result"] = f"diverged at round {final.result.diverged_round}: no model"
+    elif final.result.frozen:
+        rows["result"] = "frozen: no round changed the global model (its update underflows): no model"
     else:
         last = final.result.evaluations[-1]
         name = "accuracy" if score == "acc" else score
@@ -439,8 +444,8 @@ def retrain(
     register_as: str | None = None,
 ) -> FinalRun:
     """The best configuration from scratch for `rounds` rounds (driven by `tuner` if given), scored
-    on the test set; its model logged unless it diverged, and registered as a version of
-    `register_as` if given, tagged with `about` (the method, the study), the seed and the
+    on the test set; its model logged unless it diverged or froze (tag `FROZEN_TAG`), and registered
+    as a version of `register_as` if given, tagged with `about` (the method, the study), the seed and the
     accuracies. The run's description says all of it."""
     with Tracker(fixed.experiment, "final", {ROLE_TAG: "final"}, parent=parent) as tracker:
         tracker.log_params(configuration.values | ({"scheduled_by": type(tuner).__name__} if tuner else {}))
@@ -449,7 +454,9 @@ def retrain(
         )
         metric = data.spec.score
         final = FinalRun(result, system_objectives(reports, fixed.target_acc, metric), tracker.run_id)
-        if not result.diverged:
+        tracker.log_metrics({"frozen": float(result.frozen)})
+        tracker.set_tags({FROZEN_TAG: str(result.frozen).lower()})
+        if not (result.diverged or result.frozen):
             configs = round_configs(reports[-1], configuration.client_configs(fixed))
             personal = personal_metrics(data, result.state.weights, configs, fixed.seed, result.state.round, steps)
             tracker.log_metrics(personal, result.state.round)

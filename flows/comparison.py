@@ -22,6 +22,7 @@ from fedhpo_core.reports import (
 )
 from fedhpo_core.search.study import TuneSettings
 from fedhpo_core.settings import ExecutionSettings, SettingsError, TrainSettings
+from fedhpo_core.stores import masked, with_password
 from fedhpo_core.task import ACCURACY, Metric, TaskRef, prepared, scoring_metric
 from fedhpo_core.tracking import ROLE_TAG, Tracker, run_url, set_model_alias, ui_base
 from flows.study import FINAL_COSTS, artifact_key, hpo_study
@@ -170,7 +171,8 @@ def method_comparison(
         eval_clients: Noisy evaluation (Kuo et al. 2023): score each round on this many random clients'
             validation data instead (0: off); the same comparison without it shows how methods degrade.
         eval_noise: Noisy evaluation: Laplace scale of the noise added to each round's score (0: off).
-        storage: Optuna storage URL; default: optuna.db beside the MLflow store.
+        storage: Optuna storage URL; default: optuna.db beside the MLflow store. Give it without its
+            password (PostgreSQL: PGPASSWORD in the environment of the process that runs the flow).
         workers: Trials trained at once in each study (random, grid, tpe, gp, multiobjective, asha, async-hyperband).
         max_epsilon: Privacy budget of every study: a trial that spent more epsilon is never the best (0: none).
         max_bytes: Communication limit of every study: a trial that sent more bytes is never the best (0: none).
@@ -228,6 +230,7 @@ def method_comparison(
                 "score": metric.name,
                 "score_direction": metric.direction,
                 **asdict(tune),
+                "storage": masked(with_password(tune.storage)),
             }
         )
         for seed in seeds:  # paired: every method sees this seed's partition and initial model

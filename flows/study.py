@@ -16,6 +16,7 @@ from fedhpo_core.reports import importance_figure, importance_table, markdown_ta
 from fedhpo_core.search.base import RUN_ATTR, configuration_of, rounds_spent
 from fedhpo_core.search.space import Configuration
 from fedhpo_core.search.study import (
+    FINAL_ATTR,
     TuneSettings,
     best_trial,
     default_storage,
@@ -25,6 +26,7 @@ from fedhpo_core.search.study import (
     study_definition,
 )
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
+from fedhpo_core.stores import masked, with_password
 from fedhpo_core.task import ACCURACY, Metric, TaskRef, prepared
 from fedhpo_core.tracking import (
     ROLE_TAG,
@@ -137,7 +139,7 @@ def run_study(
     metric = data.spec.score
     method.use_score(metric)
     announce_engine(data.spec, execution, logger)
-    storage = tune.storage or default_storage(tracking_uri())
+    storage = with_password(tune.storage) or default_storage(tracking_uri())
     name = tune.name_for(fixed)
     budget = tune.budget_of(Federation.of(data, fixed), fixed)
     study = open_study(method, storage, name, tune.resume, tune.join, study_definition(tune, fixed))
@@ -164,7 +166,7 @@ def run_study(
                 | {k: fixed_values[k] for k in TASK_PARAMS}
                 | task_params(fixed, data.spec)
                 | {f"fixed.{k}": v for k, v in fixed_values.items() if k not in TASK_PARAMS}
-                | {"storage": storage, "study_name": name}
+                | {"storage": masked(storage), "study_name": name}
                 | {f"execution.{k}": v for k, v in asdict(execution).items()}
             )
         progress = StudyProgress(study, budget.total)
@@ -248,9 +250,11 @@ def run_study(
             summary |= {f"final_test_{metric.name}": last.test_score, f"final_val_{metric.name}": last.val_score}
             summary |= {f"final_{k}": v for k, v in (last.others | final.personal).items()}
             summary["final_run_id"] = final.run_id
+            summary["final_frozen"] = final.result.frozen
             summary |= {f"final_{k}": final.costs[k] for k in SHOWN_COSTS if k in final.costs}
             if final.model_version:
                 summary["model_version"] = final.model_version
+        study.set_user_attr(FINAL_ATTR, summary.get("final_run_id"))  # ended: `--resume` starts nothing
         summary |= {"rounds_used": rounds_spent(study), "budget_spent": budget.spent, "trials_finished": len(table)}
         ran = [t for t in study.trials if t.number in table.index and RUN_ATTR in t.user_attrs]
         summary["trial_run_ids"] = [t.user_attrs[RUN_ATTR] for t in ran]
@@ -262,7 +266,7 @@ def run_study(
             k for k in summary if k.startswith(("final_val_", "final_test_", "final_personal_")) and k not in found
         ]
         tracker.log_metrics({k: summary[k] for k in (*found, *others, *FINAL_COSTS) if k in summary})
-        summary |= {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "storage": storage}
+        summary |= {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "storage": masked(storage)}
         summary |= {"score": metric.name, "direction": metric.direction}
         tracker.describe(study_markdown(summary, table, tune, metric=metric))  # the run's Overview: what it found
         create_markdown_artifact(
@@ -340,6 +344,7 @@ def hpo_study(
             validation data instead (0: off).
         eval_noise: Noisy evaluation: Laplace scale of the noise added to each round's score (0: off).
         storage: Optuna storage URL (sqlite:///..., postgresql://...); default: optuna.db beside the MLflow store.
+            Give it without its password (PostgreSQL: PGPASSWORD in the environment of the process that runs the flow).
         study_name: Optuna study name; default: derived from the settings.
         resume: Continue the interrupted study of that name.
         workers: Trials trained at once (random, grid, tpe, gp, multiobjective, asha, async-hyperband).

@@ -17,7 +17,7 @@ from fedhpo_core.reports import ConfigTrajectory, partition_figure, partition_ta
 from fedhpo_core.settings import ExecutionSettings, TrainSettings
 from fedhpo_core.task import TaskRef, prepared
 from fedhpo_core.tracking import ROLE_TAG, Tracker
-from fedhpo_core.trial import personal_metrics
+from fedhpo_core.trial import FROZEN_TAG, personal_metrics
 from fedhpo_core.tuners import FixedConfig
 from tasks.training import announce_engine, load_data, partition_data, round_steps, task_params
 
@@ -109,6 +109,7 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
             "rounds_completed": result.state.round,
             "total_bytes_sent": float(sum(bytes_sent)),
             "diverged": float(result.diverged),
+            "frozen": float(result.frozen),
             "wall_time_s": time.perf_counter() - started,
         }
         summary |= {"time_to_target_s": reached[0]} if reached else {}
@@ -117,9 +118,13 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
             personal = personal_metrics(data, result.state.weights, everyone, settings.seed, result.state.round, steps)
             summary |= {f"final_{k}": v for k, v in personal.items()}
         tracker.log_metrics(summary)
+        tracker.set_tags({FROZEN_TAG: str(result.frozen).lower()})
         if result.diverged:
             tracker.set_tags({"fedhpo.diverged": "true", "fedhpo.diverged_round": result.diverged_round})
             logger.warning("diverged at round %d (non-finite loss or weights); model not logged", result.diverged_round)
+        elif result.frozen:
+            tracker.set_tags({"fedhpo.diverged": "false"})
+            logger.warning("frozen: no round changed the global model (its update underflows); model not logged")
         else:
             tracker.set_tags({"fedhpo.diverged": "false"})
             model = load_flat_weights(data.spec.build(), result.state.weights)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedhpo_core.outbox import Outbox, Spool, replay_spools, spools
+from fedhpo_core.outbox import WAITING, Outbox, Replay, Spool, replay_spools, spools
 from fedhpo_core.stores import waits_interrupted_by
 
 
@@ -34,9 +34,22 @@ def outbox_for(server: Server, folder: Path, said: list[str], memory_limit: int 
         server.send,
         is_outage=lambda error: isinstance(error, ConnectionError),
         reachable=lambda: server.up,
+        absence=lambda error: f"unreachable ({type(error).__name__})",
         say=said.append,
         memory_limit=memory_limit,
         probe_interval=0.0,
+    )
+
+
+def replay(root: Path, uri: str | None, server: Server, alive=lambda name: False) -> Replay:
+    """`replay_spools` to `server`, whose ConnectionError is its absence."""
+    return replay_spools(
+        root,
+        uri,
+        lambda uri: server.send,
+        alive,
+        is_outage=lambda uri, error: isinstance(error, ConnectionError),
+        check_write=lambda record: None,
     )
 
 
@@ -78,6 +91,12 @@ def test_a_call_that_needs_the_server_sends_what_was_kept_first_and_a_stop_ends_
     with waits_interrupted_by(come_back_on_the_third_wait):
         assert box.call(lambda: len(server.received)) == 1  # the kept write went first
     assert len(waits) == 3
+    assert said == [
+        "MLflow tracking server http://tracking unreachable (ConnectionError); training goes on, its logs kept and "
+        "sent when the server is back",
+        f"MLflow tracking server http://tracking still away; {WAITING}",  # said once, not once per wait
+        "MLflow tracking server http://tracking reachable again after 0 s; sent the 1 writes kept meanwhile",
+    ]
 
     server.up = False
 
@@ -86,6 +105,35 @@ def test_a_call_that_needs_the_server_sends_what_was_kept_first_and_a_stop_ends_
 
     with waits_interrupted_by(stop_requested), pytest.raises(KeyboardInterrupt):
         box.call(server.send, {"n": 2}, None)
+    assert said[3:] == [f"MLflow tracking server http://tracking unreachable (ConnectionError); {WAITING}"]
+    assert "Ctrl-C stops the command" in WAITING
+
+
+def test_a_server_whose_health_check_answers_while_its_api_fails_is_back_only_once_a_call_went_through(tmp_path):
+    """Its health check answering is no return: no line per failed attempt, no 'reachable again' before."""
+    said, attempts = [], []
+
+    def answer_on_the_fourth_attempt() -> str:
+        attempts.append(1)
+        if len(attempts) < 4:
+            raise ConnectionError("no answer")
+        return "run"
+
+    box = Outbox(
+        "http://tracking",
+        tmp_path / "spool",
+        Server().send,
+        is_outage=lambda error: isinstance(error, ConnectionError),
+        reachable=lambda: True,
+        absence=lambda error: "answers its health check but not its API (HTTP 503)",
+        say=said.append,
+        probe_interval=0.0,
+    )
+    assert box.call(answer_on_the_fourth_attempt) == "run"
+    assert said == [
+        f"MLflow tracking server http://tracking answers its health check but not its API (HTTP 503); {WAITING}",
+        "MLflow tracking server http://tracking reachable again after 0 s",
+    ]
 
 
 def test_a_spool_set_aside_is_replayed_once_even_when_the_server_goes_away_mid_replay(tmp_path):
@@ -102,11 +150,10 @@ def test_a_spool_set_aside_is_replayed_once_even_when_the_server_goes_away_mid_r
 
     server.up, server.fail_after = True, 4
     with pytest.raises(ConnectionError):
-        replay_spools(root, None, lambda uri: server.send, alive=lambda name: False)
+        replay(root, None, server)
     assert Spool(root / "host:1:1").pending() == 6
     server.up = True
-    sent = replay_spools(root, "http://tracking", lambda uri: server.send, alive=lambda name: False)
-    assert sent == {str(root / "host:1:1"): 6}
+    assert replay(root, "http://tracking", server) == Replay({str(root / "host:1:1"): 6})
     assert [r["n"] for r, _ in server.received] == list(range(10))  # each once, in order
     assert list(spools(root)) == []
 
@@ -116,8 +163,8 @@ def test_a_running_process_spool_and_another_servers_spool_are_left_alone(tmp_pa
     Spool(root / "host:2:2").add([{"n": 1}], "http://tracking")
     Spool(root / "host:3:3").add([{"n": 2}], "http://elsewhere")
     server = Server()
-    sent = replay_spools(root, "http://tracking", lambda uri: server.send, alive=lambda name: name == "host:2:2")
-    assert sent == {} and server.received == []
+    assert replay(root, "http://tracking", server, alive=lambda name: name == "host:2:2") == Replay()
+    assert server.received == []
 
 
 def test_writes_from_threads_while_away_all_arrive(tmp_path):

@@ -1,7 +1,10 @@
 """A study against a real MLflow tracking server that is stopped by SIGTERM mid-study and started again
-on the same stores: nothing it logs is lost, nothing is sent twice, and rounds trained equal rounds charged."""
+on the same stores: nothing it logs is lost, nothing is sent twice, and rounds trained equal rounds charged.
+A planted server that answers its health check but fails every request to its API: the lines say so, and
+say when the command waits for it."""
 
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -11,11 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
+import pytest
 import servers
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from test_faults import ENDS_WITHIN_S, FEDHPO, wait_for
+from test_spool_safety import GOOD_WRITE, planted_server
 
+from fedhpo_core import tracking
+from fedhpo_core.outbox import WAITING
 from fedhpo_core.search.base import rounds_spent
+from fedhpo_core.stores import waits_interrupted_by
 
 BUDGET, CONFIGS = 60, 4  # 15 rounds a trial
 OUTAGE_S = 20  # longer than MLflow's retry budget as fedhpo sets it (2 retries, about 3 s)
@@ -127,3 +136,94 @@ def test_a_study_stopped_while_its_tracking_server_is_away_leaves_a_spool_that_s
         study = check_every_round_arrived(url, storage)
         assert rounds_spent(study) <= BUDGET
     assert not [f for f in spool_root.iterdir() if f.is_dir()]
+
+
+@contextlib.contextmanager
+def outbox_of_a_server_whose_api_fails(tmp_path: Path, monkeypatch, caplog, api_status: int = 503) -> Iterator:
+    """A planted server whose health check answers and whose API answers `api_status`, as the tracking store."""
+    with planted_server(api_status) as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        monkeypatch.setenv("FEDHPO_SPOOL", str(tmp_path / "spools"))
+        for name, value in tracking.MLFLOW_RETRIES.items():
+            monkeypatch.setenv(name, value)
+        with caplog.at_level(logging.WARNING, logger="fedhpo.tracking"):
+            yield server
+
+
+def test_a_server_answering_its_health_check_but_not_its_api_is_said_so_and_the_wait_for_it_too(
+    tmp_path, monkeypatch, caplog
+):
+    with outbox_of_a_server_whose_api_fails(tmp_path, monkeypatch, caplog) as server:
+        tracking.outbox().write(GOOD_WRITE)  # kept: training goes on
+        waits = []
+
+        def api_back_on_the_third_wait():
+            waits.append(1)
+            if len(waits) == 3:
+                server.api_status = 200
+
+        with waits_interrupted_by(api_back_on_the_third_wait):
+            assert tracking.outbox().call(tracking.close_orphaned_runs, MlflowClient()) == []
+        sent = [body for path, body in server.requests if path.endswith("/runs/log-batch")]
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[:2] == [
+        f"MLflow tracking server {server.url} answers its health check but not its API (HTTP 503); training goes on, "
+        "its logs kept and sent when the server is back",
+        f"MLflow tracking server {server.url} still away; {WAITING}",
+    ]
+    assert (
+        re.fullmatch(
+            rf"MLflow tracking server {server.url} reachable again after \d+ s; sent the 1 writes kept "
+            "meanwhile",
+            lines[2],
+        )
+        and len(lines) == 3
+    ), lines
+    assert len(waits) == 3 and '"run_id": "run1"' in sent[-1]
+
+
+def test_a_command_waiting_for_a_server_whose_api_fails_says_so_once_and_ctrl_c_ends_the_wait(
+    tmp_path, monkeypatch, caplog
+):
+    with outbox_of_a_server_whose_api_fails(tmp_path, monkeypatch, caplog) as server:
+        waits = []
+
+        def ctrl_c_on_the_third_wait():
+            waits.append(1)
+            if len(waits) == 3:
+                raise KeyboardInterrupt
+
+        with waits_interrupted_by(ctrl_c_on_the_third_wait), pytest.raises(KeyboardInterrupt):
+            tracking.outbox().call(tracking.close_orphaned_runs, MlflowClient())
+    assert [record.getMessage() for record in caplog.records] == [
+        f"MLflow tracking server {server.url} answers its health check but not its API (HTTP 503); {WAITING}"
+    ]
+
+
+def test_fedhpo_train_against_a_server_whose_api_fails_says_it_waits_and_ctrl_c_ends_it(tmp_path):
+    with planted_server(api_status=503) as server:
+        env = os.environ | {"MLFLOW_TRACKING_URI": server.url, "FEDHPO_SPOOL": str(tmp_path / "spools")}
+        command = [FEDHPO, "train", "--rounds", "2", "--clients", "3", "--experiment", "api-away"]
+        with open(tmp_path / "log.txt", "w") as output:
+            process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: WAITING in (tmp_path / "log.txt").read_text(), timeout=120)
+            os.kill(process.pid, signal.SIGINT)
+            process.wait(timeout=ENDS_WITHIN_S)
+        finally:
+            process.kill()
+    text = (tmp_path / "log.txt").read_text()
+    assert process.returncode == 128 + signal.SIGINT, text[-3000:]
+    said = [line for line in text.splitlines() if "MLflow tracking server" in line]
+    assert len(said) == 1 and said[0].endswith(
+        f"MLflow tracking server {server.url} answers its health check but not its API (HTTP 503); {WAITING}"
+    ), text[-3000:]
+    assert "training goes on" not in text and "unreachable" not in text and "Traceback" not in text
+
+
+def test_a_server_whose_api_answers_404_is_no_outage_the_call_fails_at_once(tmp_path, monkeypatch, caplog):
+    """Not an MLflow API at that address (a wrong path behind a proxy): waiting would never end."""
+    server = outbox_of_a_server_whose_api_fails(tmp_path, monkeypatch, caplog, api_status=404)
+    with server, pytest.raises(MlflowException, match="404"):
+        tracking.outbox().call(tracking.close_orphaned_runs, MlflowClient())
+    assert caplog.records == []

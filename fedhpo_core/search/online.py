@@ -11,7 +11,7 @@ import optuna
 from fedhpo_core.federation import Federation
 from fedhpo_core.registry import ROUND, Method, Options, option, register
 from fedhpo_core.search.base import SearchContext, SearchMethod, finished_trials, recorded_result, rounds_used
-from fedhpo_core.search.space import CLIENT_SETTINGS, Configuration, grid_points, setting_of
+from fedhpo_core.search.space import CLIENT_SETTINGS, Configuration, grid_points, grid_size, setting_of
 from fedhpo_core.settings import ClientConfig, SettingsError
 from fedhpo_core.tuners.base import Tuner
 from fedhpo_core.tuners.fedex import BASELINES as FEDEX_BASELINES
@@ -66,6 +66,9 @@ class OnlineSearch(SearchMethod):
         server = [n for n in parameters if setting_of(n) not in CLIENT_SETTINGS]
         if server and not self.allows_server_settings:
             raise SettingsError(f"{type(self).__name__} tunes client settings only; drop {', '.join(server)}")
+        client = {setting_of(n): d for n, d in parameters.items() if setting_of(n) in CLIENT_SETTINGS}
+        if client and all(isinstance(d, optuna.distributions.CategoricalDistribution) for d in client.values()):
+            grid_size(client)  # the candidates are this grid (`candidate_values`): refused up front if too large
         return optuna.samplers.RandomSampler(seed=seed)
 
     def check_budget(self, budget, n_configs):

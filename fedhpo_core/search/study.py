@@ -17,7 +17,7 @@ from fedhpo_core.cost import UNITS
 from fedhpo_core.evaluation import NoisyEvaluation
 from fedhpo_core.federation import Federation
 from fedhpo_core.personalization import OBJECTIVES as PERSONAL_OBJECTIVES
-from fedhpo_core.registry import Method, Options, methods
+from fedhpo_core.registry import ROUND, Method, Options, methods
 from fedhpo_core.registry import method as method_named
 from fedhpo_core.search.base import (
     Budget,
@@ -32,8 +32,8 @@ from fedhpo_core.search.base import (
 from fedhpo_core.search.leases import LEASE_GRACE_S, LEASE_S, Leases, LeaseTerms
 from fedhpo_core.search.space import SCOPES, SearchSpace
 from fedhpo_core.search.storage import open_storage
-from fedhpo_core.settings import SettingsError, TrainSettings, setting
-from fedhpo_core.stores import one_line
+from fedhpo_core.settings import PROCESSES_PER_CPU, SettingsError, TrainSettings, max_processes, setting
+from fedhpo_core.stores import masked, one_line
 
 # Methods that became an option of another: old name -> (method, its option as flags).
 RENAMED = {
@@ -92,6 +92,11 @@ ADDED_TO_DEFINITION = {
     "budget_unit": "rounds",
     "max_bytes": 0.0,
 }
+# Configurations a study may plan: round-level tuners hold a distribution over every one (per client).
+MAX_CONFIGS = 10_000
+# Study user attribute set when a study ended, its best retrained: the final MLflow run's id (None
+# without a final training). `--resume` of such a study starts nothing (`StudyFinished`).
+FINAL_ATTR = "final_run_id"
 SCHEMA_ATTEMPTS = 3  # processes joining a new storage at once race to create its tables
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from us, not Optuna's
@@ -153,17 +158,27 @@ class TuneSettings:
         _ = self.method_options  # and so does an option it does not have, or a value it refuses
         if self.scope not in SCOPES:
             raise SettingsError(f"unknown scope {self.scope!r}; choose from {', '.join(SCOPES)}")
+        if self.scope != TuneSettings.scope and declared.kind == ROUND:
+            raise SettingsError(
+                f"--scope {self.scope}: {self.method} is round-level, its tuner chooses each client's settings "
+                "itself (the scope applies to trial-level methods)"
+            )
         if self.objective not in OBJECTIVES:
             raise SettingsError(f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
         self.evaluation()  # refuses a negative eval_clients or eval_noise
         if self.objective in PERSONAL_OBJECTIVES and self.eval_clients:
             raise SettingsError(f"objective {self.objective} scores every client: eval_clients does not apply")
-        if self.n_configs < 1:
-            raise SettingsError(f"n_configs must be >= 1, got {self.n_configs}")
+        if not 1 <= self.n_configs <= MAX_CONFIGS:
+            raise SettingsError(f"n_configs must be in [1, {MAX_CONFIGS}], got {self.n_configs}")
         if self.final_rounds < 0:
             raise SettingsError(f"final_rounds must be >= 0, got {self.final_rounds}")
         if self.workers < 1:
             raise SettingsError(f"workers must be >= 1, got {self.workers}")
+        if self.workers > max_processes():
+            raise SettingsError(
+                f"workers must be <= {max_processes()} ({PROCESSES_PER_CPU} per CPU of this machine), "
+                f"got {self.workers}"
+            )
         if (self.workers > 1 or self.join) and not declared.parallel:
             parallel = ", ".join(name for name, method in methods().items() if method.parallel)
             raise SettingsError(f"parallel trials (workers > 1, join) need one of {parallel}; not {self.method}")
@@ -171,6 +186,11 @@ class TuneSettings:
             raise SettingsError("join and resume exclude each other: resume fails trials that others may be running")
         if self.checkpoint_every < 1:
             raise SettingsError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.checkpoint_every != TuneSettings.checkpoint_every and declared.kind != ROUND:
+            raise SettingsError(
+                f"--checkpoint-every {self.checkpoint_every}: {self.method} is {declared.kind} and checkpoints "
+                "no run (round-level methods do)"
+            )
         _ = self.lease  # refuses a period or grace that is not a number > 0, or a grace under two periods
         for name in ("max_epsilon", "max_bytes"):
             if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
@@ -348,18 +368,34 @@ def check_study(
         exists = while_schema_settles(lambda: study_exists(storage, name))
     except Exception as error:
         raise SettingsError(
-            f"cannot read Optuna storage {storage} ({type(error).__name__}: {one_line(error)})"
+            f"cannot read Optuna storage {masked(storage)} ({type(error).__name__}: {one_line(error)})"
         ) from error
     if resume and not exists:
-        raise SettingsError(f"--resume: no study named {name!r} in {storage}")
+        raise SettingsError(f"--resume: no study named {name!r} in {masked(storage)}")
     if exists and not (resume or join):
-        raise SettingsError(f"a study named {name!r} exists in {storage}; pass --resume or another --study-name")
+        raise SettingsError(
+            f"a study named {name!r} exists in {masked(storage)}; pass --resume or another --study-name"
+        )
     if exists:
         try:
             study = optuna.load_study(study_name=name, storage=open_storage(storage))
         except Exception as error:  # a storage of another Optuna version, or not Optuna's at all
-            raise SettingsError(f"cannot read study {name!r} in {storage} ({one_line(error)})") from error
+            raise SettingsError(f"cannot read study {name!r} in {masked(storage)} ({one_line(error)})") from error
         check_continuation(study, method, definition, "--resume" if resume else "--join")
+        if resume and FINAL_ATTR in study.user_attrs:
+            raise StudyFinished(study)
+
+
+class StudyFinished(Exception):
+    """`--resume` of a study that ended (its search and its best's final training): nothing to do.
+    Its message is the one line that says so."""
+
+    def __init__(self, study: optuna.Study):
+        best = best_trial(study)
+        found = "no trial within its limits" if best is None else f"best trial {best.number}"
+        final = study.user_attrs[FINAL_ATTR]
+        retrained = f"final MLflow run {final}" if final else "no final training"
+        super().__init__(f"Study {study.study_name!r} is finished: {found}, {retrained}; nothing to resume")
 
 
 def open_study(
