@@ -9,8 +9,8 @@ import mlflow
 import optuna
 import pytest
 import sqlalchemy
+from test_faults import one_line_exit
 
-from cli.main import main
 from fedhpo_core.errors import SettingsError
 from fedhpo_core.stores import check_database
 from fedhpo_core.tracking import check_tracking_store
@@ -26,12 +26,7 @@ def sqlite_tables(path: Path) -> list[str]:
 def refusal(capsys, command: list[str]) -> str:
     """The one line a command refused with (exit status 2)."""
     capsys.readouterr()  # what making the stores printed
-    with pytest.raises(SystemExit) as exit_info:
-        main(command)
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and error.count("\n") == 1, error
-    assert error.startswith(f"fedhpo {command[0]}: error: "), error
-    return error
+    return one_line_exit(capsys, command)
 
 
 def mlflow_database(path: Path) -> Path:
