@@ -134,13 +134,29 @@ def runs_of_this_process(experiment: str) -> list:
         raise ConnectionError(uri)
     if store_missing(uri):
         return []  # looking would create it
-    os.environ[variables.MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = "0"  # the command ends next: no retries
-    os.environ[variables.MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(LOOKUP_TIMEOUT_S)
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None or identity is None:
-        return []
-    return client.search_runs([found.experiment_id], f"tags.`{PROCESS_TAG}` = '{identity}'")
+    quick = {variables.MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: "0"}  # the command ends next: no retries
+    quick[variables.MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(LOOKUP_TIMEOUT_S)
+    with environment(quick):
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None or identity is None:
+            return []
+        return client.search_runs([found.experiment_id], f"tags.`{PROCESS_TAG}` = '{identity}'")
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """The variables set for the block, as they were after it (a command may run in a process that goes on)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def store_missing(uri: str) -> bool:

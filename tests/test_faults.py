@@ -25,7 +25,7 @@ from fedhpo_core.partition import partition_dataset
 from fedhpo_core.registry import method as method_named
 from fedhpo_core.search.base import RUN_ATTR, recorded_result, rounds_used
 from fedhpo_core.search.halving import plan_cost, plan_rungs
-from fedhpo_core.search.study import TuneSettings, check_study, open_study, study_definition
+from fedhpo_core.search.study import FINAL_ATTR, TuneSettings, check_study, open_study, study_definition
 from fedhpo_core.settings import SettingsError, TrainSettings
 from fedhpo_core.stores import check_sqlite
 from fedhpo_core.tracking import PROCESS_TAG, close_orphaned_runs, process_identity
@@ -353,7 +353,8 @@ def test_a_study_killed_mid_bracket_or_generation_resumes_from_its_checkpoints(m
 
 def test_a_trial_killed_after_training_is_told_its_recorded_score_not_trained_again(tmp_path):
     """Planted: a finished study whose last trial is put back as a killed process leaves it after
-    its training (the result recorded, Optuna not told, the MLflow run RUNNING for a dead pid)."""
+    its training (the result recorded, Optuna not told, the MLflow run RUNNING for a dead pid), and
+    the study as it stood then (not yet marked finished by its final training)."""
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     command = [FEDHPO, "tune", "--method", "random", "--budget", "12", "--n-configs", "4", *SMALL]
@@ -364,6 +365,7 @@ def test_a_trial_killed_after_training_is_told_its_recorded_score_not_trained_ag
         db.execute("update trials set state='RUNNING', datetime_complete=null where trial_id=?", (last._trial_id,))
         db.execute("delete from trial_values where trial_id=?", (last._trial_id,))
         db.execute("delete from trial_user_attributes where trial_id=? and key!='result'", (last._trial_id,))
+        db.execute("delete from study_user_attributes where key=?", (FINAL_ATTR,))
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("planted").experiment_id
     (run,) = client.search_runs([experiment], f"tags.`fedhpo.trial`='{last.number}'")

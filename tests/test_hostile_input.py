@@ -14,7 +14,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,22 +297,32 @@ BOUNDED = {
 }
 
 
+# The command in a process that writes its peak resident memory (VmHWM) at exit to the file named
+# first: wait4's ru_maxrss would count the test session's memory, which a forked child inherits.
+MEASURED = (
+    "import atexit, sys\n"
+    "from pathlib import Path\n"
+    "peak = Path(sys.argv.pop(1))\n"
+    "status = lambda: Path('/proc/self/status').read_text().splitlines()\n"
+    "atexit.register(lambda: peak.write_text(next(l for l in status() if l.startswith('VmHWM:')).split()[1]))\n"
+    "from cli.main import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
 def peak_memory_of(argv: list[str], env: dict, cwd: Path, timeout: float) -> tuple[int, str, int]:
-    """Run `argv` to its end (killed past `timeout`): exit status, stderr, and the process's own peak
-    resident memory (wait4's, not the test session's other children's)."""
-    err = cwd / "stderr"
-    with open(err, "w") as stream:
-        process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stream)
-    killer = threading.Timer(timeout, process.kill)
-    killer.start()
-    try:
-        _, status, usage = os.wait4(process.pid, 0)
-    finally:
-        killer.cancel()
-        process.returncode = os.waitstatus_to_exitcode(status)
-    text = err.read_text()
-    err.unlink()
-    return process.returncode, text, usage.ru_maxrss * 1024
+    """Run the command `argv` to its end (killed past `timeout`): exit status, stderr, peak resident memory."""
+    measured = cwd.parent / f"{cwd.name}-peak"
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURED, str(measured), *argv],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+    )
+    return done.returncode, done.stderr, int(measured.read_text()) * 1024
 
 
 @pytest.mark.parametrize("name", sorted(BOUNDED))
@@ -322,8 +331,7 @@ def test_a_setting_that_would_exhaust_the_machine_is_refused_within_bounded_memo
     env |= {"FEDHPO_WARM": "0", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env |= {"PREFECT_HOME": str(tmp_path / "prefect")}
     started = time.monotonic()
-    command = [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())", *BOUNDED[name]]
-    code, err, peak = peak_memory_of(command, env, tmp_path, 120)
+    code, err, peak = peak_memory_of(list(BOUNDED[name]), env, tmp_path, 120)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert time.monotonic() - started < 60
     assert peak < PEAK_MEMORY_BYTES, f"{peak / 2**20:.0f} MB"

@@ -135,12 +135,15 @@ def test_a_storage_password_is_nowhere_in_output_params_flow_parameters_or_logs(
     with get_client(sync_client=True) as client:
         given = {run.parameters.get("storage") for run in client.read_flow_runs() if "storage" in run.parameters}
         logs = "\n".join(log.message for log in client.read_logs())
-    assert given == {password_postgres.replace(f":{PASSWORD}@", "@")}  # the hpo-study and method-comparison runs
+    without = password_postgres.replace(f":{PASSWORD}@", "@")
+    where = without.split("@", 1)[1]  # this test's server and database: the session's Prefect has other tests' runs
+    ours = {value for value in given if value and value.endswith(where)}
+    assert ours == {without}  # the hpo-study and method-comparison runs
     assert "study secret: best trial" in logs
     results = Path(os.environ["PREFECT_LOCAL_STORAGE_PATH"])
     result_files = [p.read_bytes() for p in results.rglob("*") if p.is_file()] if results.exists() else []
     everything = [tuned.out, tuned.err, compared.out, compared.err, caplog.text, logs]
     prefect_text = text_of(prefect_database())
-    assert given.pop() in prefect_text  # the dump holds the flow runs' parameters
+    assert without in prefect_text  # the dump holds the flow runs' parameters
     everything += [text_of(tracking), prefect_text, *(b.decode(errors="replace") for b in result_files)]
     assert not [text[:200] for text in everything if PASSWORD in text]
