@@ -182,6 +182,8 @@ def server_away(uri: str, error: BaseException) -> bool:
             return True
         if isinstance(seen, (RetryError, HTTPError)):
             return api_failure(uri) is not None
+        if isinstance(seen, MlflowException) and seen.get_http_status_code() >= 500:
+            return api_failure(uri) is not None  # a server error once MLflow's retries (maybe none) are spent
         seen = seen.__cause__ or seen.__context__
     return False
 
