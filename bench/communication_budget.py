@@ -94,7 +94,16 @@ class InProcessTrainer:
         self.data, self.fixed, self.states, self.rounds = data, fixed, {}, 0
 
     def __call__(
-        self, trial, configuration, rounds, start=None, tuner=None, keep_going=None, fidelity=FULL, afford=None
+        self,
+        trial,
+        configuration,
+        rounds,
+        start=None,
+        tuner=None,
+        keep_going=None,
+        fidelity=FULL,
+        afford=None,
+        progress=None,  # told only for a run with a tuner, which this benchmark's methods never have
     ):
         worst = self.data.spec.score.worst()
 

@@ -8,8 +8,8 @@ so top-k's error feedback carries its residuals); after one untimed warm-up roun
 schemes alternate round by round (`--repeats` rounds each, the order rotated every repetition), so
 drift in the machine's load hits all alike. Each round is also split into its client training,
 its aggregation (the postprocessor chain, where `Compress` runs) and its evaluation, and the
-compressor's own work on the round's 100 updates is timed apart (with QSGD's per-client
-generators' seeding and draws separately).
+compressor's own work on the round's 100 updates is timed apart, and pieces of it beside the
+operations it avoids.
 
     OMP_NUM_THREADS=1 python bench/compression_round.py --data-root ../shared/data
 """
@@ -20,10 +20,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedhpo_core import seeding
-from fedhpo_core.compression import compressor_of
+from fedhpo_core.compression import TopK, compressor_of
 from fedhpo_core.data import load_dataset
 from fedhpo_core.federation import FederatedData, Federation, RoundSteps, partition_of
 from fedhpo_core.settings import TrainSettings
@@ -64,65 +65,51 @@ class TimedSteps(RoundSteps):
 
 
 def compressor_work(settings: TrainSettings, deltas: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median seconds of the compressor alone on the round's updates (k, P): generators seeded,
-    uniform draws (QSGD's per-row loop), and the whole `compress` (or top-k's `with_feedback`)."""
+    """Median seconds of the compressor alone on the round's updates (k, P), in place on a copy of
+    them (the copy not timed): its clients' generators seeded, and the whole `compress_` (top-k:
+    `with_feedback_` with nothing held back)."""
     compressor = compressor_of(settings.client_config)
     k = deltas.shape[0]
-    seeding_s, draw_s, whole_s = [], [], []
+    seeding_s, whole_s = [], []
     for r in range(repeats):
         started = time.perf_counter()
-        generators = [seeding.torch_generator(settings.seed, seeding.COMPRESSION, 1000 + r, c) for c in range(k)]
+        generators = [seeding.numpy_rng(settings.seed, seeding.COMPRESSION, 1000 + r, c) for c in range(k)]
         seeding_s.append(time.perf_counter() - started)
-        u = torch.empty_like(deltas)
-        started = time.perf_counter()
-        for row, generator in zip(u, generators, strict=True):
-            row.uniform_(generator=generator)
-        draw_s.append(time.perf_counter() - started)
+        x = deltas.clone()
         started = time.perf_counter()
         if compressor.error_feedback:
-            compressor.with_feedback(deltas, torch.zeros_like(deltas))
+            compressor.with_feedback_(x, [None] * k)
         else:
-            compressor.compress(deltas, generators)
+            compressor.compress_(x, generators)
         whole_s.append(time.perf_counter() - started)
-    median = statistics.median
-    return {"seed": median(seeding_s), "draw": median(draw_s), "whole": median(whole_s)}
+    return {"seed": statistics.median(seeding_s), "whole": statistics.median(whole_s)}
 
 
 def breakdown(deltas: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median seconds of the pieces of QSGD's and top-k's `compress` on the round's updates (k, P),
-    each piece as the library's code does it, and a batched alternative beside it for reference."""
-    from fedhpo_core.compression import _buckets
-
+    """Median seconds of pieces of the compressors on the round's updates (k, P), with the
+    operations they avoid beside them for reference."""
     k, size = deltas.shape
-    generators = [torch.Generator().manual_seed(c) for c in range(k)]
-    v = _buckets(deltas, 512)
-    norms = torch.linalg.vector_norm(v, dim=2, keepdim=True)
-    magnitudes = deltas.abs()
-    count = max(1, -(-size // 100))
-    picked = magnitudes.topk(count, dim=1, sorted=False).indices
+    generators = [np.random.default_rng(c) for c in range(k)]
+    u = torch.empty(size)
+    topk = TopK(0.01)
+    work = deltas.clone()
 
     def per_row_draws():
-        u = torch.zeros(v.shape[0], v.shape[1] * v.shape[2], dtype=deltas.dtype)
-        for row, generator in zip(u, generators, strict=True):
-            row[:size].uniform_(generator=generator)
+        for row, generator in zip(work, generators, strict=True):
+            generator.random(out=u.numpy(), dtype=np.float32)
+            row.add_(u)
 
     pieces = {
-        "qsgd: pad to buckets (a copy of the batch)": lambda: _buckets(deltas, 512),
-        "qsgd: zeros + 100 per-client uniform_ draws": per_row_draws,
-        "qsgd: (reference) one uniform_ over the whole batch": lambda: torch.empty_like(deltas).uniform_(),
-        "qsgd: seeding 100 generators": lambda: [torch.Generator().manual_seed(c) for c in range(k)],
-        "qsgd: bucket norms": lambda: torch.linalg.vector_norm(v, dim=2, keepdim=True),
-        "qsgd: scaled levels (abs, mul, clamp)": lambda: (
-            v.abs().mul_(15 / torch.where(norms > 0, norms, 1.0)).clamp_max_(15)
+        "qsgd: 100 per-client PCG64 draws added in place": per_row_draws,
+        "qsgd: (avoided) torch's uniform_ into a new batch": lambda: torch.empty_like(deltas).uniform_(),
+        "in-place pass over the batch (mul_)": lambda: work.mul_(1.0),
+        "(avoided) a new batch (abs)": lambda: deltas.abs(),
+        "topk 1%: grouped selection (`TopK.largest`)": lambda: topk.largest(deltas),
+        "topk 1%: (avoided) torch.topk over all magnitudes": lambda: deltas.abs().topk(
+            topk.count(size), dim=1, sorted=False
         ),
-        "topk: x + residual": lambda: deltas + deltas,
-        "topk: abs": lambda: deltas.abs(),
-        "topk: topk(k, sorted=False)": lambda: magnitudes.topk(count, dim=1, sorted=False),
-        "topk: zeros_like + gather + scatter_": lambda: torch.zeros_like(deltas).scatter_(
-            1, picked, deltas.gather(1, picked)
-        ),
-        "topk: v - sent (new residual)": lambda: deltas - deltas,
-        "link: torch.stack of 100 updates (every scheme, none too)": lambda: torch.stack(list(deltas)),
+        "cast 16-bit: copy_ of a float16 round trip": lambda: work.copy_(work.to(torch.float16)),
+        "(every scheme, none too) torch.stack of 100 updates": lambda: torch.stack(list(deltas)),
     }
     out = {}
     for name, call in pieces.items():
@@ -232,13 +219,13 @@ def main() -> None:
         )
     lines += [
         "",
-        "Compressor alone: median seconds of `compress` (top-k: `with_feedback`) on one round's 100 uncompressed "
-        f"updates ({last_deltas.shape[0]} x {last_deltas.shape[1]}).",
+        "Compressor alone: median seconds of `compress_` (top-k: `with_feedback_`) in place on a copy of one "
+        f"round's 100 uncompressed updates ({last_deltas.shape[0]} x {last_deltas.shape[1]}).",
         "",
-        "| scheme | seeding 100 torch.Generators s | 100 per-row uniform_ draws s | whole compress s |",
-        "|---|---|---|---|",
+        "| scheme | seeding 100 generators s | whole compress s |",
+        "|---|---|---|",
     ]
-    lines += [f"| {n} | {w['seed']:.4f} | {w['draw']:.4f} | {w['whole']:.4f} |" for n, w in work.items()]
+    lines += [f"| {n} | {w['seed']:.4f} | {w['whole']:.4f} |" for n, w in work.items()]
     lines += ["", "Pieces of the compressors on the same batch (median s):", "", "| piece | s |", "|---|---|"]
     lines += [f"| {n} | {s:.4f} |" for n, s in pieces.items()]
     lines += [

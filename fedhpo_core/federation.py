@@ -442,12 +442,8 @@ class Federation:
             return weights, None
         held = state.broadcast if state.broadcast is not None else self.data.spec.initial_weights(self.seed)
         held = held.to(weights.device)
-        generator = seeding.torch_generator(self.seed, seeding.COMPRESSION, t, self.num_clients)
-        change = (weights - held).unsqueeze(0)
-        if self.download.error_feedback:
-            sent, _ = self.download.with_feedback(change, torch.zeros_like(change))
-        else:
-            sent = self.download.compress(change, [generator])
+        generator = seeding.numpy_rng(self.seed, seeding.COMPRESSION, t, self.num_clients)
+        sent = self.download.compress_((weights - held).unsqueeze(0), [generator])
         received = held + sent[0]
         return received, received
 

@@ -24,7 +24,7 @@ from fedhpo_core.task import TASK_TYPES, TaskRef, fingerprint
 # any published setting (docs/getting-started.md, "Bounds"): past them a run exhausts the machine.
 MAX_LOCAL_EPOCHS = 100  # a client's local steps (and their shuffles) are local_epochs passes over its data
 MAX_FINETUNE_STEPS = 1000  # personalized evaluation lays out finetune_steps batches per client
-MAX_COMPRESSION_BUCKET = 2**20  # an update is padded to a multiple of the bucket (larger: one scale for all anyway)
+MAX_COMPRESSION_BUCKET = 2**20  # a bucket beyond an update is one scale for all of it anyway
 # FedOpt's adaptivity floor: the update is server_lr * m / (sqrt(v) + tau), so a tau far above 1
 # shrinks it below float32's resolution of the weights (past 3.4e38, to exactly 0): the model freezes.
 MAX_TAU = 1.0

@@ -3,6 +3,7 @@ variance bound (Alistarh et al. 2017, Lemma 3.1), top-k's magnitudes and error f
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,8 +12,8 @@ from fedhpo_core.errors import SettingsError
 from fedhpo_core.settings import ClientConfig
 
 
-def generators(n: int, first_seed: int = 0) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(first_seed + i) for i in range(n)]
+def generators(n: int, first_seed: int = 0) -> list[np.random.Generator]:
+    return [np.random.default_rng(first_seed + i) for i in range(n)]
 
 
 def test_payload_bytes_are_exact_for_a_known_size():
@@ -89,12 +90,14 @@ def test_error_feedback_conserves_mass():
     topk = TopK(0.05)
     g = torch.Generator().manual_seed(11)
     inputs = [torch.randn(3, 200, generator=g) for _ in range(20)]
-    residual = torch.zeros(3, 200)
+    residuals = [None] * 3
     sent_total = torch.zeros(3, 200)
     for x in inputs:
-        sent, residual = topk.with_feedback(x, residual)
+        sent = x.clone()
+        residuals = topk.with_feedback_(sent, residuals)
         assert int((sent != 0).sum(dim=1).max()) <= 10  # k = ceil(0.05 * 200)
         sent_total += sent
+    residual = torch.stack(residuals)
     assert torch.allclose(sent_total + residual, torch.stack(inputs).sum(dim=0), atol=1e-5)
     assert residual.abs().sum() > 0  # something was held back
 
@@ -169,3 +172,53 @@ def test_the_compressor_a_client_config_names():
     assert compressor_of(ClientConfig(compression="cast", compression_bits=12)) == Cast(16, 512)
     with pytest.raises(SettingsError, match="cast takes 8 or 16 bits"):
         Cast(4)
+
+
+@pytest.mark.parametrize(
+    "rows, size, fraction, ties",
+    [
+        (7, 1000, 0.01, False),
+        (5, 1013, 0.02, False),
+        (3, 997, 0.005, True),
+        (4, 50_000, 0.001, True),
+        (2, 64, 0.1, False),
+    ],
+)
+def test_grouped_selection_keeps_exactly_the_largest_magnitudes(rows, size, fraction, ties):
+    """`TopK.largest` (groups, then candidates) picks what torch.topk over all magnitudes picks,
+    up to which of equal magnitudes; with many ties, a tail of coordinates outside the groups and
+    planted large values in one group."""
+    g = torch.Generator().manual_seed(size)
+    x = torch.randn(rows, size, generator=g)
+    if ties:
+        x = x.mul(3).round()  # a handful of distinct magnitudes
+    x[0, 10:20] = torch.arange(100.0, 110.0) * -1  # ten large ones near each other
+    x[-1, -1] = 1000.0  # the largest, in the tail beyond the groups where size % c > 0
+    topk = TopK(fraction)
+    count = topk.count(size)
+    assert math.isqrt(size // count) >= 2  # the grouped path, not plain torch.topk
+    picked = topk.largest(x)
+    assert picked.shape == (rows, count)
+    assert all(len(set(row.tolist())) == count for row in picked)  # no coordinate twice
+    expected = x.abs().topk(count, dim=1).values
+    assert torch.equal(x.abs().gather(1, picked).sort(dim=1, descending=True).values, expected)
+
+
+def test_compress_leaves_its_input_and_compress_in_place_overwrites_it():
+    x = torch.randn(3, 700, generator=torch.Generator().manual_seed(4))
+    original = x.clone()
+    for compressor in (QSGD(4, 128), TopK(0.05), Cast(8, 128), Cast(16)):
+        decoded = compressor.compress(x, generators(3))
+        assert torch.equal(x, original) and not torch.equal(decoded, x)
+        work = x.clone()
+        assert compressor.compress_(work, generators(3)) is work
+        assert torch.equal(work, decoded)  # the same values either way
+
+
+def test_top_k_residuals_are_one_tensor_per_client():
+    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(8))
+    before = x.clone()
+    residuals = TopK(0.1).with_feedback_(x, [None] * 4)
+    assert len({r.untyped_storage().data_ptr() for r in residuals}) == 4  # none keeps the batch alive
+    assert all(r.untyped_storage().nbytes() == 300 * 4 for r in residuals)
+    assert torch.equal(x + torch.stack(residuals), before)

@@ -127,7 +127,7 @@ def test_error_feedback_conserves_what_clients_meant_to_send(data):
     for t in range(1, 6):
         deltas = torch.randn(2, data.spec.size, generator=torch.Generator().manual_seed(t))
         link = federation.links(t, None, compressors, residuals)[-1]
-        out = link.clients([Contribution(c, deltas[c], 1.0) for c in (0, 1)])
+        out = link.clients([Contribution(c, d, 1.0) for c, d in enumerate(deltas.clone())])  # the chain's own
         sent_total += torch.stack([c.delta for c in out])
         input_total += deltas
         residuals = link.unsent

@@ -20,6 +20,7 @@ from fedhpo_core.postprocess import (
     GaussianNoise,
     UniformWeights,
     apply_chain,
+    batch_of,
 )
 from fedhpo_core.privacy import Privacy
 from fedhpo_core.settings import ClientConfig
@@ -247,3 +248,13 @@ def test_factors_run_under_scaffold_and_dp(digits, settings):
     result = federation.run(OnlyClientZero(ClientConfig(lr=0.1)), 3)
     assert not result.diverged and bool(torch.isfinite(result.state.weights).all())
     assert result.state.weights.shape == (digits.spec.size,)
+
+
+def test_batch_of_views_consecutive_rows_and_stacks_anything_else():
+    batch = torch.arange(12.0).view(4, 3)
+    same = batch_of(list(batch))
+    assert same.data_ptr() == batch.data_ptr() and torch.equal(same, batch)  # no copy
+    assert batch_of(list(batch[1:3])).data_ptr() == batch[1].data_ptr()
+    for rows in ([batch[2], batch[0]], [batch[0], batch[2]], [batch[0], torch.ones(3)]):
+        stacked = batch_of(rows)
+        assert stacked.data_ptr() not in (r.data_ptr() for r in rows) and torch.equal(stacked, torch.stack(rows))
