@@ -1,9 +1,10 @@
 """Progress of a command: a live bar in the terminal, counters in the log and the Prefect UI.
 
 A `fedhpo` command whose log goes to a terminal draws one bar below it (`live_bar`, around the flow
-the command runs): rounds done of those planned, trials finished, studies done, elapsed time and
-ETA; log lines print above it. The outermost flow plans the bar and the flows advance it (`bar()`):
-a training its rounds, a study its rounds and trials, a comparison its studies. Without a
+the command runs): what is spent of what is planned (rounds, or a study's budget unit), trials
+finished, studies done, elapsed time and ETA; log lines print above it. The outermost flow plans
+the bar and the flows advance it (`bar()`): a training its rounds, a study each round's cost in its
+budget's unit and its trials, a comparison its studies. Without a
 terminal, or outside a command (a deployment's run), the bar draws nothing and the log lines are
 all there is.
 """
@@ -26,7 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.theme import Theme
 
 from cli.prefect_outages import server_away
-from fedhpo_core.search.base import finished_trials, rounds_spent
+from fedhpo_core.cost import Cost
+from fedhpo_core.search.base import Budget, finished_trials, spent
 
 
 class Bar:
@@ -39,17 +41,25 @@ class Bar:
         self.total = self.trials = self.studies = self.planned_studies = None
         self.lock = threading.Lock()
 
-    def plan(self, rounds: int, done: int = 0, trials: int | None = None, studies: int | None = None) -> None:
-        """`rounds` to train (`done` of them already: a resumed study), and counters of the trials
-        finished and the `studies` to run, where they are counted (None: not shown)."""
+    def plan(
+        self,
+        total: float,
+        done: float = 0,
+        trials: int | None = None,
+        studies: int | None = None,
+        unit: str = "rounds",
+    ) -> None:
+        """`total` to spend in `unit` (a budget's, `cost.UNITS`; `done` of it already: a resumed
+        study), and counters of the trials finished and the `studies` to run, where they are
+        counted (None: not shown)."""
         with self.lock:
             if self.progress is None or self.task is not None:
                 return
-            self.total, self.trials, self.planned_studies = rounds, trials, studies
+            self.total, self.trials, self.planned_studies = total, trials, studies
             self.studies = None if studies is None else 0
-            self.task = self.progress.add_task("", total=rounds, completed=done, counts=self.counts())
+            self.task = self.progress.add_task("", total=total, completed=done, counts=self.counts(), unit=unit)
 
-    def advance(self, rounds: int = 0, trials: int = 0, studies: int = 0) -> None:
+    def advance(self, amount: float = 0, trials: int = 0, studies: int = 0) -> None:
         with self.lock:
             if self.task is None:
                 return
@@ -57,13 +67,13 @@ class Bar:
                 self.trials += trials
             if studies:
                 self.studies += studies
-            self.progress.update(self.task, advance=rounds, counts=self.counts())
+            self.progress.update(self.task, advance=amount, counts=self.counts())
 
-    def drop(self, rounds: int) -> None:
-        """Planned rounds that will not be trained (a study that ended under its budget)."""
+    def drop(self, amount: float) -> None:
+        """What was planned and will not be spent (a study that ended under its budget)."""
         with self.lock:
             if self.task is not None:
-                self.total -= rounds
+                self.total -= amount
                 self.progress.update(self.task, total=self.total)
 
     def counts(self) -> str:
@@ -104,7 +114,7 @@ def live_bar() -> Iterator[Bar]:
     progress = Progress(
         BarColumn(bar_width=30),
         MofNCompleteColumn(),
-        TextColumn("rounds{task.fields[counts]} ·"),
+        TextColumn("{task.fields[unit]}{task.fields[counts]} ·"),
         TimeElapsedColumn(),
         TextColumn("elapsed · ETA"),
         TimeRemainingColumn(),
@@ -122,35 +132,37 @@ def live_bar() -> Iterator[Bar]:
 
 
 class StudyProgress:
-    """Counters of a study in progress: trials finished and rounds spent against the budget, in the
-    log (`trial`), on the command's bar, and in a Prefect progress artifact (the UI) updated at
-    most once a second (an API call each, skipped while the server is away). Thread-safe: parallel
-    trials share one."""
+    """Counters of a study in progress: trials finished and the budget spent, in its unit (a round
+    on a fifth of the clients is a fifth of a round's client updates), in the log (`trial`), on the
+    command's bar, and in a Prefect progress artifact (the UI) updated at most once a second (an
+    API call each, skipped while the server is away). Thread-safe: parallel trials share one."""
 
     UPDATE_INTERVAL_S = 1.0
 
-    def __init__(self, study: optuna.Study, budget: int):
-        self.trials, self.rounds, self.budget = len(finished_trials(study)), rounds_spent(study), budget
-        self.started_at = self.rounds  # spent before this process (a resumed study)
+    def __init__(self, study: optuna.Study, budget: Budget):
+        self.unit, self.limit = budget.unit, budget.limit
+        self.trials, self.spent = len(finished_trials(study)), spent(study, self.unit)
+        self.started_at = self.spent  # spent before this process (a resumed study)
         self.lock = threading.Lock()
-        self.artifact = create_progress_artifact(self.percent, description=f"rounds spent of {budget}")
+        self.artifact = create_progress_artifact(self.percent, description=f"{self.unit} spent of {self.limit:g}")
         self.updated = time.monotonic()
-        self.trained = 0  # rounds this process trained
+        self.trained = 0.0  # what this process's rounds cost
         self.bar = bar()
-        self.bar.plan(budget, done=self.rounds, trials=self.trials)
+        self.bar.plan(self.limit, done=self.spent, trials=self.trials, unit=self.unit)
 
     @property
     def percent(self) -> float:
-        return min(100.0, 100.0 * self.rounds / self.budget)
+        return min(100.0, 100.0 * self.spent / self.limit)
 
-    def round(self) -> None:
+    def round(self, cost: Cost) -> None:
+        amount = cost.in_unit(self.unit)
         with self.lock:
-            self.rounds += 1
-            self.trained += 1
+            self.spent += amount
+            self.trained += amount
             if time.monotonic() - self.updated >= self.UPDATE_INTERVAL_S:
                 self.update_unless_away()
                 self.updated = time.monotonic()
-        self.bar.advance(rounds=1)
+        self.bar.advance(amount)
 
     def update_unless_away(self) -> None:
         """Update the artifact where the Prefect server answers at once: training does not wait for a
@@ -160,15 +172,15 @@ class StudyProgress:
         with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), contextlib.suppress(httpx.HTTPError):
             update_progress_artifact(self.artifact, self.percent)
 
-    def finish(self, spent: int) -> None:
-        """The study's rounds spent, by every process that shared it."""
+    def finish(self, spent: float) -> None:
+        """The study's charge in its unit, by every process that shared it."""
         with self.lock:
-            self.rounds = spent
+            self.spent = spent
             update_progress_artifact(self.artifact, self.percent)
-            self.bar.drop(self.budget - self.started_at - self.trained)
+            self.bar.drop(self.limit - self.started_at - self.trained)
 
     def trial(self) -> str:
         with self.lock:
             self.trials += 1
             self.bar.advance(trials=1)
-            return f"[{self.trials} trials, {self.rounds}/{self.budget} rounds]"
+            return f"[{self.trials} trials, {self.spent:g}/{self.limit:g} {self.unit}]"

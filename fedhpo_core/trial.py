@@ -208,7 +208,7 @@ class TrialTrainer:
         study_run: Tracker,
         study_name: str,
         steps: RoundSteps,
-        on_round: Callable[[], None] | None = None,
+        on_round: Callable[[Cost], None] | None = None,
         log: Callable[[str], None] | None = None,
         evaluation: NoisyEvaluation = NoisyEvaluation(),
         checkpoint_every: int = 1,
@@ -312,7 +312,7 @@ class TrialTrainer:
             if reporting and report.round not in reported:
                 trial.report(score if math.isfinite(score) else self.data.spec.score.worst(), report.round)
             if self.on_round:
-                self.on_round()
+                self.on_round(report.cost)
 
         def result_at(state: FederationState, checkpoint: str, diverged: bool = False) -> TrialResult:
             return TrialResult(

@@ -214,7 +214,7 @@ def method_comparison(
     rows = []
     test, val = f"final_test_{metric.name}", f"final_val_{metric.name}"
     studies = len(seeds) * len(budgets) * len(methods)
-    bar().plan(len(seeds) * len(methods) * sum(budgets), trials=0, studies=studies)
+    bar().plan(len(seeds) * len(methods) * sum(budgets), trials=0, studies=studies, unit=tune.budget_unit)
     with (
         cooperative_interrupts() as stop,
         Tracker(fixed.experiment, f"comparison-{flow_run.name}", tags) as tracker,

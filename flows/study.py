@@ -13,7 +13,7 @@ from cli.interrupts import cooperative_interrupts
 from cli.progress import StudyProgress
 from fedhpo_core.federation import FederatedData, Federation
 from fedhpo_core.reports import importance_figure, importance_table, markdown_table, study_figures, study_table
-from fedhpo_core.search.base import RUN_ATTR, configuration_of, rounds_spent
+from fedhpo_core.search.base import RUN_ATTR, configuration_of, rounds_spent, spent
 from fedhpo_core.search.space import Configuration
 from fedhpo_core.search.study import (
     FINAL_ATTR,
@@ -169,7 +169,7 @@ def run_study(
                 | {"storage": masked(storage), "study_name": name}
                 | {f"execution.{k}": v for k, v in asdict(execution).items()}
             )
-        progress = StudyProgress(study, budget.total)
+        progress = StudyProgress(study, budget)
 
         trainer = TrialTrainer(
             data,
@@ -205,7 +205,7 @@ def run_study(
             )
         finally:
             align_trial_runs(tracker, study, name, metric)
-        progress.finish(rounds_spent(study))
+        progress.finish(spent(study, budget.unit))
 
         table = study_table(study, method.objectives if len(study.directions) > 1 else ())
         tracker.log_table(table, "study/trials.csv")

@@ -81,7 +81,7 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
             if settings.target_acc and not reached and not metric.better(settings.target_acc, evaluation.val_score):
                 reached.append(report.sim_time_s)
             tracker.log_metrics(round_metrics(report, evaluation, metric.name), step=report.round)
-            bar().advance(rounds=1)
+            bar().advance(1)
             logger.info(
                 "round %d/%d: train_loss %.4f val_%s %.4f test_%s %.4f",
                 report.round,

@@ -22,6 +22,8 @@ from test_startup import FEDHPO, SMALL
 
 from cli import progress
 from cli.progress import Bar, StudyProgress, live_bar
+from fedhpo_core.cost import Cost
+from fedhpo_core.search.base import Budget
 
 TRAIN = ["train", "--dataset", "digits", "--rounds", "3", *SMALL]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -97,7 +99,7 @@ def test_the_first_plan_sets_the_totals_and_counters_add_up():
     bar = Bar(terminal())
     bar.plan(90, trials=0, studies=3)  # a comparison's
     bar.plan(30, done=12, trials=5)  # a study it runs: ignored
-    bar.advance(rounds=28)
+    bar.advance(28)
     bar.drop(2)  # the study ended under its budget
     bar.advance(trials=4, studies=1)
     [task] = bar.progress.tasks
@@ -108,7 +110,7 @@ def test_the_first_plan_sets_the_totals_and_counters_add_up():
 def test_a_bar_without_a_terminal_counts_nothing():
     bar = Bar()
     bar.plan(10, trials=0)
-    bar.advance(rounds=1, trials=1)
+    bar.advance(1, trials=1)
     bar.drop(1)
     assert bar.task is None
 
@@ -137,7 +139,7 @@ def test_a_log_line_prints_above_the_bar_and_the_bar_goes_when_the_block_fails(m
     monkeypatch.setattr(progress, "log_console", lambda: handler.console)
     with pytest.raises(KeyboardInterrupt), live_bar() as bar:
         bar.plan(20)
-        bar.advance(rounds=7)
+        bar.advance(7)
         handler.emit(logging.makeLogRecord({"msg": "round 7/20"}))
         raise KeyboardInterrupt
     assert progress.bar() is not bar and progress.bar().progress is None
@@ -157,8 +159,9 @@ def test_study_progress_counts_rounds_from_threads_and_trials_in_the_log(monkeyp
     updates = fake_artifacts(monkeypatch)
     bar = Bar(terminal())
     monkeypatch.setattr(progress, "_bar", bar)
-    study_progress = StudyProgress(optuna.create_study(), budget=60)
-    threads = [threading.Thread(target=lambda: [study_progress.round() for _ in range(9)]) for _ in range(4)]
+    study_progress = StudyProgress(optuna.create_study(), Budget(60))
+    one = Cost(rounds=1, client_updates=10)
+    threads = [threading.Thread(target=lambda: [study_progress.round(one) for _ in range(9)]) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -168,3 +171,20 @@ def test_study_progress_counts_rounds_from_threads_and_trials_in_the_log(monkeyp
     assert updates[-1] == 60.0
     [task] = bar.progress.tasks
     assert (task.completed, task.total, task.fields["counts"]) == (36, 36, " · 1 trials")
+    assert task.fields["unit"] == "rounds"
+
+
+def test_study_progress_counts_the_budget_in_its_unit(monkeypatch):
+    """A round on a fifth of the clients spends a fifth of a full round's client updates."""
+    updates = fake_artifacts(monkeypatch)
+    bar = Bar(terminal())
+    monkeypatch.setattr(progress, "_bar", bar)
+    study_progress = StudyProgress(optuna.create_study(), Budget(600, "client-updates", round_cost=10))
+    for _ in range(5):
+        study_progress.round(Cost(rounds=1, client_updates=2))
+    study_progress.round(Cost(rounds=1, client_updates=10))
+    assert study_progress.trial() == "[1 trials, 20/600 client-updates]"
+    [task] = bar.progress.tasks
+    assert (task.completed, task.total, task.fields["unit"]) == (20, 600, "client-updates")
+    study_progress.finish(582)
+    assert updates[-1] == 97.0

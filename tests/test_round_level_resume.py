@@ -48,8 +48,8 @@ def study_of(name: str, data, stop_after: int | None = None, checkpoint_every: i
     method = declared.search(declared.make_options({}))
     rounds = []
 
-    def on_round():
-        rounds.append(1)
+    def on_round(cost):
+        rounds.append(cost.rounds)
         if stop_after is not None and len(rounds) == stop_after:
             raise Killed
 
