@@ -13,7 +13,7 @@ import torch
 from fedhpo_core.cost import Cost
 from fedhpo_core.federation import FULL, FederationState, Fidelity
 from fedhpo_core.registry import method as method_named
-from fedhpo_core.search.base import RESULT_ATTR, TrialResult, recorded_result, rounds_used, spent
+from fedhpo_core.search.base import GRANTED_ATTR, RESULT_ATTR, TrialResult, recorded_result, rounds_used, spent
 from fedhpo_core.search.halving import (
     AGREEMENT_ATTR,
     BRACKET_ATTR,
@@ -417,7 +417,7 @@ def test_the_client_update_budget_is_never_exceeded_and_is_the_sum_of_recorded_c
 def test_asha_trains_each_stretch_between_rungs_at_its_rungs_fidelity(tmp_path):
     """ASHA with `rounds+clients`: a trial trains towards R a stretch at a time, each on more of the
     clients (2, 4 and 10 of 10 with rungs 1 -> 3 -> 9 and clients from 20%), and the study's charge
-    in client updates is the stretches' sum, within the budget."""
+    in client updates is the stretches' sum, within the budget and nearly all of it."""
     trainer = PlantedTrainer(sigma=SIGMA)
     method = method_named("asha").build({"fidelity": "rounds+clients", "min_fidelity": 0.2})
     study = open_study(method, f"sqlite:///{tmp_path / 'asha.db'}", "asha", False)
@@ -433,3 +433,6 @@ def test_asha_trains_each_stretch_between_rungs_at_its_rungs_fidelity(tmp_path):
     assert all(s[2][1] == 10 for s in promoted if len(s) > 2)  # to R on all of them
     charged = sum(cost.client_updates for _, _, _, cost in trainer.trainings)
     assert used.spent == spent(study, "client-updates") == charged <= 300
+    # Rounds are granted at their fidelity's cost (a round on 2 clients, 2 updates), so the budget
+    # funds more trials: granted as whole rounds, it spent 216 on 6 trials.
+    assert used.spent >= 0.9 * 300 and sum(t.user_attrs[GRANTED_ATTR] for t in study.trials) <= 300

@@ -18,16 +18,18 @@ R), as a training of its own continued from its checkpoint. A trial over one of 
 counts in the rung's statistics, which Optuna's pruner keeps.)
 
 The budget stays exact across processes by grants: a trial trains a round only once the study
-granted it (`RoundGrants`, under a lock on the storage; a round at a lower fidelity is granted as a
-whole one), and the driver never lets the study's charges pass the budget in its unit.
+granted it (`RoundGrants`, under a lock on the storage), at what the round costs in the budget's
+unit at its fidelity, and the driver never lets the study's charges pass the budget.
 """
 
 import math
+from collections.abc import Callable
 
 import optuna
 
+from fedhpo_core.federation import Fidelity
 from fedhpo_core.registry import TRIAL, Method, register
-from fedhpo_core.search.base import GRANTED_ATTR, SearchContext, rounds_used
+from fedhpo_core.search.base import GRANTED_ATTR, Budget, SearchContext, charged
 from fedhpo_core.search.fixed_budget import RandomSearch
 from fedhpo_core.search.halving import ETA, FidelityOptions, plan_rungs
 from fedhpo_core.search.space import Configuration
@@ -35,25 +37,30 @@ from fedhpo_core.search.storage import study_lock
 
 
 class RoundGrants:
-    """Rounds the study allows its trials, counted in the storage: a finished trial holds the rounds
-    it used, a running one those it was granted."""
+    """What the study allows its trials to spend, in the budget's unit, counted in the storage: a
+    finished trial holds what it was charged, a running one the larger of that and what it was
+    granted. A round is granted at its planned cost (`Ladder.round_cost`): in client updates, a
+    round on a fifth of the clients is a fifth of a full round."""
 
-    def __init__(self, study: optuna.Study, total: int):
-        self.study, self.total = study, total
+    def __init__(self, study: optuna.Study, budget: Budget):
+        self.study, self.budget = study, budget
 
-    def committed(self) -> int:
-        running = optuna.trial.TrialState.RUNNING
+    def committed(self) -> float:
+        running, unit = optuna.trial.TrialState.RUNNING, self.budget.unit
         return sum(
-            max(t.user_attrs.get(GRANTED_ATTR, 0), rounds_used(t)) if t.state == running else rounds_used(t)
+            max(t.user_attrs.get(GRANTED_ATTR, 0), charged(t, unit)) if t.state == running else charged(t, unit)
             for t in self.study.get_trials(deepcopy=False)
         )
 
-    def grant(self, trial: optuna.trial.Trial, rounds: int = 1) -> bool:
-        """Whether `trial` may train `rounds` more rounds within the budget (recorded if so)."""
+    def fits(self, amount: float) -> bool:
+        return self.committed() + amount <= self.budget.limit
+
+    def grant(self, trial: optuna.trial.Trial, amount: float) -> bool:
+        """Whether `trial` may spend `amount` more within the budget (recorded if so)."""
         with study_lock(self.study):
-            if self.committed() + rounds > self.total:
+            if not self.fits(amount):
                 return False
-            trial.set_user_attr(GRANTED_ATTR, trial.user_attrs.get(GRANTED_ATTR, 0) + rounds)
+            trial.set_user_attr(GRANTED_ATTR, trial.user_attrs.get(GRANTED_ATTR, 0) + amount)
             return True
 
 
@@ -74,47 +81,64 @@ class AsynchronousHalving(RandomSearch):
         return optuna.pruners.SuccessiveHalvingPruner(minimum, ETA, min_early_stopping_rate=0)
 
     def search(self, context):
-        self.grants, self.pruned = RoundGrants(context.study, context.budget.total), set()
+        self.grants, self.pruned = RoundGrants(context.study, context.budget), set()
         super().search(context)
 
-    def admit(self, context, rounds):
-        """A new trial granted its first round; None when the budget is spent. Asked and granted in
-        one critical section of the study (`study_lock`), so no trial exists without its grant."""
-        with study_lock(context.study):
-            if self.grants.committed() >= context.budget.total:
-                return None
-            trial = self.ask(context)
-            trial.set_user_attr(GRANTED_ATTR, 1)
-            return trial
-
-    def train(self, context, trial, rounds):
-        """Towards R in one training, or with a fidelity ladder a stretch at a time between rungs
-        r_0 eta^k, each at its rung's fidelity; it ends early where the trial is pruned, diverges,
-        goes over a limit, or is granted no more rounds."""
+    def stretches(self, context) -> list[tuple[int, Fidelity, float]]:
+        """(the round a training ends at, its fidelity, what each of its rounds costs in the
+        budget's unit): one training towards R, or with a fidelity ladder one per rung r_0 eta^k."""
         first, longest = self.rungs(context)
         ladder = self.options.ladder(context.budget.unit)
         ends = [longest]
         if ladder.clients or ladder.steps:
             ends = [first * ETA**k for k in range(int(math.log(longest / first, ETA) + 1e-9) + 1)]
+        pairs = zip(ends, ladder.fidelities(len(ends)), strict=True)
+        return [(end, f, ladder.round_cost(f) * context.budget.round_cost) for end, f in pairs]
+
+    def admit(self, context, rounds):
+        """A new trial granted its first round; None when the budget cannot fund it. Asked and
+        granted in one critical section of the study (`study_lock`), so no trial exists without
+        its grant."""
+        _, _, first_cost = self.stretches(context)[0]
+        with study_lock(context.study):
+            if not self.grants.fits(first_cost):
+                return None
+            trial = self.ask(context)
+            trial.set_user_attr(GRANTED_ATTR, first_cost)
+            return trial
+
+    def train(self, context, trial, rounds):
+        """Towards R in one training, or with a fidelity ladder a stretch at a time between rungs
+        r_0 eta^k, each at its rung's fidelity; it ends early where the trial is pruned, diverges,
+        goes over a limit, or is granted no more rounds (each at its stretch's cost)."""
+        _, longest = self.rungs(context)
         stopped = False
 
-        def keep_going(round: int) -> bool:
-            nonlocal stopped
-            if round >= longest:
-                going = False
-            elif trial.should_prune():
-                self.pruned.add(trial.number)
-                going = False
-            else:
-                going = self.grants.grant(trial)
-            stopped = not going
-            return going
+        def keep_going_at(cost: float) -> Callable[[int], bool]:
+            def keep_going(round: int) -> bool:
+                nonlocal stopped
+                if round >= longest:
+                    going = False
+                elif trial.should_prune():
+                    self.pruned.add(trial.number)
+                    going = False
+                else:
+                    going = self.grants.grant(trial, cost)
+                stopped = not going
+                return going
+
+            return keep_going
 
         configuration, reached = Configuration(trial.params), 0
-        for end, fidelity in zip(ends, ladder.fidelities(len(ends)), strict=True):
+        for end, fidelity, cost in self.stretches(context):
             start_from = trial if reached else None
             result = context.train(
-                trial, configuration, end - reached, start_from=start_from, keep_going=keep_going, fidelity=fidelity
+                trial,
+                configuration,
+                end - reached,
+                start_from=start_from,
+                keep_going=keep_going_at(cost),
+                fidelity=fidelity,
             )
             reached += result.rounds
             if not self.within_limits(result):

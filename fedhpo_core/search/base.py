@@ -36,7 +36,7 @@ CHECKPOINT_ATTR = "checkpoint"  # Optuna user attribute: where the state a trial
 RUN_ATTR = "mlflow_run_id"  # Optuna user attribute: the trial's (and the study's) MLflow run
 DIVERGED_ATTR = "diverged"  # Optuna user attribute: whether a trial's training diverged
 BRACKET_ATTR = "bracket"  # Optuna user attribute: a successive-halving trial's bracket
-GRANTED_ATTR = "rounds_granted"  # Optuna user attribute: rounds an asynchronous trial may train
+GRANTED_ATTR = "rounds_granted"  # Optuna user attribute: what an asynchronous trial may spend, in the budget's unit
 LINEAGE = ("member", "generation", "parent_trial")  # Optuna user attributes of a PBT trial
 
 
