@@ -13,30 +13,17 @@ from fedhpo_core import seeding
 from fedhpo_core.models import ModelSpec, flat_weights, workspace_model
 from fedhpo_core.settings import ClientConfig
 from fedhpo_core.statistics import VAL_LOSS_AFTER, VAL_LOSS_BEFORE, Statistic, data_statistics
+from fedhpo_core.stopping import StopChecks
 from fedhpo_core.task import ACCURACY, default_loss
 
 EVAL_BATCH = 4096
 # Local steps between two looks at `between_steps` (a list test and a call: nothing next to a step).
 STEPS_BETWEEN_CHECKS = 8
-_step_checks: list[Callable[[], None]] = []  # innermost last (`steps_interrupted_by`)
-
-
-def between_steps() -> None:
-    """Called every `STEPS_BETWEEN_CHECKS` local steps, in whatever thread trains: the innermost
-    check given to `steps_interrupted_by` may abandon the round by raising. A round can be long
-    (many local epochs), and a stop asked for at its end would wait for all of it."""
-    if _step_checks:
-        _step_checks[-1]()
-
-
-@contextmanager
-def steps_interrupted_by(check: Callable[[], None]) -> Iterator[None]:
-    """While the block runs, local training calls `check` (a stop request) between steps, which may raise."""
-    _step_checks.append(check)
-    try:
-        yield
-    finally:
-        _step_checks.remove(check)
+# Called every `STEPS_BETWEEN_CHECKS` local steps, in whatever thread trains: the innermost check
+# given to `steps_interrupted_by` may abandon the round by raising. A round can be long (many local
+# epochs), and a stop asked for at its end would wait for all of it.
+between_steps = StopChecks()
+steps_interrupted_by = between_steps.during
 
 
 @dataclass(frozen=True, eq=False)

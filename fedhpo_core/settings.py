@@ -36,6 +36,14 @@ def max_processes() -> int:
     return PROCESSES_PER_CPU * (os.cpu_count() or 1)
 
 
+def check_processes(name: str, count: int) -> None:
+    """Refuse `count` processes (or trials at once) named `name` beyond `max_processes`."""
+    _check(
+        count <= max_processes(),
+        f"{name} must be <= {max_processes()} ({PROCESSES_PER_CPU} per CPU of this machine), got {count}",
+    )
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise SettingsError(message)
@@ -153,11 +161,7 @@ class ExecutionSettings:
         _one_of("engine", self.engine, ENGINES)
         _one_of("device", self.device, DEVICES)
         _check(self.dask_workers >= 1, f"dask_workers must be >= 1, got {self.dask_workers}")
-        _check(
-            self.dask_workers <= max_processes(),
-            f"dask_workers must be <= {max_processes()} ({PROCESSES_PER_CPU} per CPU of this machine), "
-            f"got {self.dask_workers}",
-        )
+        check_processes("dask_workers", self.dask_workers)
         _check(
             self.dask_address is None or self.task_runner == "dask",
             "dask_address needs task_runner dask",

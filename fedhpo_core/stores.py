@@ -8,19 +8,17 @@ Secrets: a URL is shown, logged and tracked only `masked`; a flow is given a sto
 `without_password` and reopens the real one `with_password` (registered by this process, else the
 password comes from the environment of the process that runs the flow, e.g. PGPASSWORD)."""
 
-import contextlib
 import re
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import sqlalchemy
 
 from fedhpo_core.errors import SettingsError, one_line
+from fedhpo_core.stopping import StopChecks
 
 CONNECT_TIMEOUT_S = 5
-_wait_checks: list[Callable[[], None]] = []  # innermost last (`waits_interrupted_by`)
 # Tables only one kind of store has (both have alembic_version): a database holding them is that store.
 STORE_TABLES = {
     "MLflow": frozenset({"experiments", "runs"}),
@@ -138,18 +136,7 @@ def check_database(url: str, what: str, kind: str) -> None:
     check_kind(tables, kind, what, shown)
 
 
-def while_waiting() -> None:
-    """Called between attempts while a store's server is away (MLflow's, the study database): the
-    innermost check given to `waits_interrupted_by` may end the wait by raising."""
-    if _wait_checks:
-        _wait_checks[-1]()
-
-
-@contextlib.contextmanager
-def waits_interrupted_by(check: Callable[[], None]) -> Iterator[None]:
-    """While the block runs, waiting out a store server's absence calls `check` (a stop request), which may raise."""
-    _wait_checks.append(check)
-    try:
-        yield
-    finally:
-        _wait_checks.remove(check)
+# Called between attempts while a store's server is away (MLflow's, the study database): the
+# innermost check given to `waits_interrupted_by` may end the wait by raising.
+while_waiting = StopChecks()
+waits_interrupted_by = while_waiting.during

@@ -118,15 +118,13 @@ def train(settings: TrainSettings, execution: ExecutionSettings = ExecutionSetti
             personal = personal_metrics(data, result.state.weights, everyone, settings.seed, result.state.round, steps)
             summary |= {f"final_{k}": v for k, v in personal.items()}
         tracker.log_metrics(summary)
-        tracker.set_tags({FROZEN_TAG: str(result.frozen).lower()})
+        tracker.set_tags({FROZEN_TAG: str(result.frozen).lower(), "fedhpo.diverged": str(result.diverged).lower()})
         if result.diverged:
-            tracker.set_tags({"fedhpo.diverged": "true", "fedhpo.diverged_round": result.diverged_round})
+            tracker.set_tags({"fedhpo.diverged_round": result.diverged_round})
             logger.warning("diverged at round %d (non-finite loss or weights); model not logged", result.diverged_round)
         elif result.frozen:
-            tracker.set_tags({"fedhpo.diverged": "false"})
             logger.warning("frozen: no round changed the global model (its update underflows); model not logged")
         else:
-            tracker.set_tags({"fedhpo.diverged": "false"})
             model = load_flat_weights(data.spec.build(), result.state.weights)
             tracker.log_model(model, input_example=data.test[0][:8].cpu().numpy())
     return {

@@ -32,7 +32,7 @@ from fedhpo_core.search.base import (
 from fedhpo_core.search.leases import LEASE_GRACE_S, LEASE_S, Leases, LeaseTerms
 from fedhpo_core.search.space import SCOPES, SearchSpace
 from fedhpo_core.search.storage import open_storage
-from fedhpo_core.settings import PROCESSES_PER_CPU, SettingsError, TrainSettings, max_processes, setting
+from fedhpo_core.settings import SettingsError, TrainSettings, check_processes, setting
 from fedhpo_core.stores import masked, one_line
 
 # Methods that became an option of another: old name -> (method, its option as flags).
@@ -174,11 +174,7 @@ class TuneSettings:
             raise SettingsError(f"final_rounds must be >= 0, got {self.final_rounds}")
         if self.workers < 1:
             raise SettingsError(f"workers must be >= 1, got {self.workers}")
-        if self.workers > max_processes():
-            raise SettingsError(
-                f"workers must be <= {max_processes()} ({PROCESSES_PER_CPU} per CPU of this machine), "
-                f"got {self.workers}"
-            )
+        check_processes("workers", self.workers)
         if (self.workers > 1 or self.join) and not declared.parallel:
             parallel = ", ".join(name for name, method in methods().items() if method.parallel)
             raise SettingsError(f"parallel trials (workers > 1, join) need one of {parallel}; not {self.method}")
